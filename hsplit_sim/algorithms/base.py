@@ -1,0 +1,98 @@
+"""What every algorithm gets (the run context) and owes (setup, a round as a SimPy process, evaluation)."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hsplit_sim import costs
+from hsplit_sim.errors import RunError
+from hsplit_sim.runtime.connection import WorkerConnection
+from hsplit_sim.runtime.wire import Message
+from hsplit_sim.scenario.schema import ClientSpec, Scenario
+from hsplit_sim.sim import Simulation
+
+
+@dataclass
+class RoundStats:
+    """What one round adds to the rounds table besides evaluation."""
+
+    losses: list[float] = field(default_factory=list)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    agg_error: float = float("nan")
+
+
+@dataclass
+class RunContext:
+    scenario: Scenario
+    spec: costs.ModelSpec
+    clients: list[ClientSpec]
+    server_device: object
+    sim: Simulation
+    server: WorkerConnection
+    client_workers: list[WorkerConnection]
+    partitions: list[np.ndarray]
+    stats: RoundStats = field(default_factory=RoundStats)
+
+    def worker_of(self, client: int) -> WorkerConnection:
+        """Clients are dealt to client workers in turn."""
+        return self.client_workers[client % len(self.client_workers)]
+
+    @property
+    def seq(self) -> int:
+        return self.scenario.data.max_length
+
+    @property
+    def batch(self) -> int:
+        return self.scenario.training.batch_size
+
+
+def batch_indices(client_indices: np.ndarray, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """The batch of a client's global step: consecutive slices of a fresh permutation each epoch."""
+    n = len(client_indices)
+    if n == 0:
+        raise ValueError("batch_indices: the client has no examples")
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = positions // n, positions % n
+    batch = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        batch[epochs == epoch] = np.asarray(client_indices)[order[offsets[epochs == epoch]]]
+    return batch
+
+
+def checked_bytes(message: Message, predicted: int, what: str) -> int:
+    """The real frame bytes, which must equal the cost model's prediction: a mismatch is a bug."""
+    if message.payload_bytes != predicted:
+        raise RunError(f"{what}: the cost model predicted {predicted} bytes but the real frames carried "
+                       f"{message.payload_bytes}")
+    return message.payload_bytes
+
+
+class Algorithm:
+    """An algorithm configures clients, runs a round's protocol as a SimPy process, and evaluates."""
+
+    name: str
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    @classmethod
+    def memory_needs(cls, scenario: Scenario, spec: costs.ModelSpec) -> tuple[int, int]:
+        """(bytes each client needs, bytes the server needs), checked against budgets before the run."""
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def round(self, round_index: int):
+        raise NotImplementedError
+
+    def evaluate(self) -> float:
+        raise NotImplementedError
+
+    def client_rows(self, round_index: int) -> list[dict]:
+        raise NotImplementedError
+
+    def compute_seconds(self, flops: float, device) -> float:
+        return costs.compute_seconds(flops, device.tflops, device.efficiency)

@@ -1,0 +1,126 @@
+"""The `hsplit-sim` command line.
+
+Experiment modules are imported inside their handlers, after the scenario has loaded: they pull
+in torch and ZeroMQ, and validate, devices, schema and a bad scenario file must answer fast.
+"""
+
+import argparse
+import json
+import sys
+
+from hsplit_sim.errors import RunError, ScenarioError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; expected failures become one `error:` line and an exit status."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.handler(args)
+    except ScenarioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hsplit-sim", description="Heterogeneous split LoRA fine-tuning, simulated in time and trained for real."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="check a scenario file without running it")
+    _scenario_arguments(validate)
+    validate.set_defaults(handler=_validate)
+
+    run = commands.add_parser("run", help="run a scenario and write a run directory")
+    _scenario_arguments(run)
+    run.set_defaults(handler=_run)
+
+    devices = commands.add_parser("devices", help="list the built-in devices and links with their sources")
+    devices.set_defaults(handler=_devices)
+
+    schema = commands.add_parser("schema", help="print the scenario JSON schema")
+    schema.set_defaults(handler=_schema)
+    return parser
+
+
+def _scenario_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="scenario YAML file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. training.rounds=5 or clients.0.count=10 (repeatable)",
+    )
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from hsplit_sim.scenario import expanded_clients, load_scenario
+
+    scenario = load_scenario(args.file, args.overrides)
+    from hsplit_sim.experiment.preflight import preflight
+
+    preflight(scenario)
+    model = scenario.model.name or scenario.model.path
+    print(
+        f"{scenario.name}: model {model}, algorithm {scenario.algorithm.name}, "
+        f"{len(expanded_clients(scenario))} clients, {scenario.training.rounds} rounds"
+    )
+    print("ok")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from hsplit_sim.scenario import load_scenario
+
+    scenario = load_scenario(args.file, args.overrides)
+    from hsplit_sim.experiment.run import run_scenario
+
+    run_dir = run_scenario(scenario)
+    print(run_dir)
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from hsplit_sim.scenario import DEVICES, LINKS
+
+    devices = Table(title="Devices (effective rate = FP32 TFLOPS x efficiency)")
+    for column in ("name", "FP32 TFLOPS", "efficiency", "memory GB"):
+        devices.add_column(column)
+    for d in DEVICES.values():
+        devices.add_row(d.name, f"{d.tflops:g}", f"{d.efficiency:g}", f"{d.memory_gb:g}")
+
+    links = Table(title="Links")
+    for column in ("name", "up Mbps", "down Mbps", "latency ms"):
+        links.add_column(column)
+    for link in LINKS.values():
+        links.add_row(link.name, f"{link.up_mbps:g}", f"{link.down_mbps:g}", f"{link.latency_ms:g}")
+
+    # Sources are long sentences: listed under the tables rather than squeezed into a column.
+    console = Console(highlight=False)
+    console.print(devices)
+    console.print(links)
+    console.print("Sources", style="bold")
+    for spec in [*DEVICES.values(), *LINKS.values()]:
+        console.print(f"{spec.name}: {spec.source}", markup=False)
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from hsplit_sim.scenario import Scenario
+
+    print(json.dumps(Scenario.model_json_schema(), indent=2))
+    return 0

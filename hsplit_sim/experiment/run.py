@@ -1,0 +1,153 @@
+"""`hsplit-sim run`: one scenario, end to end, into a run directory."""
+
+import logging
+import math
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+from rich.console import Console
+
+from hsplit_sim import costs
+from hsplit_sim.algorithms import ALGORITHMS, RunContext
+from hsplit_sim.errors import RunError
+from hsplit_sim.experiment.preflight import preflight
+from hsplit_sim.experiment.rundir import RunWriter
+from hsplit_sim.runtime.launcher import WorkerPool
+from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, resolved_dict
+from hsplit_sim.scenario.schema import Scenario
+from hsplit_sim.sim import Simulation
+
+log = logging.getLogger("hsplit_sim")
+
+
+def worker_init_args(scenario: Scenario, role: str, n_clients: int) -> dict:
+    """What a worker needs to load the same model, data and partition as every other worker."""
+    return {"role": role, "seed": scenario.seed, "torch_device": scenario.runtime.torch_device,
+            "n_clients": n_clients, "model": scenario.model.model_dump(), "data": scenario.data.model_dump()}
+
+
+def start_workers(pool: WorkerPool, scenario: Scenario, n_clients: int) -> list[np.ndarray]:
+    """Initialise every worker at once (model loading dominates) and check that they agree on the data."""
+    pending = [(c, c.send("init", args=worker_init_args(scenario, "server" if c is pool.server else "clients",
+                                                           n_clients)))
+               for c in pool.connections.values()]
+    replies = [c.reply("init", request_id) for c, request_id in pending]
+    partitions = [np.array(replies[0].tensors[f"partition.{k}"]) for k in range(n_clients)]
+    for (connection, _), reply in zip(pending[1:], replies[1:]):
+        if reply.header["result"]["partition_sizes"] != replies[0].header["result"]["partition_sizes"]:
+            raise RunError(f"worker {connection.name} built a different data partition than the server")
+    return partitions
+
+
+class Progress:
+    """One line per round on stderr: readable in a terminal and in CI logs alike."""
+
+    def __init__(self, scenario: Scenario, enabled: bool):
+        self.console = Console(stderr=True) if enabled else None
+        self.rounds = scenario.training.rounds
+
+    def round(self, row: dict) -> None:
+        if self.console is None:
+            return
+        ppl = "" if math.isnan(row["eval_ppl"]) else f"  eval ppl {row['eval_ppl']:.2f}"
+        loss = "" if math.isnan(row["train_loss"]) else f"  train loss {row['train_loss']:.3f}"
+        self.console.print(f"round {row['round']}/{self.rounds}  sim {row['sim_time_s']:.1f} s  "
+                           f"wall {row['wall_time_s']:.0f} s{loss}{ppl}", highlight=False)
+
+
+def run_scenario(scenario: Scenario, progress: bool = True):
+    """Run one scenario; returns the run directory. Finished rounds stay on disk whatever happens."""
+    preflight(scenario)
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
+    clients = expanded_clients(scenario)
+    writer = RunWriter.create(scenario.output.dir, scenario.name)
+    writer.write_resolved(resolved_dict(scenario))
+    handler = logging.FileHandler(writer.path / "log.txt")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    started = time.monotonic()
+    summary = {"name": scenario.name, "algorithm": scenario.algorithm.name, "status": "running", "error": None,
+               "run_dir": str(writer.path), "started_at": datetime.now(timezone.utc).isoformat(),
+               "n_clients": len(clients), "rounds_planned": scenario.training.rounds}
+    writer.write_summary(summary)
+    sim = Simulation(scenario.server.accelerators)
+    rounds: list[dict] = []
+    try:
+        with WorkerPool(scenario.runtime.client_workers, scenario.runtime.transport, scenario.runtime.host,
+                        writer.path / "log.txt", scenario.runtime.request_timeout_s) as pool:
+            log.info("workers started: %s", pool.pids())
+            partitions = start_workers(pool, scenario, len(clients))
+            ctx = RunContext(scenario, spec, clients, resolve_device(scenario.server.device), sim, pool.server,
+                             pool.client_workers, partitions)
+            algorithm = ALGORITHMS[scenario.algorithm.name](ctx)
+            algorithm.setup()
+            sim.run(_rounds(ctx, algorithm, writer, rounds, started, Progress(scenario, progress)))
+        summary["status"] = "completed"
+    except KeyboardInterrupt:
+        summary.update(status="interrupted", error="interrupted by the user")
+        raise
+    except Exception as exc:
+        summary.update(status="failed", error=str(exc))
+        log.exception("run failed")
+        raise
+    finally:
+        writer.write_events(sim.events)
+        _finish(summary, rounds, started)
+        writer.write_summary(summary)
+        log.info("run %s: %s", summary["status"], writer.path)
+        log.removeHandler(handler)
+        handler.close()
+        _plot(writer.path)
+    return writer.path
+
+
+def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], started: float, progress: Progress):
+    """The run as one SimPy process: evaluate, then rounds, writing every table after each round."""
+    training = ctx.scenario.training
+    client_rows: list[dict] = []
+    for round_index in range(training.rounds + 1):
+        ctx.stats.losses, ctx.stats.agg_error = [], float("nan")
+        if round_index > 0:
+            yield ctx.sim.env.process(algorithm.round(round_index))
+        evaluated = round_index % training.eval_every == 0 or round_index == training.rounds
+        eval_loss = algorithm.evaluate() if evaluated else float("nan")
+        if evaluated:
+            ctx.sim.record(round_index, -1, "eval", "server", ctx.sim.now, ctx.sim.now)
+        rows.append({"round": round_index, "sim_time_s": ctx.sim.now, "wall_time_s": time.monotonic() - started,
+                     "train_loss": float(np.mean(ctx.stats.losses)) if ctx.stats.losses else float("nan"),
+                     "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss), "bytes_up": ctx.stats.bytes_up,
+                     "bytes_down": ctx.stats.bytes_down, "agg_error": ctx.stats.agg_error,
+                     "algorithm": algorithm.name})
+        client_rows.extend(algorithm.client_rows(round_index))
+        writer.write_rounds(rows)
+        writer.write_events(ctx.sim.events)
+        writer.write_clients(client_rows)
+        log.info("round %d: %s", round_index, rows[-1])
+        progress.round(rows[-1])
+
+
+def _finish(summary: dict, rounds: list[dict], started: float) -> None:
+    ppl = [r["eval_ppl"] for r in rounds if not math.isnan(r["eval_ppl"])]
+    summary.update(
+        rounds_completed=max((r["round"] for r in rounds), default=-1) if rounds else 0,
+        final_eval_ppl=ppl[-1] if ppl else None,
+        initial_eval_ppl=ppl[0] if ppl else None,
+        best_eval_ppl=min(ppl) if ppl else None,
+        sim_time_s=rounds[-1]["sim_time_s"] if rounds else 0.0,
+        wall_time_s=time.monotonic() - started,
+        bytes_up=rounds[-1]["bytes_up"] if rounds else 0,
+        bytes_down=rounds[-1]["bytes_down"] if rounds else 0,
+        finished_at=datetime.now(timezone.utc).isoformat(),
+    )
+
+
+def _plot(run_dir) -> None:
+    """Plots are a convenience over the tables: a plotting problem is logged, never fatal."""
+    from analysis.plots import plot_run
+
+    try:
+        plot_run(run_dir)
+    except Exception:  # noqa: BLE001 - the tables on disk are the result; plots can be redrawn later
+        logging.getLogger("hsplit_sim").exception("plotting %s failed", run_dir)

@@ -1,0 +1,64 @@
+"""The coordinator's side of a worker: requests with timeouts that notice a dead worker within a second."""
+
+import itertools
+import subprocess
+
+import numpy as np
+import zmq
+
+from hsplit_sim.errors import RunError
+from hsplit_sim.runtime.wire import Message, ProtocolError, decode, encode
+
+POLL_MS = 200
+
+
+class WorkerConnection:
+    def __init__(self, context: zmq.Context, name: str, endpoint: str, process: subprocess.Popen | None,
+                 timeout_s: float):
+        self.name = name
+        self.endpoint = endpoint
+        self.process = process
+        self.timeout_s = timeout_s
+        self.socket = context.socket(zmq.REQ)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self._ids = itertools.count(1)
+
+    def call(self, op: str, client: int | None = None, args: dict | None = None,
+             tensors: dict[str, np.ndarray] | None = None, timeout_s: float | None = None) -> Message:
+        """Send one request and wait for its reply; any failure ends the run with a RunError."""
+        request_id = self.send(op, client, args, tensors)
+        return self.reply(op, request_id, timeout_s)
+
+    def send(self, op: str, client: int | None = None, args: dict | None = None,
+             tensors: dict[str, np.ndarray] | None = None) -> int:
+        """The first half of call, so that several workers can work on requests at once."""
+        request_id = next(self._ids)
+        header = {"op": op, "id": request_id, "client": client, "args": args or {}}
+        self.socket.send_multipart(encode(header, tensors), copy=False)
+        return request_id
+
+    def reply(self, op: str, request_id: int, timeout_s: float | None = None) -> Message:
+        reply = self._receive(op, timeout_s or self.timeout_s)
+        if reply.header.get("id") != request_id:
+            raise RunError(f"worker {self.name}: reply to request {reply.header.get('id')} while waiting for {request_id}")
+        if not reply.header.get("ok"):
+            raise RunError(f"worker {self.name} failed on {op!r}: {reply.header.get('error')}")
+        return reply
+
+    def _receive(self, op: str, timeout_s: float) -> Message:
+        waited_ms = 0
+        while not self.socket.poll(POLL_MS):
+            waited_ms += POLL_MS
+            if self.process is not None and self.process.poll() is not None:
+                raise RunError(f"worker {self.name} died (exit status {self.process.returncode}) during {op!r}; "
+                               "see log.txt in the run directory")
+            if waited_ms >= timeout_s * 1000:
+                raise RunError(f"worker {self.name} did not answer {op!r} within {timeout_s:.0f} s")
+        try:
+            return decode(self.socket.recv_multipart(copy=False), required=("id", "ok"))
+        except ProtocolError as exc:
+            raise RunError(f"worker {self.name} sent a malformed reply to {op!r}: {exc}") from None
+
+    def close(self) -> None:
+        self.socket.close(linger=0)

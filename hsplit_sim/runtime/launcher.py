@@ -1,0 +1,83 @@
+"""Starts the server worker and the client workers as local processes and connects to them."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import zmq
+
+from hsplit_sim.runtime.connection import WorkerConnection
+
+SHUTDOWN_GRACE_S = 5
+
+
+def _free_tcp_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class WorkerPool:
+    """One server worker and `client_workers` client workers, each its own process."""
+
+    def __init__(self, client_workers: int, transport: str, host: str, log_path: Path, timeout_s: float,
+                 torch_threads: int | None = None):
+        self.context = zmq.Context()
+        self._ipc_dir = tempfile.mkdtemp(prefix="hsplit-sim-") if transport == "ipc" else None
+        self._log = open(log_path, "ab")
+        self._processes: list[subprocess.Popen] = []
+        env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+        if torch_threads is not None:
+            env["HSPLIT_SIM_TORCH_THREADS"] = str(torch_threads)
+        names = ["server"] + [f"clients{i}" for i in range(client_workers)]
+        self.connections = {}
+        for name in names:
+            endpoint = (f"ipc://{self._ipc_dir}/{name}.sock" if self._ipc_dir
+                        else f"tcp://{host}:{_free_tcp_port(host)}")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hsplit_sim.runtime.worker", "--name", name, "--endpoint", endpoint],
+                stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            )
+            self._processes.append(process)
+            self.connections[name] = WorkerConnection(self.context, name, endpoint, process, timeout_s)
+
+    @property
+    def server(self) -> WorkerConnection:
+        return self.connections["server"]
+
+    @property
+    def client_workers(self) -> list[WorkerConnection]:
+        return [c for name, c in self.connections.items() if name != "server"]
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes]
+
+    def close(self) -> None:
+        """Ask each live worker to stop, then make sure: nothing outlives the run."""
+        for connection in self.connections.values():
+            if connection.process.poll() is None:
+                try:
+                    connection.call("shutdown", timeout_s=SHUTDOWN_GRACE_S)
+                except Exception:  # noqa: BLE001 - a worker that cannot stop politely is killed below
+                    pass
+            connection.close()
+        for process in self._processes:
+            try:
+                process.wait(SHUTDOWN_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.context.term()
+        self._log.close()
+        if self._ipc_dir:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,87 @@
+"""Wire format: one JSON header frame, then one raw buffer per tensor. Never pickle.
+
+Header of a request: {"v": 1, "op": str, "id": int, "client": int | null, "args": {...},
+"tensors": [{"name", "dtype", "shape"}, ...]}. A reply carries "ok" (and "error" when false)
+and "result" in place of "op", "client" and "args".
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8", "bool"}
+MAX_HEADER_BYTES = 1 << 20
+
+
+class ProtocolError(ValueError):
+    """A frame sequence that does not follow the wire format."""
+
+
+@dataclass
+class Message:
+    header: dict
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def payload_bytes(self) -> int:
+        """Bytes of the tensor buffers: what a deployment would put on the link."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def encode(header: dict, tensors: dict[str, np.ndarray] | None = None) -> list:
+    """Frames for zmq send_multipart(copy=False): the buffers go out without copies."""
+    arrays = {name: np.ascontiguousarray(t) for name, t in (tensors or {}).items()}
+    for name, array in arrays.items():
+        if array.dtype.name not in DTYPES:
+            raise ProtocolError(f"tensor {name!r}: dtype {array.dtype.name} cannot cross the wire")
+    full = dict(header, v=PROTOCOL_VERSION)
+    full["tensors"] = [{"name": n, "dtype": a.dtype.name, "shape": list(a.shape)} for n, a in arrays.items()]
+    return [json.dumps(full, separators=(",", ":")).encode()] + [memoryview(a).cast("B") for a in arrays.values()]
+
+
+def decode(frames: list, required: tuple[str, ...] = ()) -> Message:
+    """Parse and validate a frame sequence; every problem is a ProtocolError naming it."""
+    if not frames:
+        raise ProtocolError("empty message")
+    raw = bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+    for key in required:
+        if key not in header:
+            raise ProtocolError(f"header lacks {key!r}")
+    specs = header.get("tensors", [])
+    if not isinstance(specs, list) or len(specs) != len(frames) - 1:
+        raise ProtocolError(f"header lists {len(specs) if isinstance(specs, list) else '?'} tensors "
+                            f"but {len(frames) - 1} buffers followed")
+    tensors = {}
+    for spec, frame in zip(specs, frames[1:]):
+        tensors.update(_tensor(spec, frame, tensors))
+    return Message(header, tensors)
+
+
+def _tensor(spec, frame, seen: dict) -> dict[str, np.ndarray]:
+    if not isinstance(spec, dict) or not {"name", "dtype", "shape"} <= spec.keys():
+        raise ProtocolError(f"tensor entry {spec!r} needs name, dtype and shape")
+    name, dtype, shape = spec["name"], spec["dtype"], spec["shape"]
+    if not isinstance(name, str) or name in seen:
+        raise ProtocolError(f"tensor name {name!r} is not a new string")
+    if dtype not in DTYPES:
+        raise ProtocolError(f"tensor {name!r}: dtype {dtype!r} not allowed")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
+    buffer = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if buffer.nbytes != expected:
+        raise ProtocolError(f"tensor {name!r}: {buffer.nbytes} bytes, shape and dtype need {expected}")
+    return {name: np.frombuffer(buffer, dtype=dtype).reshape(shape)}

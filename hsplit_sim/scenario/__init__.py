@@ -1,0 +1,32 @@
+"""Scenarios: the schema, YAML loading with overrides, and the built-in device and link catalog."""
+
+from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.catalog import DEVICES, LINKS, DeviceSpec, LinkSpec, resolve_device, resolve_link
+from hsplit_sim.scenario.load import (
+    apply_override,
+    expanded_clients,
+    load_scenario,
+    model_hf_config,
+    resolved_dict,
+    scenario_from_dict,
+)
+from hsplit_sim.scenario.schema import KNOWN_ALGORITHMS, ClientSpec, Scenario
+
+__all__ = [
+    "DEVICES",
+    "KNOWN_ALGORITHMS",
+    "LINKS",
+    "ClientSpec",
+    "DeviceSpec",
+    "LinkSpec",
+    "Scenario",
+    "ScenarioError",
+    "apply_override",
+    "expanded_clients",
+    "load_scenario",
+    "model_hf_config",
+    "resolve_device",
+    "resolve_link",
+    "resolved_dict",
+    "scenario_from_dict",
+]

@@ -1,0 +1,178 @@
+"""Built-in devices and network links, each with the datasheet figure it rests on and what is assumed.
+
+A device's effective rate in the cost model is tflops x efficiency; efficiency is the fraction of
+peak FP32 that LoRA fine-tuning matmuls are assumed to reach on that class of hardware.
+"""
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from hsplit_sim.errors import ScenarioError
+
+
+class DeviceSpec(BaseModel):
+    """A compute device; scenarios may give one inline instead of naming a built-in one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "custom"
+    tflops: float = Field(gt=0, description="peak FP32 TFLOPS")
+    efficiency: float = Field(gt=0, le=1, description="fraction of peak reached by LoRA fine-tuning matmuls")
+    memory_gb: float = Field(gt=0)
+    source: str = "given in the scenario"
+
+
+class LinkSpec(BaseModel):
+    """A client's network link to the server, as effective throughput and one-way latency."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "custom"
+    up_mbps: float = Field(gt=0)
+    down_mbps: float = Field(gt=0)
+    latency_ms: float = Field(ge=0)
+    source: str = "given in the scenario"
+
+
+_EMBEDDED = "efficiency 0.3 assumed for embedded GPUs and CPUs"
+_DISCRETE = "efficiency 0.4 assumed for discrete GPUs"
+
+DEVICES: dict[str, DeviceSpec] = {
+    d.name: d
+    for d in [
+        DeviceSpec(
+            name="jetson-agx-xavier",
+            tflops=1.41,
+            efficiency=0.3,
+            memory_gb=32,
+            source="NVIDIA Jetson AGX Xavier datasheet: 512-core Volta GPU at 1.377 GHz "
+            f"(512 x 2 FLOP x 1.377 GHz = 1.41 TFLOPS FP32), 32 GB LPDDR4x shared; {_EMBEDDED}",
+        ),
+        DeviceSpec(
+            name="jetson-agx-orin",
+            tflops=5.3,
+            efficiency=0.3,
+            memory_gb=64,
+            source="NVIDIA Jetson AGX Orin 64GB datasheet: 2048-core Ampere GPU at 1.3 GHz "
+            f"(about 5.3 TFLOPS FP32), 64 GB LPDDR5 shared; {_EMBEDDED}",
+        ),
+        DeviceSpec(
+            name="jetson-orin-nano",
+            tflops=1.28,
+            efficiency=0.3,
+            memory_gb=8,
+            source="NVIDIA Jetson Orin Nano 8GB datasheet: 1024-core Ampere GPU at 625 MHz "
+            f"(1.28 TFLOPS FP32), 8 GB LPDDR5 shared; {_EMBEDDED}",
+        ),
+        DeviceSpec(
+            name="raspberry-pi-5",
+            tflops=0.154,
+            efficiency=0.3,
+            memory_gb=8,
+            source="Raspberry Pi 5 product brief: 4x Cortex-A76 at 2.4 GHz; peak FP32 assumed from two "
+            "128-bit NEON FMA pipes per core (4 x 16 FLOP x 2.4 GHz = 0.154 TFLOPS), 8 GB model; "
+            f"{_EMBEDDED}",
+        ),
+        DeviceSpec(
+            name="flagship-phone",
+            tflops=4.6,
+            efficiency=0.2,
+            memory_gb=12,
+            source="Snapdragon 8 Gen 3 class phone (Adreno 750 GPU): Qualcomm publishes no FP32 figure; "
+            "about 4.6 TFLOPS FP32 is a third-party estimate (published estimates vary), 12 GB LPDDR5X; "
+            "efficiency 0.2 assumed for phone GPUs under thermal limits",
+        ),
+        DeviceSpec(
+            name="laptop-rtx-3050",
+            tflops=7.1,
+            efficiency=0.4,
+            memory_gb=4,
+            source="NVIDIA GeForce RTX 3050 Laptop GPU specifications: 2048 CUDA cores at up to 1.74 GHz "
+            f"boost (about 7.1 TFLOPS FP32), 4 GB GDDR6; {_DISCRETE}",
+        ),
+        DeviceSpec(
+            name="rtx-3090",
+            tflops=35.6,
+            efficiency=0.4,
+            memory_gb=24,
+            source="NVIDIA GeForce RTX 3090 specifications: 10496 CUDA cores at 1.695 GHz boost "
+            f"(35.6 TFLOPS FP32), 24 GB GDDR6X; {_DISCRETE}",
+        ),
+        DeviceSpec(
+            name="a100",
+            tflops=19.5,
+            efficiency=0.4,
+            memory_gb=80,
+            source="NVIDIA A100 80GB SXM datasheet: 19.5 TFLOPS FP32 (non-tensor-core), 80 GB HBM2e; "
+            f"{_DISCRETE}",
+        ),
+        DeviceSpec(
+            name="h100",
+            tflops=67.0,
+            efficiency=0.4,
+            memory_gb=80,
+            source=f"NVIDIA H100 SXM datasheet: 67 TFLOPS FP32, 80 GB HBM3; {_DISCRETE}",
+        ),
+    ]
+}
+
+_TYPICAL = "typical measured effective throughput and latency assumed, not the standard's peak rate"
+
+LINKS: dict[str, LinkSpec] = {
+    link.name: link
+    for link in [
+        LinkSpec(
+            name="ethernet",
+            up_mbps=1000,
+            down_mbps=1000,
+            latency_ms=0.5,
+            source="Gigabit Ethernet (IEEE 802.3ab) on one LAN segment; line rate and sub-millisecond "
+            "latency assumed",
+        ),
+        LinkSpec(
+            name="wifi-5",
+            up_mbps=100,
+            down_mbps=200,
+            latency_ms=5,
+            source=f"Wi-Fi 5 (IEEE 802.11ac), 2x2 client near the access point; {_TYPICAL}",
+        ),
+        LinkSpec(
+            name="wifi-6",
+            up_mbps=300,
+            down_mbps=600,
+            latency_ms=3,
+            source=f"Wi-Fi 6 (IEEE 802.11ax), 2x2 client near the access point; {_TYPICAL}",
+        ),
+        LinkSpec(
+            name="lte",
+            up_mbps=10,
+            down_mbps=40,
+            latency_ms=40,
+            source=f"4G LTE public network, median conditions; {_TYPICAL}",
+        ),
+        LinkSpec(
+            name="5g",
+            up_mbps=50,
+            down_mbps=300,
+            latency_ms=15,
+            source=f"5G NR mid-band public network, median conditions; {_TYPICAL}",
+        ),
+    ]
+}
+
+
+def resolve_device(ref: "str | DeviceSpec") -> DeviceSpec:
+    """The full spec of a built-in device name, or the inline spec itself."""
+    if isinstance(ref, DeviceSpec):
+        return ref
+    if ref not in DEVICES:
+        raise ScenarioError(f"unknown device {ref!r}; built in: {', '.join(DEVICES)}")
+    return DEVICES[ref]
+
+
+def resolve_link(ref: "str | LinkSpec") -> LinkSpec:
+    """The full spec of a built-in link name, or the inline spec itself."""
+    if isinstance(ref, LinkSpec):
+        return ref
+    if ref not in LINKS:
+        raise ScenarioError(f"unknown link {ref!r}; built in: {', '.join(LINKS)}")
+    return LINKS[ref]

