@@ -35,8 +35,9 @@ def plain_model(name: str):
 
 
 def lora_model(name: str, targets: list[str], layers: list[int]):
-    family = spec_of(name).family
-    return get_peft_model(plain_model(name), lora_config(family, targets, layers, RANK, 2 * RANK), adapter_name="c0")
+    spec = spec_of(name)
+    config = lora_config(spec.family, costs.uniform_ranks(spec, targets, layers, RANK), 2 * RANK)
+    return get_peft_model(plain_model(name), config, adapter_name="c0")
 
 
 def counted(fn) -> int:

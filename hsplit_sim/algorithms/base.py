@@ -61,6 +61,11 @@ def batch_indices(client_indices: np.ndarray, batch_size: int, step: int, seed: 
     return batch
 
 
+def ranks_to_wire(ranks: costs.Ranks) -> list:
+    """[layer, module, rank] triples: JSON keys cannot be integers."""
+    return [[layer, module, rank] for layer, modules in sorted(ranks.items()) for module, rank in sorted(modules.items())]
+
+
 def checked_bytes(message: Message, predicted: int, what: str) -> int:
     """The real frame bytes, which must equal the cost model's prediction: a mismatch is a bug."""
     if message.payload_bytes != predicted:

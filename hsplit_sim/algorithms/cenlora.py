@@ -7,7 +7,7 @@ number of examples.
 import numpy as np
 
 from hsplit_sim import costs
-from hsplit_sim.algorithms.base import Algorithm, batch_indices
+from hsplit_sim.algorithms.base import Algorithm, batch_indices, ranks_to_wire
 
 
 class CenLoRA(Algorithm):
@@ -28,7 +28,7 @@ class CenLoRA(Algorithm):
         self.step_flops = (costs.forward_flops(spec, 0, spec.n_layers, ctx.batch, ctx.seq, self.ranks, head=True)
                            + costs.backward_flops(spec, 0, spec.n_layers, ctx.batch, ctx.seq, self.ranks, head=True,
                                                   input_requires_grad=False))
-        ctx.server.call("setup_central", args={"targets": algo.targets, "rank": algo.rank, "alpha": algo.alpha,
+        ctx.server.call("setup_central", args={"ranks": ranks_to_wire(self.ranks), "alpha": algo.alpha,
                                                "lr": ctx.scenario.training.lr,
                                                "weight_decay": ctx.scenario.training.weight_decay})
 

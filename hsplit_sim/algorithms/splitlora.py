@@ -7,7 +7,7 @@ import numpy as np
 
 from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import data_weights, exact_update, fedavg, adapter_update, relative_error
-from hsplit_sim.algorithms.base import Algorithm, batch_indices, checked_bytes
+from hsplit_sim.algorithms.base import Algorithm, batch_indices, checked_bytes, ranks_to_wire
 
 
 class SplitLoRA(Algorithm):
@@ -37,12 +37,13 @@ class SplitLoRA(Algorithm):
         self.server_flops = (costs.forward_flops(spec, self.split, spec.n_layers, b, L, self.server_ranks, head=True)
                              + costs.backward_flops(spec, self.split, spec.n_layers, b, L, self.server_ranks,
                                                     head=True, input_requires_grad=True))
-        adapter_args = {"targets": algo.targets, "rank": algo.rank, "alpha": algo.alpha,
-                        "lr": ctx.scenario.training.lr, "weight_decay": ctx.scenario.training.weight_decay}
-        ctx.server.call("setup_server", args=dict(adapter_args, split=self.split))
+        adapter_args = {"alpha": algo.alpha, "lr": ctx.scenario.training.lr,
+                        "weight_decay": ctx.scenario.training.weight_decay, "split": self.split}
+        ctx.server.call("setup_server", args=dict(adapter_args, server_ranks=ranks_to_wire(self.server_ranks),
+                                                  client_ranks=ranks_to_wire(self.client_ranks)))
         for client in ctx.clients:
             ctx.worker_of(client.index).call("setup_client", client=client.index,
-                                             args=dict(adapter_args, split=self.split))
+                                             args=dict(adapter_args, ranks=ranks_to_wire(self.client_ranks)))
 
     def round(self, round_index: int):
         ctx = self.ctx

@@ -32,14 +32,17 @@ class Message:
 
 
 def encode(header: dict, tensors: dict[str, np.ndarray] | None = None) -> list:
-    """Frames for zmq send_multipart(copy=False): the buffers go out without copies."""
-    arrays = {name: np.ascontiguousarray(t) for name, t in (tensors or {}).items()}
+    """Frames for zmq send_multipart(copy=False): the buffers go out without copies.
+
+    Flattened first (a view of a contiguous array): memoryview cannot cast a multi-dimensional zero-size view.
+    """
+    arrays = {name: np.asarray(t, order="C") for name, t in (tensors or {}).items()}  # keeps 0-d shapes
     for name, array in arrays.items():
         if array.dtype.name not in DTYPES:
             raise ProtocolError(f"tensor {name!r}: dtype {array.dtype.name} cannot cross the wire")
     full = dict(header, v=PROTOCOL_VERSION)
     full["tensors"] = [{"name": n, "dtype": a.dtype.name, "shape": list(a.shape)} for n, a in arrays.items()]
-    return [json.dumps(full, separators=(",", ":")).encode()] + [memoryview(a).cast("B") for a in arrays.values()]
+    return [json.dumps(full, separators=(",", ":")).encode()] + [memoryview(a.reshape(-1)).cast("B") for a in arrays.values()]
 
 
 def decode(frames: list, required: tuple[str, ...] = ()) -> Message:

@@ -22,6 +22,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def ranks_from_wire(triples: list) -> dict[int, dict[str, int]]:
+    ranks: dict[int, dict[str, int]] = {}
+    for layer, module, rank in triples:
+        ranks.setdefault(int(layer), {})[module] = int(rank)
+    return ranks
+
+
 def make_role(args: dict):
     roles = {"server": ServerRole, "clients": ClientRole}
     if args.get("role") not in roles:
@@ -62,9 +69,12 @@ class Role:
         return {"n_train": len(self.train["input_ids"]), "n_eval": len(self.evaluation["input_ids"]),
                 "partition_sizes": sizes, "device": str(self.device)}, tensors
 
-    def add_adapter(self, name: str, args: dict, layers: list[int], trainable: bool) -> None:
-        """Same seed for every adapter: all clients start from one global initialisation."""
-        config = lora_config(self.lm.family, args["targets"], layers, args["rank"], args["alpha"])
+    def add_adapter(self, name: str, args: dict, ranks: list, trainable: bool) -> None:
+        """Same seed for every adapter: all clients start from one global initialisation.
+
+        ranks: [layer, module suffix, rank] triples, as they cross the wire in JSON.
+        """
+        config = lora_config(self.lm.family, ranks_from_wire(ranks), args["alpha"])
         torch.manual_seed(self.seed)
         if self.peft is None:
             self.peft = get_peft_model(self.model, config, adapter_name=name)
@@ -133,7 +143,7 @@ class ClientRole(Role):
     def setup_client(self, client, args, tensors):
         self.splits[client] = args["split"]
         self.optimizer_args[client] = args
-        self.add_adapter(f"c{client}", args, list(range(args["split"])), trainable=True)
+        self.add_adapter(f"c{client}", args, args["ranks"], trainable=True)
         return {}, {}
 
     def forward(self, client, args, tensors):
@@ -176,8 +186,8 @@ class ServerRole(Role):
     def setup_server(self, client, args, tensors):
         """One server-side adapter that clients use in turn, plus the global client-side adapter for evaluation."""
         self.split = args["split"]
-        self.add_adapter("server", args, list(range(self.split, self.lm.n_layers)), trainable=True)
-        self.add_adapter("global_client", args, list(range(self.split)), trainable=False)
+        self.add_adapter("server", args, args["server_ranks"], trainable=True)
+        self.add_adapter("global_client", args, args["client_ranks"], trainable=False)
         return {}, {}
 
     def server_step(self, client, args, tensors):
@@ -194,7 +204,7 @@ class ServerRole(Role):
         return {}, {}
 
     def setup_central(self, client, args, tensors):
-        self.add_adapter("central", args, list(range(self.lm.n_layers)), trainable=True)
+        self.add_adapter("central", args, args["ranks"], trainable=True)
         return {}, {}
 
     def central_step(self, client, args, tensors):

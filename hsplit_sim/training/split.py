@@ -16,23 +16,24 @@ def family_of(model) -> str:
     return model_type
 
 
-def target_modules(family: str, targets: list[str]) -> list[str]:
-    names = TARGET_MODULES[family]
-    unknown = [t for t in targets if t not in names]
-    if unknown:
-        raise ValueError(f"targets {unknown} do not exist in the {family} family (known: {sorted(names)})")
-    return sorted({names[t] for t in targets})
+def module_key(family: str, layer: int, module: str) -> str:
+    """The name suffix of one weight in a block, e.g. "layers.3.self_attn.q_proj"."""
+    return f"{LAYERS_PATTERN[family]}.{layer}.{module}"
 
 
-def lora_config(family: str, targets: list[str], layers: list[int], rank: int, alpha: float) -> LoraConfig:
-    """LoRA on the given blocks only; dropout 0 keeps split and unsplit runs identical."""
+def lora_config(family: str, ranks: dict[int, dict[str, int]], alpha: float) -> LoraConfig:
+    """LoRA with its own rank on every listed weight (layer -> {module suffix: rank}); dropout 0 keeps
+    split and unsplit runs identical. The scaling of each weight is alpha / its rank."""
+    pattern = {module_key(family, layer, module): rank
+               for layer, modules in ranks.items() for module, rank in modules.items() if rank > 0}
+    if not pattern:
+        raise ValueError("an adapter needs at least one weight with a positive rank")
     return LoraConfig(
-        r=rank,
+        r=max(pattern.values()),
         lora_alpha=alpha,
         lora_dropout=0.0,
-        target_modules=target_modules(family, targets),
-        layers_to_transform=list(layers),
-        layers_pattern=LAYERS_PATTERN[family],
+        target_modules=sorted(pattern),
+        rank_pattern=pattern,
         bias="none",
         fan_in_fan_out=family == "gpt2",
     )

@@ -1,0 +1,337 @@
+"""The whole path on tiny models: a scenario in, a run directory out, with the time model checked event by event."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from hsplit_sim import costs
+from hsplit_sim.errors import ScenarioError
+from hsplit_sim.experiment.preflight import preflight
+from hsplit_sim.experiment.run import run_scenario
+from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, scenario_from_dict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROUNDS, LOCAL_STEPS, BATCH, SEQ, RANK = 2, 2, 2, 32, 4
+
+# Three identical clients (they reach the server together, so they queue) and one slow one.
+BASE = {
+    "name": "t",
+    "seed": 3,
+    "model": {"name": "tiny-gpt2"},
+    "data": {"name": "e2e-synthetic", "max_length": SEQ, "train_examples": 48, "eval_examples": 8},
+    "algorithm": {"name": "splitlora", "rank": RANK, "alpha": 8, "targets": ["q", "v"], "split_layer": 1},
+    "training": {"rounds": ROUNDS, "local_steps": LOCAL_STEPS, "batch_size": BATCH, "lr": 1e-3},
+    "server": {"device": "rtx-3090", "accelerators": 1},
+    "clients": [
+        {"count": 3, "device": "jetson-agx-orin", "link": "wifi-6"},
+        {"count": 1, "device": "raspberry-pi-5", "link": "lte"},
+    ],
+    "runtime": {"client_workers": 1, "torch_device": "cpu"},
+}
+
+# Module names written out here rather than taken from costs.uniform_ranks, so a mapping slip shows.
+MODULES = {
+    "gpt2": {"q": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj"},
+    "llama": {"q": "self_attn.q_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"},
+}
+
+
+def scenario(tmp_path: Path, *overrides: str):
+    return scenario_from_dict(BASE, [f"output.dir={tmp_path}", *overrides])
+
+
+def read(run_dir: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(run_dir / f"{name}.parquet") for name in ("rounds", "events", "clients")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each scenario runs once for the whole module: a run costs seconds of worker start-up."""
+    cache = {}
+
+    def get(key: str, overrides: tuple[str, ...] = ()) -> Path:
+        if key not in cache:
+            out = tmp_path_factory.mktemp(key)
+            cache[key] = run_scenario(scenario(out, *overrides), progress=False)
+        return cache[key]
+
+    return get
+
+
+SPLIT = ("split", ())
+SPLIT_AGAIN = ("split-again", ())
+LLAMA = ("llama", ("model.name=tiny-llama", "algorithm.split_layer=2", "algorithm.targets=[q, v, o]",
+                   "clients=[{count: 3, device: jetson-agx-orin, link: wifi-6}]", "server.accelerators=3"))
+CENLORA = ("cenlora", ("algorithm.name=cenlora",))
+
+
+def test_run_directory_contract(runs):
+    run_dir = runs(*SPLIT)
+    for name in ("scenario.resolved.yaml", "rounds.parquet", "rounds.csv", "events.parquet", "clients.parquet",
+                 "summary.json", "log.txt", "plots/perplexity.png", "plots/timeline.png"):
+        assert (run_dir / name).is_file(), name
+        assert (run_dir / name).stat().st_size > 0, name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["error"] is None
+    assert summary["rounds_completed"] == ROUNDS and summary["n_clients"] == 4
+    resolved = yaml.safe_load((run_dir / "scenario.resolved.yaml").read_text())
+    assert resolved["training"]["rounds"] == ROUNDS and resolved["seed"] == 3
+
+    tables = read(run_dir)
+    rounds = tables["rounds"]
+    assert rounds["round"].tolist() == list(range(ROUNDS + 1))
+    assert rounds["eval_ppl"].map(math.isfinite).all()
+    assert math.isnan(rounds["train_loss"][0]) and rounds["train_loss"][1:].map(math.isfinite).all()
+    assert rounds["sim_time_s"].is_monotonic_increasing and rounds["sim_time_s"][0] == 0
+    csv = pd.read_csv(run_dir / "rounds.csv")
+    assert csv["round"].tolist() == rounds["round"].tolist()
+    assert summary["final_eval_ppl"] == pytest.approx(rounds["eval_ppl"].iloc[-1])
+
+    events = tables["events"]
+    assert {"round", "client", "kind", "resource", "start_s", "end_s", "bytes", "flops"} <= set(events.columns)
+    per_client = LOCAL_STEPS * ROUNDS
+    counts = events.groupby(["kind", "client"]).size()
+    for kind in ("client_fwd", "upload", "server_queue", "server_step", "download", "client_bwd"):
+        assert all(counts[kind, k] == per_client for k in range(4)), kind
+    for kind in ("adapter_upload", "broadcast"):
+        assert all(counts[kind, k] == ROUNDS for k in range(4)), kind
+    assert counts["aggregate", -1] == ROUNDS and counts["eval", -1] == ROUNDS + 1
+    assert set(tables["clients"]["client"]) == set(range(4))
+
+
+def test_two_runs_of_one_seed_are_identical(runs):
+    first, second = read(runs(*SPLIT)), read(runs(*SPLIT_AGAIN))
+    pd.testing.assert_frame_equal(first["rounds"].drop(columns="wall_time_s"),
+                                  second["rounds"].drop(columns="wall_time_s"), check_exact=True)
+    pd.testing.assert_frame_equal(first["events"], second["events"], check_exact=True)
+    pd.testing.assert_frame_equal(first["clients"], second["clients"], check_exact=True)
+
+
+def expected_costs(overrides: tuple[str, ...]):
+    """Per-kind FLOPs and bytes recomputed from the cost model and the scenario."""
+    sc = scenario(Path("unused"), *overrides)
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(sc))
+    algo, b, L = sc.algorithm, sc.training.batch_size, sc.data.max_length
+    modules = sorted({MODULES[spec.family][t] for t in algo.targets})
+
+    def ranks(layers):
+        return {layer: {m: algo.rank for m in modules} for layer in layers}
+
+    client_ranks, server_ranks = ranks(range(algo.split_layer)), ranks(range(algo.split_layer, spec.n_layers))
+    s, n = algo.split_layer, spec.n_layers
+    flops = {
+        "client_fwd": costs.forward_flops(spec, 0, s, b, L, client_ranks, head=False),
+        "client_bwd": costs.backward_flops(spec, 0, s, b, L, client_ranks, head=False, input_requires_grad=False),
+        "server_step": costs.forward_flops(spec, s, n, b, L, server_ranks, head=True)
+        + costs.backward_flops(spec, s, n, b, L, server_ranks, head=True, input_requires_grad=True),
+        "central_step": costs.forward_flops(spec, 0, n, b, L, ranks(range(n)), head=True)
+        + costs.backward_flops(spec, 0, n, b, L, ranks(range(n)), head=True, input_requires_grad=False),
+    }
+    nbytes = {
+        "upload": costs.smashed_bytes(spec, b, L),
+        "download": costs.gradient_bytes(spec, b, L),
+        "adapter_upload": costs.adapter_bytes(spec, client_ranks),
+        "broadcast": costs.adapter_bytes(spec, client_ranks),
+    }
+    flops["aggregate"] = 2 * len(expanded_clients(sc)) * costs.adapter_params(spec, client_ranks)
+    return sc, flops, nbytes
+
+
+@pytest.mark.parametrize("which", [SPLIT, LLAMA, CENLORA], ids=["gpt2", "llama", "cenlora"])
+def test_every_duration_comes_from_the_cost_model(runs, which):
+    run_dir = runs(*which)
+    sc, flops, nbytes = expected_costs(which[1])
+    clients = expanded_clients(sc)
+    server = resolve_device(sc.server.device)
+    events = read(run_dir)["events"]
+    checked = 0
+    for e in events.itertuples():
+        duration = e.end_s - e.start_s
+        if e.kind in ("client_fwd", "client_bwd", "server_step", "central_step", "aggregate"):
+            device = clients[e.client].device if e.kind in ("client_fwd", "client_bwd") else server
+            assert e.flops == flops[e.kind], e
+            assert duration == pytest.approx(costs.compute_seconds(flops[e.kind], device.tflops, device.efficiency),
+                                             rel=1e-9), e
+            assert e.bytes == 0
+            checked += 1
+        elif e.kind in nbytes:
+            link = clients[e.client].link
+            rate = link.up_mbps if e.kind in ("upload", "adapter_upload") else link.down_mbps
+            assert e.bytes == nbytes[e.kind], e
+            assert duration == pytest.approx(costs.transfer_seconds(nbytes[e.kind], rate, link.latency_ms),
+                                             rel=1e-9), e
+            checked += 1
+        else:
+            assert e.kind in ("server_queue", "eval"), e.kind
+        assert duration >= 0
+    assert checked > 0
+
+    rounds = read(run_dir)["rounds"]
+    if sc.algorithm.name == "splitlora":
+        n, steps = len(clients), sc.training.local_steps
+        per_round_up = n * steps * nbytes["upload"] + n * nbytes["adapter_upload"]
+        per_round_down = n * steps * nbytes["download"] + n * nbytes["broadcast"]
+        assert rounds["bytes_up"].tolist() == [r * per_round_up for r in rounds["round"]]
+        assert rounds["bytes_down"].tolist() == [r * per_round_down for r in rounds["round"]]
+        # Each client's own work is a strict chain: fwd, upload, queue, server, download, bwd, ... in order.
+        for k in range(n):
+            own = events[(events["client"] == k) & (events["round"] == 1)].sort_values(["start_s", "end_s"])
+            assert (own["start_s"].to_numpy()[1:] >= own["end_s"].to_numpy()[:-1] - 1e-12).all()
+    else:
+        assert rounds["bytes_up"].eq(0).all() and rounds["bytes_down"].eq(0).all()
+
+
+def intervals(events: pd.DataFrame, kind: str) -> list[tuple[float, float]]:
+    rows = events[events["kind"] == kind].sort_values(["start_s", "end_s"])
+    return list(zip(rows["start_s"], rows["end_s"]))
+
+
+def overlaps(spans: list[tuple[float, float]]) -> int:
+    return sum(1 for (_, end), (start, _) in zip(spans, spans[1:]) if start < end)
+
+
+def test_one_accelerator_makes_clients_queue(runs):
+    events = read(runs(*SPLIT))["events"]
+    queue = events[events["kind"] == "server_queue"]
+    waits = queue["end_s"] - queue["start_s"]
+    assert (waits > 0).sum() >= 2  # three identical clients arrive together: two of them wait
+    steps = intervals(events, "server_step")
+    assert len(steps) == 4 * ROUNDS * LOCAL_STEPS
+    assert overlaps(steps) == 0
+
+
+def test_one_accelerator_per_client_runs_server_steps_at_once(runs):
+    """Also: tiny-llama, split after block 2, runs end to end."""
+    run_dir = runs(*LLAMA)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["n_clients"] == 3
+    tables = read(run_dir)
+    assert tables["rounds"]["eval_ppl"].map(math.isfinite).all()
+    assert set(tables["clients"]["split_layer"]) == {2}
+    events = tables["events"]
+    queue = events[events["kind"] == "server_queue"]
+    assert ((queue["end_s"] - queue["start_s"]) == 0).all()
+    assert overlaps(intervals(events, "server_step")) > 0
+
+
+def test_cenlora_runs_end_to_end(runs):
+    run_dir = runs(*CENLORA)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["algorithm"] == "cenlora"
+    tables = read(run_dir)
+    rounds, events = tables["rounds"], tables["events"]
+    assert rounds["round"].tolist() == list(range(ROUNDS + 1))
+    assert rounds["eval_ppl"].map(math.isfinite).all()
+    kinds = set(events["kind"])
+    assert "central_step" in kinds and not kinds & {"upload", "download", "server_step", "adapter_upload"}
+    assert (events["kind"] == "central_step").sum() == ROUNDS * LOCAL_STEPS * 4
+    assert overlaps(intervals(events, "central_step")) == 0
+    assert set(tables["clients"]["status"]) == {"data-only"}
+
+
+def test_a_device_without_memory_for_its_segment_fails_preflight(tmp_path):
+    tiny_budget = scenario(tmp_path, "clients.1.memory_budget_gb=0.001")
+    with pytest.raises(ScenarioError, match=r"^clients\.1: client 3 \(raspberry-pi-5\) needs"):
+        preflight(tiny_budget)
+    with pytest.raises(ScenarioError, match=r"^clients\.1"):
+        run_scenario(tiny_budget, progress=False)
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+    preflight(scenario(tmp_path, "clients.1.memory_budget_gb=4"))
+
+
+# --- a worker killed mid-run ---------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_killed_worker_ends_the_run_cleanly(tmp_path):
+    data = json.loads(json.dumps(BASE))
+    data["training"]["rounds"] = 30
+    data["output"] = {"dir": str(tmp_path / "runs")}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(data))
+    script = shutil.which("hsplit-sim") or str(Path(sys.executable).parent / "hsplit-sim")
+    command = ([script] if Path(script).exists()
+               else [sys.executable, "-c", "import sys; from hsplit_sim.cli import main; sys.exit(main(sys.argv[1:]))"])
+    process = subprocess.Popen(command + ["run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        rounds_csv = None
+        while time.monotonic() < deadline and process.poll() is None:
+            found = list((tmp_path / "runs").glob("*/rounds.csv"))
+            if found and len(pd.read_csv(found[0])) >= 2:
+                rounds_csv = found[0]
+                break
+            time.sleep(0.1)
+        assert rounds_csv is not None, f"no two rounds before the deadline: {process.poll()}"
+        workers = children(process.pid)
+        client = [pid for pid in workers if "--name clients0" in cmdline(pid)]
+        assert len(workers) == 2 and len(client) == 1, [cmdline(pid) for pid in workers]
+        finished = len(pd.read_csv(rounds_csv))
+        os.kill(client[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = process.communicate(timeout=10)
+        assert time.monotonic() - killed_at < 10
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    assert process.returncode == 1
+    err = stderr.decode()
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "worker clients0 died" in errors[0]
+    run_dir = rounds_csv.parent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "worker clients0 died" in summary["error"]
+    assert summary["error"] in errors[0]
+    rounds = pd.read_csv(rounds_csv)
+    assert len(rounds) >= finished and rounds["round"].tolist() == list(range(len(rounds)))
+    assert rounds["round"].iloc[-1] < 30
+    assert summary["rounds_completed"] == rounds["round"].iloc[-1]
+    assert "died" in (run_dir / "log.txt").read_text()
+    time.sleep(0.5)
+    assert not [pid for pid in workers if alive(pid)], "worker processes outlived the run"

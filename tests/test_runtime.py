@@ -1,0 +1,202 @@
+"""The wire format, and a worker process that survives malformed requests and is noticed when it dies."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from hsplit_sim.errors import RunError
+from hsplit_sim.runtime.connection import WorkerConnection
+from hsplit_sim.runtime.wire import PROTOCOL_VERSION, ProtocolError, decode, encode
+
+
+def frames_of(header: dict, *buffers: bytes) -> list[bytes]:
+    return [json.dumps(header).encode(), *buffers]
+
+
+def round_trip(tensors: dict) -> dict:
+    frames = encode({"op": "x", "id": 1}, tensors)
+    return decode([bytes(f) for f in frames], required=("op", "id")).tensors
+
+
+# --- wire format ------------------------------------------------------------------------------------
+
+
+def test_round_trip_of_dtypes_and_shapes():
+    rng = np.random.default_rng(0)
+    tensors = {
+        "f32": rng.normal(size=(3, 4)).astype(np.float32),
+        "f64": rng.normal(size=(2, 3, 5)),
+        "f16": rng.normal(size=(7,)).astype(np.float16),
+        "i64": np.arange(12, dtype=np.int64).reshape(3, 4),
+        "i32": np.array([-1, 0, 2**31 - 1], dtype=np.int32),
+        "u8": np.arange(256, dtype=np.uint8),
+        "bool": np.array([[True, False], [False, True]]),
+        "scalar": np.array(3.5, dtype=np.float32),
+        "empty": np.zeros((0,), dtype=np.float32),
+        "empty3d": np.zeros((2, 0, 3), dtype=np.int64),
+        "strided": np.arange(20, dtype=np.float32).reshape(4, 5)[:, ::2],  # made contiguous on the way out
+    }
+    back = round_trip(tensors)
+    assert list(back) == list(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype, name
+        assert back[name].shape == t.shape, name
+        np.testing.assert_array_equal(back[name], t)
+
+
+def test_header_round_trip_and_payload_bytes():
+    tensors = {"a": np.ones((2, 3), np.float32), "b": np.ones(4, np.int64)}
+    message = decode(encode({"op": "step", "id": 7, "client": 3, "args": {"k": [1, 2]}}, tensors))
+    assert message.header["op"] == "step" and message.header["id"] == 7 and message.header["client"] == 3
+    assert message.header["args"] == {"k": [1, 2]} and message.header["v"] == PROTOCOL_VERSION
+    assert message.payload_bytes == 2 * 3 * 4 + 4 * 8
+    assert decode(encode({"op": "ping", "id": 1})).tensors == {}
+
+
+def test_encode_rejects_dtypes_that_cannot_cross():
+    with pytest.raises(ProtocolError, match="complex64"):
+        encode({"op": "x", "id": 1}, {"z": np.zeros(2, np.complex64)})
+
+
+def spec(name="t", dtype="float32", shape=(2,)):
+    return {"name": name, "dtype": dtype, "shape": list(shape)}
+
+
+@pytest.mark.parametrize(
+    "frames, fragment",
+    [
+        ([], "empty"),
+        ([b"\xff\xfe not json"], "not JSON"),
+        ([b"{truncated"], "not JSON"),
+        ([b"[1, 2]"], "not a JSON object"),
+        (frames_of({"op": "x", "id": 1}), "version"),
+        (frames_of({"v": 99, "op": "x", "id": 1}), "version"),
+        (frames_of({"v": PROTOCOL_VERSION, "id": 1}), "'op'"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": [spec()]}), "1 tensors but 0 buffers"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": []}, b"\0" * 8), "0 tensors but 1"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": "t"}, b"\0" * 8), "buffers followed"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": [spec()]}, b"\0" * 7), "7 bytes"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": [spec()]}, b"\0" * 16), "16 bytes"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": [spec(dtype="object")]}, b"\0" * 16),
+         "'object' not allowed"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": [spec(dtype="complex64")]}, b"\0" * 16),
+         "not allowed"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": [spec(), spec()]}, b"\0" * 8, b"\0" * 8),
+         "not a new string"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": [spec(shape=(-1,))]}, b""), "bad shape"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": [spec(shape=(2.0,))]}, b"\0" * 8),
+         "bad shape"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": [{"name": "t"}]}, b""),
+         "needs name, dtype and shape"),
+        (frames_of({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "tensors": [spec(name=5)]}, b"\0" * 8),
+         "not a new string"),
+    ],
+    ids=["no-frames", "binary-header", "truncated-json", "json-array", "no-version", "wrong-version", "missing-op",
+         "missing-buffer", "extra-buffer", "tensors-not-list", "short-buffer", "long-buffer", "object-dtype",
+         "complex-dtype", "duplicate-name", "negative-dim", "float-dim", "incomplete-spec", "non-string-name"],
+)
+def test_decode_rejects(frames, fragment):
+    with pytest.raises(ProtocolError, match=fragment.replace("(", r"\(")):
+        decode(frames, required=("op", "id"))
+
+
+def test_decode_rejects_oversized_header():
+    huge = json.dumps({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "pad": "x" * (1 << 20)}).encode()
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode([huge])
+
+
+# --- a real worker process -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def worker(tmp_path):
+    """A worker process on an ipc endpoint; killed whatever the test does."""
+    endpoint = f"ipc://{tmp_path}/w.sock"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    process = subprocess.Popen([sys.executable, "-m", "hsplit_sim.runtime.worker", "--name", "t",
+                                "--endpoint", endpoint], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env=env)
+    context = zmq.Context()
+    try:
+        yield process, endpoint, context
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        process.stdout.close()
+        context.destroy(linger=0)
+
+
+def request(sock, frames, timeout_s=20.0) -> dict:
+    sock.send_multipart(frames)
+    assert sock.poll(int(timeout_s * 1000)), "worker did not answer"
+    return decode(sock.recv_multipart(), required=("id", "ok")).header
+
+
+def test_worker_answers_garbage_with_errors_and_keeps_serving(worker):
+    process, endpoint, context = worker
+    sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+
+    reply = request(sock, [b"\x00\x01 garbage", b"more garbage"])
+    assert reply["ok"] is False and "malformed" in reply["error"] and reply["id"] is None
+
+    reply = request(sock, [json.dumps({"v": 42, "op": "ping", "id": 1}).encode()])
+    assert reply["ok"] is False and "malformed" in reply["error"] and "version" in reply["error"]
+
+    header = {"v": PROTOCOL_VERSION, "op": "ping", "id": 2, "tensors": [spec()]}
+    reply = request(sock, [json.dumps(header).encode(), b"\0" * 3])
+    assert reply["ok"] is False and "malformed" in reply["error"]
+
+    reply = request(sock, encode({"op": 5, "id": 3, "client": None, "args": {}}))
+    assert reply["ok"] is False and "malformed" in reply["error"] and reply["id"] == 3
+
+    reply = request(sock, encode({"op": "ping", "id": 4, "client": None, "args": {}}))
+    assert reply["ok"] is True and reply["id"] == 4
+    assert reply["result"] == {"name": "t", "pid": process.pid}
+
+    reply = request(sock, encode({"op": "forward", "id": 5, "client": 0, "args": {}}))
+    assert reply["ok"] is False and reply["id"] == 5 and "before init" in reply["error"]
+
+    reply = request(sock, encode({"op": "ping", "id": 6, "client": None, "args": {}}))
+    assert reply["ok"] is True and reply["id"] == 6
+
+    reply = request(sock, encode({"op": "shutdown", "id": 7, "client": None, "args": {}}))
+    assert reply["ok"] is True and reply["id"] == 7
+    assert process.wait(10) == 0
+    sock.close(linger=0)
+
+
+def test_connection_notices_a_dead_worker(worker):
+    process, endpoint, context = worker
+    connection = WorkerConnection(context, "t", endpoint, process, timeout_s=30)
+    try:
+        assert connection.call("ping", timeout_s=20).header["result"]["pid"] == process.pid
+        process.send_signal(signal.SIGKILL)
+        process.wait(5)
+        started = time.monotonic()
+        with pytest.raises(RunError, match="died"):
+            connection.call("ping")
+        assert time.monotonic() - started < 2.0
+    finally:
+        connection.close()
+
+
+def test_connection_reports_a_failed_request(worker):
+    process, endpoint, context = worker
+    connection = WorkerConnection(context, "t", endpoint, process, timeout_s=30)
+    try:
+        with pytest.raises(RunError, match="failed on 'backward'.*before init"):
+            connection.call("backward", client=0, timeout_s=20)
+        assert connection.call("ping").header["ok"] is True  # the REQ socket is usable again
+    finally:
+        connection.close()
