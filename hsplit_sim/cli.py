@@ -49,11 +49,29 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the scenario JSON schema")
     schema.set_defaults(handler=_schema)
+
+    sweep = commands.add_parser("sweep", help="run a base scenario over grid/zip axes, points in parallel")
+    _scenario_arguments(sweep, "sweep YAML file (base scenario plus axes)")
+    sweep.add_argument("--processes", type=_positive, default=None, metavar="N",
+                       help="points run at once (default: cores // 2; never above the cores)")
+    sweep.add_argument("--resume", metavar="DIR", default=None,
+                       help="continue the sweep in DIR: completed points are skipped")
+    sweep.set_defaults(handler=_sweep)
+
+    report = commands.add_parser("report", help="figures and an HTML page for a run or sweep directory")
+    report.add_argument("dir", help="run directory or sweep directory")
+    report.set_defaults(handler=_report)
     return parser
 
 
-def _scenario_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="scenario YAML file")
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _scenario_arguments(parser: argparse.ArgumentParser, what: str = "scenario YAML file") -> None:
+    parser.add_argument("file", help=what)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -91,6 +109,26 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from hsplit_sim.experiment.sweep import load_sweep_file, run_sweep
+
+    sweep = load_sweep_file(args.file, args.overrides)
+    sweep_dir = run_sweep(sweep, resume=args.resume, processes=args.processes)
+    print(sweep_dir)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analysis.report import report
+
+    try:
+        page = report(args.dir)
+    except FileNotFoundError as e:
+        raise ScenarioError(str(e)) from None
+    print(page)
+    return 0
+
+
 def _devices(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -124,3 +162,7 @@ def _schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(Scenario.model_json_schema(), indent=2))
     return 0
+
+
+if __name__ == "__main__":  # the sweep runs each point as `python -m hsplit_sim.cli run FILE`
+    sys.exit(main())

@@ -128,13 +128,13 @@ def _attention(spec: ModelSpec, batch: int, seq: int, q_grad: bool, k_grad: bool
     return 2 * one, one * (q_grad + k_grad + p_grad + v_grad), p_grad or v_grad
 
 
-def _block(spec: ModelSpec, layer: int, batch: int, seq: int, ranks: Ranks, x_grad: bool, full_finetune: bool):
+def _block(spec: ModelSpec, layer: int, batch: int, seq: int, ranks: Ranks, x_grad: bool, weight_grads: bool):
     """(forward, backward, output requires grad) of one transformer block, following requires-grad through it."""
     names, layer_ranks, n = TARGET_MODULES[spec.family], ranks.get(layer, {}), batch * seq
 
     def proj(target: str, grad: bool):
         module = names[target]
-        return _matmul(n, *module_shape(spec, module), layer_ranks.get(module, 0), grad, full_finetune)
+        return _matmul(n, *module_shape(spec, module), layer_ranks.get(module, 0), grad, weight_grads)
 
     if spec.family == "gpt2":
         q = k = v = proj("q", x_grad)  # fused c_attn: q, k and v share one output
@@ -158,13 +158,13 @@ def _block(spec: ModelSpec, layer: int, batch: int, seq: int, ranks: Ranks, x_gr
 
 def _segment_flops(
     spec: ModelSpec, start: int, stop: int, batch: int, seq: int, ranks: Ranks, head: bool,
-    input_requires_grad: bool, full_finetune: bool,
+    input_requires_grad: bool, full_finetune: bool, weight_grads: bool = False,
 ) -> tuple[int, int]:
     """(forward, backward) FLOPs of blocks start..stop-1 and, if head, the LM head."""
     forward = backward = 0
     grad = input_requires_grad or full_finetune
     for layer in range(start, stop):
-        f, b, grad = _block(spec, layer, batch, seq, ranks, grad, full_finetune)
+        f, b, grad = _block(spec, layer, batch, seq, ranks, grad, full_finetune or weight_grads)
         forward, backward = forward + f, backward + b
     if head:
         f, b, _ = _matmul(batch * seq, spec.d_model, spec.vocab_size, 0, grad, full_finetune)
@@ -187,14 +187,17 @@ def backward_flops(
     head: bool,
     input_requires_grad: bool,
     full_finetune: bool = False,
+    weight_grads: bool = False,
 ) -> int:
     """Matmul FLOPs of the backward pass of a segment: gradients are computed only where they are needed.
 
     input_requires_grad: the segment's input needs a gradient (a server segment sends it back to the
     client; a client segment starting at the frozen embeddings does not). Full fine-tuning trains the
     embeddings too, so there the input always requires grad and every weight gradient is paid.
+    weight_grads: the blocks' frozen projections get gradients too (IWI's probe), embeddings and head not.
     """
-    return _segment_flops(spec, start, stop, batch, seq, ranks, head, input_requires_grad, full_finetune)[1]
+    return _segment_flops(spec, start, stop, batch, seq, ranks, head, input_requires_grad, full_finetune,
+                          weight_grads)[1]
 
 
 def activation_bytes(spec: ModelSpec, batch: int, seq: int) -> int:

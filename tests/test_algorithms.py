@@ -31,8 +31,9 @@ def test_registry_matches_the_schema():
 def test_exact_update_is_the_brute_force_sum():
     rng = np.random.default_rng(0)
     adapters = [random_adapter(rng, r) for r in (2, 3, 5)]
-    weights, scalings = data_weights([10, 30, 60]), [8.0, 16 / 3, 3.2]
-    exact = exact_update(adapters, weights, scalings)
+    weights, alpha = data_weights([10, 30, 60]), 16.0
+    scalings = [alpha / r for r in (2, 3, 5)]
+    exact = exact_update(adapters, weights, alpha)
     for m in ("m0", "m1"):
         brute = np.zeros((5, 6))
         for w, s, a in zip(weights, scalings, adapters):
@@ -50,8 +51,8 @@ def test_fedavg_of_factors_has_the_cross_term_error():
     merged = fedavg(adapters, weights)
     np.testing.assert_allclose(merged["m0.lora_A.weight"],
                                sum(w * a["m0.lora_A.weight"] for w, a in zip(weights, adapters)), rtol=1e-6)
-    exact = exact_update(adapters, weights, [2.0] * 3)
-    used = adapter_update(merged, 2.0)
+    exact = exact_update(adapters, weights, 8.0)
+    used = adapter_update(merged, 8.0)
     # (sum p B)(sum p A) = sum p^2 BA + cross terms: not the weighted sum of updates.
     assert relative_error(used, exact) > 0.1
     assert relative_error(exact, exact) == 0.0
@@ -62,7 +63,7 @@ def test_identical_clients_average_without_error():
     adapter = random_adapter(rng, 3)
     weights = data_weights([5, 7])
     merged = fedavg([adapter, adapter], weights)
-    assert relative_error(adapter_update(merged, 2.0), exact_update([adapter, adapter], weights, [2.0, 2.0])) < 1e-6
+    assert relative_error(adapter_update(merged, 6.0), exact_update([adapter, adapter], weights, 6.0)) < 1e-6
 
 
 def test_lora_pairs_rejects_half_pairs():

@@ -83,8 +83,8 @@ class Algorithm:
         self.ctx = ctx
 
     @classmethod
-    def memory_needs(cls, scenario: Scenario, spec: costs.ModelSpec) -> tuple[int, int]:
-        """(bytes each client needs, bytes the server needs), checked against budgets before the run."""
+    def check_memory(cls, scenario: Scenario, spec: costs.ModelSpec, clients: list[ClientSpec], server_device) -> None:
+        """Raise a ScenarioError if a device cannot hold what this algorithm asks of it (before the run)."""
         raise NotImplementedError
 
     def setup(self) -> None:
@@ -93,11 +93,25 @@ class Algorithm:
     def round(self, round_index: int):
         raise NotImplementedError
 
-    def evaluate(self) -> float:
+    def eval_adapters(self) -> list[str]:
+        """The server worker's adapters that make up the global model (none: the base weights are it)."""
         raise NotImplementedError
+
+    def evaluate(self) -> float:
+        reply = self.ctx.server.call("evaluate", args={"adapters": self.eval_adapters(), "batch_size": self.ctx.batch})
+        return reply.header["result"]["loss"]
+
+    def generate(self) -> dict:
+        """Test MRs, their references and the global model's greedy generations."""
+        reply = self.ctx.server.call("generate", args={"adapters": self.eval_adapters(), "batch_size": 16})
+        return reply.header["result"]
 
     def client_rows(self, round_index: int) -> list[dict]:
         raise NotImplementedError
+
+    def tables(self) -> dict[str, list[dict]]:
+        """Further tables of the run directory, by name (HSplitLoRA's importance per weight and round)."""
+        return {}
 
     def compute_seconds(self, flops: float, device) -> float:
         return costs.compute_seconds(flops, device.tflops, device.efficiency)

@@ -1,120 +1,107 @@
 """SplitLoRA: one split point and one rank for every client; client adapters FedAvg'd (A and B apart).
 
 Clients use one server-side adapter in turn, in the order their server steps happen in simulated time.
+With unequal memory budgets, either one configuration is shrunk until the weakest client can hold it
+(algorithm.heterogeneity: weakest), or the scenario's configuration stands and clients that cannot hold
+it are dropped (drop); the clients table records which.
 """
 
-import numpy as np
-
 from hsplit_sim import costs
-from hsplit_sim.algorithms.aggregation import data_weights, exact_update, fedavg, adapter_update, relative_error
-from hsplit_sim.algorithms.base import Algorithm, batch_indices, checked_bytes, ranks_to_wire
+from hsplit_sim.algorithms.aggregation import adapter_update, data_weights, exact_update, fedavg, relative_error
+from hsplit_sim.algorithms.base import ranks_to_wire
+from hsplit_sim.algorithms.split_protocol import ClientPlan, SplitProtocol
+from hsplit_sim.errors import ScenarioError
+
+GB = 1e9
 
 
-class SplitLoRA(Algorithm):
+def client_memory(scenario, spec, split: int, rank: int) -> int:
+    ranks = costs.uniform_ranks(spec, scenario.algorithm.targets, range(split), rank)
+    return costs.training_memory_bytes(spec, 0, split, scenario.training.batch_size, scenario.data.max_length,
+                                       ranks, embeddings=True, head=False)
+
+
+def fitting_configuration(scenario, spec, budget_bytes: float) -> tuple[int, int] | None:
+    """The scenario's (split, rank), shallower first, then lower rank, until it fits the budget."""
+    rank = scenario.algorithm.rank
+    while rank >= 1:
+        for split in range(scenario.algorithm.split_layer, 0, -1):
+            if client_memory(scenario, spec, split, rank) <= budget_bytes:
+                return split, rank
+        rank //= 2
+    return None
+
+
+class SplitLoRA(SplitProtocol):
     name = "splitlora"
 
     @classmethod
-    def memory_needs(cls, scenario, spec) -> tuple[int, int]:
-        algo, b, L = scenario.algorithm, scenario.training.batch_size, scenario.data.max_length
-        split = algo.split_layer
-        client = costs.training_memory_bytes(spec, 0, split, b, L, costs.uniform_ranks(spec, algo.targets, range(split), algo.rank),
-                                             embeddings=True, head=False)
-        server_ranks = costs.uniform_ranks(spec, algo.targets, range(split, spec.n_layers), algo.rank)
-        server = costs.training_memory_bytes(spec, split, spec.n_layers, b, L, server_ranks, embeddings=False, head=True)
-        return client, server
+    def configuration(cls, scenario, spec, clients) -> tuple[int, int, list[bool]]:
+        """(split, rank, active per client) under algorithm.heterogeneity."""
+        algo = scenario.algorithm
+        if algo.heterogeneity == "weakest":
+            weakest = min(clients, key=lambda c: c.memory_budget_gb)
+            fitting = fitting_configuration(scenario, spec, weakest.memory_budget_gb * GB)
+            if fitting is None:
+                raise ScenarioError(
+                    f"clients.{weakest.group}: client {weakest.index} ({weakest.device.name}) needs "
+                    f"{client_memory(scenario, spec, 1, 1) / GB:.3f} GB for even split 1 at rank 1 but its memory "
+                    f"budget is {weakest.memory_budget_gb:g} GB")
+            return *fitting, [True] * len(clients)
+        need = client_memory(scenario, spec, algo.split_layer, algo.rank)
+        active = [need <= c.memory_budget_gb * GB for c in clients]
+        if not any(active):
+            raise ScenarioError(f"clients: no client can hold split {algo.split_layer} at rank {algo.rank} "
+                                f"({need / GB:.2f} GB)")
+        return algo.split_layer, algo.rank, active
+
+    @classmethod
+    def check_memory(cls, scenario, spec, clients, server_device) -> None:
+        split, rank, _ = cls.configuration(scenario, spec, clients)
+        server_ranks = costs.uniform_ranks(spec, scenario.algorithm.targets, range(split, spec.n_layers), rank)
+        server = costs.training_memory_bytes(spec, split, spec.n_layers, scenario.training.batch_size,
+                                             scenario.data.max_length, server_ranks, embeddings=False, head=True)
+        if server > server_device.memory_gb * GB:
+            raise ScenarioError(f"server.device: {server_device.name} needs {server / GB:.2f} GB but has "
+                                f"{server_device.memory_gb:g} GB")
 
     def setup(self) -> None:
-        ctx, algo = self.ctx, self.ctx.scenario.algorithm
-        spec, self.split = ctx.spec, algo.split_layer
-        self.client_ranks = costs.uniform_ranks(spec, algo.targets, range(self.split), algo.rank)
-        self.server_ranks = costs.uniform_ranks(spec, algo.targets, range(self.split, spec.n_layers), algo.rank)
-        self.scaling = algo.alpha / algo.rank
-        self.weights = data_weights([len(p) for p in ctx.partitions])
-        b, L = ctx.batch, ctx.seq
-        self.fwd_flops = costs.forward_flops(spec, 0, self.split, b, L, self.client_ranks, head=False)
-        self.bwd_flops = costs.backward_flops(spec, 0, self.split, b, L, self.client_ranks, head=False,
-                                              input_requires_grad=False)
-        self.server_flops = (costs.forward_flops(spec, self.split, spec.n_layers, b, L, self.server_ranks, head=True)
-                             + costs.backward_flops(spec, self.split, spec.n_layers, b, L, self.server_ranks,
-                                                    head=True, input_requires_grad=True))
-        adapter_args = {"alpha": algo.alpha, "lr": ctx.scenario.training.lr,
-                        "weight_decay": ctx.scenario.training.weight_decay, "split": self.split}
-        ctx.server.call("setup_server", args=dict(adapter_args, server_ranks=ranks_to_wire(self.server_ranks),
-                                                  client_ranks=ranks_to_wire(self.client_ranks)))
-        for client in ctx.clients:
-            ctx.worker_of(client.index).call("setup_client", client=client.index,
-                                             args=dict(adapter_args, ranks=ranks_to_wire(self.client_ranks)))
+        ctx, targets = self.ctx, self.ctx.scenario.algorithm.targets
+        self.split, self.rank, active = self.configuration(ctx.scenario, ctx.spec, ctx.clients)
+        client_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split), self.rank)
+        server_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split, ctx.spec.n_layers), self.rank)
+        self.plans = [ClientPlan(self.split, client_ranks, server_ranks, a) for a in active]
+        self.scaling = ctx.scenario.algorithm.alpha / self.rank
+        ctx.server.call("configure", args=dict(self.adapter_args, adapter="server", split=self.split,
+                                               ranks=ranks_to_wire(server_ranks)))
+        ctx.server.call("configure", args={"adapter": "global_client", "alpha": ctx.scenario.algorithm.alpha,
+                                           "ranks": ranks_to_wire(client_ranks)})
+        for client in self.active_clients():
+            self.configure_client(client.index)
+
+    def server_adapter(self, client: int) -> str:
+        return "server"
 
     def round(self, round_index: int):
         ctx = self.ctx
-        yield ctx.sim.all_of(self.client_iterations(round_index, c) for c in ctx.clients)
+        yield self.train_clients(round_index)
         adapters = {}
-        yield ctx.sim.all_of(self.upload_adapter(round_index, c, adapters) for c in ctx.clients)
-        ordered = [adapters[c.index] for c in ctx.clients]
-        merged = fedavg(ordered, self.weights)
-        exact = exact_update(ordered, self.weights, [self.scaling] * len(ordered))
-        ctx.stats.agg_error = relative_error(adapter_update(merged, self.scaling), exact)
-        flops = 2 * len(ordered) * costs.adapter_params(ctx.spec, self.client_ranks)
+        yield self.upload_adapters(round_index, adapters)
+        clients = self.active_clients()
+        ordered = [adapters[c.index] for c in clients]
+        weights = data_weights([len(ctx.partitions[c.index]) for c in clients])
+        merged = fedavg(ordered, weights)
+        exact = exact_update(ordered, weights, ctx.scenario.algorithm.alpha)
+        ctx.stats.agg_error = relative_error(adapter_update(merged, ctx.scenario.algorithm.alpha), exact)
+        flops = 2 * len(ordered) * costs.adapter_params(ctx.spec, self.plans[clients[0].index].client_ranks)
         yield from ctx.sim.hold(round_index, -1, "aggregate", "server",
                                 self.compute_seconds(flops, ctx.server_device), flops=flops)
-        yield ctx.sim.all_of(self.broadcast(round_index, c, merged) for c in ctx.clients)
+        nbytes = sum(t.nbytes for t in merged.values())
+        yield ctx.sim.all_of(self.download(round_index, c, nbytes) for c in clients)
+        for c in clients:
+            ctx.worker_of(c.index).call("set_adapter", client=c.index,
+                                        args={"adapter": self.client_adapter(c.index)}, tensors=merged)
         ctx.server.call("set_adapter", args={"adapter": "global_client"}, tensors=merged)
 
-    def client_iterations(self, round_index: int, client):
-        ctx, k, sim = self.ctx, client.index, self.ctx.sim
-        worker, link, device = ctx.worker_of(k), client.link, client.device
-        steps = ctx.scenario.training.local_steps
-        for step in range(steps):
-            batch = batch_indices(ctx.partitions[k], ctx.batch, (round_index - 1) * steps + step, ctx.scenario.seed)
-            smashed = worker.call("forward", client=k, tensors={"batch": batch})
-            yield from sim.hold(round_index, k, "client_fwd", f"client{k}",
-                                self.compute_seconds(self.fwd_flops, device), flops=self.fwd_flops)
-            up = checked_bytes(smashed, costs.smashed_bytes(ctx.spec, ctx.batch, ctx.seq), "upload of activations")
-            yield from sim.hold(round_index, k, "upload", f"client{k}.up",
-                                costs.transfer_seconds(up, link.up_mbps, link.latency_ms), nbytes=up)
-            request = yield from sim.acquire_server(round_index, k)
-            reply = ctx.server.call("step", client=k, tensors=smashed.tensors)
-            yield from sim.hold(round_index, k, "server_step", "server",
-                                self.compute_seconds(self.server_flops, ctx.server_device), flops=self.server_flops)
-            ctx.sim.server.release(request)
-            ctx.stats.losses.append(reply.header["result"]["loss"])
-            down = checked_bytes(reply, costs.gradient_bytes(ctx.spec, ctx.batch, ctx.seq), "download of gradients")
-            yield from sim.hold(round_index, k, "download", f"client{k}.down",
-                                costs.transfer_seconds(down, link.down_mbps, link.latency_ms), nbytes=down)
-            worker.call("backward", client=k, tensors={"grad": reply.tensors["grad"]})
-            yield from sim.hold(round_index, k, "client_bwd", f"client{k}",
-                                self.compute_seconds(self.bwd_flops, device), flops=self.bwd_flops)
-            ctx.stats.bytes_up += up
-            ctx.stats.bytes_down += down
-
-    def upload_adapter(self, round_index: int, client, into: dict):
-        ctx, k = self.ctx, client.index
-        reply = ctx.worker_of(k).call("get_adapter", client=k)
-        nbytes = checked_bytes(reply, costs.adapter_bytes(ctx.spec, self.client_ranks), "adapter upload")
-        into[k] = {name: np.array(t) for name, t in reply.tensors.items()}
-        ctx.stats.bytes_up += nbytes
-        yield from ctx.sim.hold(round_index, k, "adapter_upload", f"client{k}.up",
-                                costs.transfer_seconds(nbytes, client.link.up_mbps, client.link.latency_ms),
-                                nbytes=nbytes)
-
-    def broadcast(self, round_index: int, client, merged: dict):
-        ctx, k = self.ctx, client.index
-        nbytes = sum(t.nbytes for t in merged.values())
-        ctx.stats.bytes_down += nbytes
-        yield from ctx.sim.hold(round_index, k, "broadcast", f"client{k}.down",
-                                costs.transfer_seconds(nbytes, client.link.down_mbps, client.link.latency_ms),
-                                nbytes=nbytes)
-        ctx.worker_of(k).call("set_adapter", client=k, tensors=merged)
-
-    def evaluate(self) -> float:
-        reply = self.ctx.server.call("evaluate", args={"adapters": ["global_client", "server"],
-                                                       "batch_size": self.ctx.batch})
-        return reply.header["result"]["loss"]
-
-    def client_rows(self, round_index: int) -> list[dict]:
-        ctx = self.ctx
-        memory = self.memory_needs(ctx.scenario, ctx.spec)[0]
-        return [{"round": round_index, "client": c.index, "device": c.device.name, "link": c.link.name,
-                 "split_layer": self.split, "rank": ctx.scenario.algorithm.rank, "memory_bytes": memory,
-                 "memory_budget_bytes": int(c.memory_budget_gb * 1e9), "n_examples": len(ctx.partitions[c.index]),
-                 "status": "active"} for c in ctx.clients]
+    def eval_adapters(self) -> list[str]:
+        return ["global_client", "server"]

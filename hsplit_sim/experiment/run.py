@@ -84,6 +84,8 @@ def run_scenario(scenario: Scenario, progress: bool = True):
             algorithm = ALGORITHMS[scenario.algorithm.name](ctx)
             algorithm.setup()
             sim.run(_rounds(ctx, algorithm, writer, rounds, started, Progress(scenario, progress)))
+            if scenario.data.test_examples:
+                summary.update(_generation(algorithm, writer))
         summary["status"] = "completed"
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="interrupted by the user")
@@ -124,8 +126,23 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
         writer.write_rounds(rows)
         writer.write_events(ctx.sim.events)
         writer.write_clients(client_rows)
+        for name, table in algorithm.tables().items():
+            writer.write_table(name, table)
         log.info("round %d: %s", round_index, rows[-1])
         progress.round(rows[-1])
+
+
+def _generation(algorithm, writer: RunWriter) -> dict:
+    """Decode the test MRs with the final global model and score them against all their references."""
+    from analysis.textmetrics import score_corpus, unavailable_metrics
+
+    result = algorithm.generate()
+    writer.write_table("generations", [
+        {"mr": mr, "hypothesis": hypothesis, "references": "\n".join(refs)}
+        for mr, hypothesis, refs in zip(result["mrs"], result["hypotheses"], result["references"])])
+    scores = score_corpus(result["hypotheses"], result["references"])
+    log.info("generation scores: %s", scores)
+    return {"generation": scores, "generation_unavailable": unavailable_metrics()}
 
 
 def _finish(summary: dict, rounds: list[dict], started: float) -> None:

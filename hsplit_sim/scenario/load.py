@@ -156,6 +156,13 @@ def _check(scenario: Scenario) -> None:
             f"weight ({narrowest}) of {what}"
         )
 
+    all_weights = min(widths.values())
+    if max(scenario.algorithm.rank_set) >= all_weights:
+        raise ScenarioError(
+            f"algorithm.rank_set: {max(scenario.algorithm.rank_set)} must be below {all_weights}, the width of the "
+            f"narrowest projection of {what} (HSplitLoRA may adapt any of them)"
+        )
+
     positions = config["n_positions"] if gpt2 else config["max_position_embeddings"]
     if scenario.data.max_length > positions:
         raise ScenarioError(f"data.max_length: {scenario.data.max_length} exceeds the {positions} positions of {what}")

@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 from hsplit_sim.scenario.catalog import DeviceSpec, LinkSpec, resolve_device, resolve_link
 
 # Algorithms the scenario may name; the algorithms package keeps this in step with its registry.
-KNOWN_ALGORITHMS = ("splitlora", "cenlora")
+KNOWN_ALGORITHMS = ("hsplitlora", "splitlora", "cenlora", "ft", "fedlora", "hetlora", "flora", "flexlora")
 
 # Logical LoRA targets; each model family maps them onto its own module names.
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -90,6 +90,9 @@ class DataSpec(_Strict):
     train_examples: int | None = Field(None, gt=0, description="cap on training examples; none means all")
     eval_examples: int | None = Field(None, gt=0, description="cap on evaluation examples; none means all")
     partition: Partition = Field(default_factory=IidPartition)
+    test_examples: int = Field(0, ge=0, description="test MRs decoded greedily after the last round and scored "
+                               "(BLEU, NIST, METEOR, ROUGE-L, CIDEr); 0: none")
+    max_new_tokens: int = Field(48, gt=0, description="longest generated reference")
 
 
 class AlgorithmSpec(_Strict):
@@ -98,6 +101,25 @@ class AlgorithmSpec(_Strict):
     alpha: int = Field(16, gt=0)
     targets: list[Literal[TARGETS]] = Field(default_factory=lambda: ["q", "v"], min_length=1)
     split_layer: int = Field(1, ge=1, description="number of blocks on the client side")
+    rank_set: list[int] = Field(
+        default_factory=lambda: [0, 4, 8, 16], min_length=1,
+        description="ranks Q that HSplitLoRA and the heterogeneous federated baselines choose from (0: no adapter)",
+    )
+    contributors: Literal["renormalised", "global"] = Field(
+        "renormalised", description="aggregation weights p_k: over the clients that trained a weight, or over all"
+    )
+    heterogeneity: Literal["weakest", "drop"] = Field(
+        "weakest", description="SplitLoRA with unequal budgets: one configuration that fits the weakest client, "
+        "or the scenario's configuration with clients that cannot hold it dropped",
+    )
+    importance: Literal["abs_sum", "sum_abs"] = Field(
+        "abs_sum", description="IWI's gradient-weight product: |sum w*g| or sum |w*g|"
+    )
+    resplit_threshold: float = Field(0.1, ge=0, description="HSplitLoRA re-splits when the client side's share "
+                                     "of importance moves by more than this")
+    iwi: bool = Field(True, description="HSplitLoRA ablation switch: important weight identification")
+    armsc: bool = Field(True, description="HSplitLoRA ablation switch: adaptive rank and split configuration")
+    naa: bool = Field(True, description="HSplitLoRA ablation switch: noise-free adapter aggregation")
 
     @field_validator("name")
     @classmethod
@@ -105,6 +127,13 @@ class AlgorithmSpec(_Strict):
         if name not in KNOWN_ALGORITHMS:
             raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(KNOWN_ALGORITHMS)}")
         return name
+
+    @field_validator("rank_set")
+    @classmethod
+    def _ranks(cls, ranks: list[int]) -> list[int]:
+        if any(r < 0 for r in ranks) or not any(r > 0 for r in ranks):
+            raise ValueError(f"rank_set needs non-negative ranks and at least one positive: {ranks}")
+        return sorted(set(ranks))
 
     @field_validator("targets")
     @classmethod

@@ -69,12 +69,16 @@ def _synthetic_example(rng: random.Random) -> Example:
     chosen = sorted(rng.sample(range(len(keys)), rng.randint(2, len(keys))))
     attributes = {"name": rng.choice(NAMES)} | {keys[i]: rng.choice(VALUES[keys[i]]) for i in chosen}
     mr = ", ".join(f"{key}[{value}]" for key, value in attributes.items())
+    return Example(mr, _synthetic_reference(attributes, rng))
+
+
+def _synthetic_reference(attributes: dict[str, str], rng: random.Random) -> str:
     clauses = [_clause(key, value) for key, value in attributes.items() if key not in ("name", "eatType")]
     rng.shuffle(clauses)
     ref = rng.choice(OPENINGS).format(name=attributes["name"], kind=attributes.get("eatType", "place"))
     if clauses:
         ref += " " + (", ".join(clauses[:-1]) + " and " + clauses[-1] if len(clauses) > 1 else clauses[0])
-    return Example(mr, ref + ".")
+    return ref + "."
 
 
 def synthetic_e2e(n: int, seed: int) -> list[Example]:
@@ -215,3 +219,23 @@ def partition(
         if not client:
             client.append(max(clients, key=len).pop())
     return [np.sort(np.array(client, dtype=np.int64)) for client in clients]
+
+
+def load_test_set(name: str, directory: str | None, n_mrs: int, seed: int) -> list[tuple[str, list[str]]]:
+    """(MR, all its references) for generation scoring: E2E's test set, or synthetic MRs with three references each."""
+    if n_mrs == 0:
+        return []
+    if name == "e2e":
+        grouped: dict[str, list[str]] = {}
+        for example in load_e2e(e2e_dir(directory))["test"]:
+            grouped.setdefault(example.mr, []).append(example.ref)
+        mrs = sorted(grouped)
+        random.Random(f"{seed}-test").shuffle(mrs)
+        return [(mr, grouped[mr]) for mr in mrs[:n_mrs]]
+    rng = random.Random(f"{seed}-test")
+    test = []
+    for _ in range(n_mrs):
+        example = _synthetic_example(rng)
+        attributes = {key.strip(): value for key, value in ATTRIBUTE.findall(example.mr)}
+        test.append((example.mr, [example.ref] + [_synthetic_reference(attributes, rng) for _ in range(2)]))
+    return test

@@ -5,15 +5,17 @@ named PEFT adapter with its own optimizer, so per-client memory is adapters plus
 Tensors come in and go out as numpy arrays; the wire never carries anything else.
 """
 
+import contextlib
 import os
 
 import numpy as np
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from hsplit_sim.training.data import encode_examples, load_dataset, partition, prompt_text
+from hsplit_sim.training.data import encode_examples, load_dataset, load_test_set, partition, prompt_text
 from hsplit_sim.training.models import load_model, load_tokenizer
-from hsplit_sim.training.split import SplitLM, causal_lm_loss, lora_config
+from hsplit_sim.costs import TARGET_MODULES
+from hsplit_sim.training.split import SplitLM, lora_config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -27,6 +29,12 @@ def ranks_from_wire(triples: list) -> dict[int, dict[str, int]]:
     for layer, module, rank in triples:
         ranks.setdefault(int(layer), {})[module] = int(rank)
     return ranks
+
+
+def importance_of(weight: torch.Tensor, grad: torch.Tensor, measure: str) -> float:
+    """IWI's gradient-weight product of one weight: |sum w * dL/dw| (abs_sum) or sum |w * dL/dw| (sum_abs)."""
+    product = weight.detach() * grad
+    return float(product.sum().abs() if measure == "abs_sum" else product.abs().sum())
 
 
 def make_role(args: dict):
@@ -48,9 +56,11 @@ class Role:
         train, evaluation = load_dataset(data["name"], data.get("dir"), data.get("train_examples"),
                                          data["eval_examples"], self.seed)
         texts = [f"{prompt_text(e.mr)} {e.ref}" for e in train]
-        tokenizer = load_tokenizer(model.get("name"), model.get("path"), texts)
+        self.tokenizer = tokenizer = load_tokenizer(model.get("name"), model.get("path"), texts)
         self.train = self._tensors(encode_examples(train, tokenizer, data["max_length"]))
         self.evaluation = self._tensors(encode_examples(evaluation, tokenizer, data["max_length"]))
+        self.test = load_test_set(data["name"], data.get("dir"), data.get("test_examples", 0), self.seed)
+        self.max_new_tokens = data.get("max_new_tokens", 48)
         self.partition = partition(train, args["n_clients"], data["partition"]["kind"], self.seed,
                                    data["partition"].get("alpha", 0.5), data["partition"].get("by", "eatType"))
         torch.manual_seed(self.seed)
@@ -58,6 +68,8 @@ class Role:
         self.lm = SplitLM(self.model)
         self.peft = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.optimizer_args: dict[str, dict] = {}
+        self.splits: dict[str, int] = {}
 
     def _tensors(self, encoded) -> dict[str, torch.Tensor]:
         return {name: torch.from_numpy(getattr(encoded, name)).to(self.device)
@@ -69,148 +81,232 @@ class Role:
         return {"n_train": len(self.train["input_ids"]), "n_eval": len(self.evaluation["input_ids"]),
                 "partition_sizes": sizes, "device": str(self.device)}, tensors
 
-    def add_adapter(self, name: str, args: dict, ranks: list, trainable: bool) -> None:
-        """Same seed for every adapter: all clients start from one global initialisation.
+    def ops(self):
+        return {"configure": self.configure, "get_adapter": self.get_adapter, "set_adapter": self.set_adapter,
+                "merge": self.merge, "evaluate": self.evaluate, "generate": self.generate}
 
-        ranks: [layer, module suffix, rank] triples, as they cross the wire in JSON.
+    def configure(self, client, args, tensors):
+        """(Re)create a named adapter with its ranks ([layer, module, rank] triples) and, if trained, its optimizer.
+
+        Every adapter starts from the same seed: clients share one global initialisation, and a
+        re-created adapter is a fresh one (A random, B zero).
         """
-        config = lora_config(self.lm.family, ranks_from_wire(ranks), args["alpha"])
+        name = args["adapter"]
+        config = lora_config(self.lm.family, ranks_from_wire(args["ranks"]), args["alpha"])
+        if self.peft is not None and name in self.peft.peft_config:
+            self.peft.delete_adapter(name)
         torch.manual_seed(self.seed)
         if self.peft is None:
             self.peft = get_peft_model(self.model, config, adapter_name=name)
         else:
             self.peft.add_adapter(name, config)
-        if trainable:
-            self.optimizers[name] = self._optimizer(name, args)
+        self.splits[name] = args.get("split", self.lm.n_layers)
+        self.optimizers.pop(name, None)
+        if args.get("lr") is not None:
+            self.optimizer_args[name] = args
+            self.optimizers[name] = self._optimizer(name)
+        return {}, {}
 
-    def _optimizer(self, name: str, args: dict) -> torch.optim.Optimizer:
-        params = self.adapter_parameters(name)
+    def _optimizer(self, name: str) -> torch.optim.Optimizer:
+        params = [p for n, p in self.peft.named_parameters() if f".{name}." in n]
         for p in params:
             p.requires_grad_(True)
+        args = self.optimizer_args[name]
         return torch.optim.AdamW(params, lr=args["lr"], weight_decay=args.get("weight_decay", 0.0))
-
-    def adapter_parameters(self, name: str) -> list[torch.nn.Parameter]:
-        return [p for n, p in self.peft.named_parameters() if f".{name}." in n]
 
     def activate(self, *names: str) -> None:
         self.peft.base_model.set_adapter(list(names))
 
-    def adapter_state(self, name: str) -> dict[str, np.ndarray]:
-        state = get_peft_model_state_dict(self.peft, adapter_name=name)
-        return {key: value.detach().cpu().numpy() for key, value in state.items()}
+    def get_adapter(self, client, args, tensors):
+        state = get_peft_model_state_dict(self.peft, adapter_name=args["adapter"])
+        return {}, {key: value.detach().cpu().numpy() for key, value in state.items()}
 
-    def load_adapter_state(self, name: str, tensors: dict[str, np.ndarray]) -> None:
+    def set_adapter(self, client, args, tensors):
+        """New adapter values start a new local optimisation: a trained adapter's optimizer starts afresh."""
+        name = args["adapter"]
         expected = set(get_peft_model_state_dict(self.peft, adapter_name=name))
         if set(tensors) != expected:
-            raise ValueError(f"adapter {name}: got tensors {sorted(set(tensors) ^ expected)[:4]} that do not match")
+            raise ValueError(f"adapter {name}: tensors {sorted(set(tensors) ^ expected)[:4]} do not match its weights")
         state = {key: torch.from_numpy(np.array(value)).to(self.device) for key, value in tensors.items()}
         set_peft_model_state_dict(self.peft, state, adapter_name=name)
+        if name in self.optimizers:
+            self.optimizers[name] = self._optimizer(name)
+        return {}, {}
 
-    def step(self, name: str, loss: torch.Tensor) -> None:
+    def merge(self, client, args, tensors):
+        """W <- W + B @ A for every module "<path>" given as "<path>.B" and "<path>.A" (stacked factors)."""
+        modules = {key[:-2] for key in tensors if key.endswith(".A")}
+        if {m + suffix for m in modules for suffix in (".A", ".B")} != set(tensors):
+            raise ValueError("merge needs an A and a B factor for every module")
+        root = self.peft if self.peft is not None else self.model
+        with torch.no_grad():
+            for path in sorted(modules):
+                module = root.get_submodule(path)
+                weight = getattr(module, "base_layer", module).weight
+                delta = torch.from_numpy(np.array(tensors[path + ".B"])) @ torch.from_numpy(np.array(tensors[path + ".A"]))
+                # GPT-2's Conv1D stores (d_in, d_out); nn.Linear stores (d_out, d_in).
+                weight += (delta.T if self.lm.family == "gpt2" else delta).to(weight.device, weight.dtype)
+        return {"modules": len(modules)}, {}
+
+    def batch(self, tensors) -> dict[str, torch.Tensor]:
+        index = torch.from_numpy(np.array(tensors["batch"])).to(self.device)
+        return {k: v[index] for k, v in self.train.items()}
+
+    def train_step(self, name: str, loss: torch.Tensor) -> None:
         optimizer = self.optimizers[name]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
+    def full_step(self, client, args, tensors):
+        """A whole-model step with one adapter (federated clients, CenLoRA) or every weight (FT: adapter null)."""
+        batch = self.batch(tensors)
+        name = args.get("adapter")
+        if name is None:
+            loss = self.lm.loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            self.train_step("full", loss)
+        else:
+            self.activate(name)
+            loss = self.lm.loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            self.train_step(name, loss)
+        return {"loss": loss.item()}, {}
+
+    def probe_weights(self, start: int, stop: int) -> dict[str, torch.nn.Parameter]:
+        """The frozen projection weights of blocks start..stop-1: IWI's candidates."""
+        modules = sorted(set(TARGET_MODULES[self.lm.family].values()))
+        found = {}
+        for layer in range(start, stop):
+            for module_name in modules:
+                module = self.lm.blocks[layer].get_submodule(module_name)
+                found[f"{layer}.{module_name}"] = getattr(module, "base_layer", module).weight
+        return found
+
     def evaluate(self, client, args, tensors):
-        """Token-weighted mean loss over the evaluation set with the named adapters active."""
-        self.activate(*args["adapters"])
+        """Token-weighted mean loss over the evaluation set with the named adapters active (none: base weights)."""
+        adapters = args.get("adapters") or []
+        if adapters:
+            self.activate(*adapters)
         batch_size = args["batch_size"]
         total, tokens = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), self._adapters_off(not adapters):
             for start in range(0, len(self.evaluation["input_ids"]), batch_size):
                 batch = {k: v[start:start + batch_size] for k, v in self.evaluation.items()}
                 n = int((batch["labels"][:, 1:] != -100).sum())
                 loss = self.lm.loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
-                total += float(loss) * n
+                total += loss.item() * n
                 tokens += n
         return {"loss": total / tokens, "tokens": tokens}, {}
 
+    def generate(self, client, args, tensors):
+        """Greedy decoding of the test MRs (left-padded batches) with the named adapters active."""
+        adapters = args.get("adapters") or []
+        if adapters:
+            self.activate(*adapters)
+        pad, eos = self.tokenizer.pad_id, self.tokenizer.eos_id
+        prompts = [self.tokenizer.encode(prompt_text(mr)) for mr, _ in self.test]
+        texts = []
+        with torch.no_grad(), self._adapters_off(not adapters):
+            for start in range(0, len(prompts), args["batch_size"]):
+                chunk = prompts[start:start + args["batch_size"]]
+                width = max(len(p) for p in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, prompt in enumerate(chunk):
+                    ids[row, width - len(prompt):] = torch.tensor(prompt)
+                    mask[row, width - len(prompt):] = 1
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                                          pad_token_id=pad, eos_token_id=eos)
+                for row in out[:, width:].tolist():
+                    texts.append(self.tokenizer.decode(row[:row.index(eos)] if eos in row else row).strip())
+        return {"mrs": [mr for mr, _ in self.test], "references": [refs for _, refs in self.test],
+                "hypotheses": texts}, {}
+
+    def _adapters_off(self, off: bool):
+        return self.peft.disable_adapter() if off and self.peft is not None else contextlib.nullcontext()
+
 
 class ClientRole(Role):
-    """Hosts many virtual clients: client-side segments that share one copy of the frozen weights."""
+    """Hosts many virtual clients (adapter "c<k>" each) that share one copy of the frozen weights."""
 
     def __init__(self, args: dict):
         super().__init__(args)
-        self.splits: dict[int, int] = {}
-        self.pending: dict[int, torch.Tensor] = {}
-        self.optimizer_args: dict[int, dict] = {}
+        self.pending: dict[int, tuple[torch.Tensor, dict]] = {}
 
     def ops(self):
-        return {"setup_client": self.setup_client, "forward": self.forward, "backward": self.backward,
-                "get_adapter": self.get_adapter, "set_adapter": self.set_adapter}
-
-    def setup_client(self, client, args, tensors):
-        self.splits[client] = args["split"]
-        self.optimizer_args[client] = args
-        self.add_adapter(f"c{client}", args, args["ranks"], trainable=True)
-        return {}, {}
+        return dict(super().ops(), forward=self.forward, backward=self.backward, full_step=self.full_step)
 
     def forward(self, client, args, tensors):
-        """Client forward on the batch's indices; what a real client would upload comes back."""
-        index = torch.from_numpy(np.array(tensors["batch"])).to(self.device)
-        batch = {k: v[index] for k, v in self.train.items()}
-        self.activate(f"c{client}")
-        hidden = self.lm.client_forward(batch["input_ids"], batch["attention_mask"], self.splits[client])
-        self.pending[client] = hidden
+        """Client forward on the batch's indices; what a real client would upload comes back.
+
+        With probe, the segment's frozen weights also get gradients, for IWI.
+        """
+        name = args["adapter"]
+        batch = self.batch(tensors)
+        self.activate(name)  # before the probe: activating an adapter freezes every other weight
+        probed = self.probe_weights(0, self.splits[name]) if args.get("probe") else {}
+        for weight in probed.values():
+            weight.requires_grad_(True)
+        hidden = self.lm.client_forward(batch["input_ids"], batch["attention_mask"], self.splits[name])
+        for weight in probed.values():
+            weight.requires_grad_(False)
+        self.pending[client] = (hidden, probed)
         return {}, {"hidden": hidden.detach().cpu().numpy(), "labels": batch["labels"].cpu().numpy(),
                     "attention_mask": batch["attention_mask"].cpu().numpy()}
 
     def backward(self, client, args, tensors):
-        hidden = self.pending.pop(client)
-        grad = torch.from_numpy(np.array(tensors["grad"])).to(self.device)
-        optimizer = self.optimizers[f"c{client}"]
-        optimizer.zero_grad(set_to_none=True)
-        hidden.backward(grad)
+        """Client backward and optimizer step; after a probe, also the importance of the segment's weights.
+
+        Virtual clients share the frozen weights, so a probe's weight gradients are taken with
+        autograd.grad for this client's graph alone rather than accumulated in the shared .grad.
+        """
+        hidden, probed = self.pending.pop(client)
+        self.activate(args["adapter"])  # other clients' forwards froze this client's adapter since
+        optimizer = self.optimizers[args["adapter"]]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        weights = list(probed.values())
+        for weight in weights:
+            weight.requires_grad_(True)
+        grads = torch.autograd.grad(hidden, params + weights,
+                                    grad_outputs=torch.from_numpy(np.array(tensors["grad"])).to(self.device))
+        for weight in weights:
+            weight.requires_grad_(False)
+        for param, grad in zip(params, grads):
+            param.grad = grad
         optimizer.step()
-        return {}, {}
-
-    def get_adapter(self, client, args, tensors):
-        return {}, self.adapter_state(f"c{client}")
-
-    def set_adapter(self, client, args, tensors):
-        """New adapter values start a new local optimisation, so the optimizer state starts afresh."""
-        name = f"c{client}"
-        self.load_adapter_state(name, tensors)
-        self.optimizers[name] = self._optimizer(name, self.optimizer_args[client])
-        return {}, {}
+        scores = {key: importance_of(weight, grad, args.get("measure", "abs_sum"))
+                  for (key, weight), grad in zip(probed.items(), grads[len(params):])}
+        return {"importance": scores}, {}
 
 
 class ServerRole(Role):
     """Server-side segments, the centralised baselines, and evaluation of the whole model."""
 
     def ops(self):
-        return {"setup_server": self.setup_server, "step": self.server_step, "set_adapter": self.set_adapter,
-                "evaluate": self.evaluate, "setup_central": self.setup_central, "central_step": self.central_step}
-
-    def setup_server(self, client, args, tensors):
-        """One server-side adapter that clients use in turn, plus the global client-side adapter for evaluation."""
-        self.split = args["split"]
-        self.add_adapter("server", args, args["server_ranks"], trainable=True)
-        self.add_adapter("global_client", args, args["client_ranks"], trainable=False)
-        return {}, {}
+        return dict(super().ops(), step=self.server_step, full_step=self.full_step, setup_full=self.setup_full)
 
     def server_step(self, client, args, tensors):
+        name = args["adapter"]
+        split = args["split"]
         hidden = torch.from_numpy(np.array(tensors["hidden"])).to(self.device).requires_grad_(True)
         mask = torch.from_numpy(np.array(tensors["attention_mask"])).to(self.device)
         labels = torch.from_numpy(np.array(tensors["labels"])).to(self.device)
-        self.activate("server")
-        loss = self.lm.server_loss(hidden, mask, labels, self.split)
-        self.step("server", loss)
-        return {"loss": loss.item()}, {"grad": hidden.grad.cpu().numpy()}
+        self.activate(name)  # before the probe: activating an adapter freezes every other weight
+        probed = self.probe_weights(split, self.lm.n_layers) if args.get("probe") else {}
+        for weight in probed.values():
+            weight.requires_grad_(True)
+        loss = self.lm.server_loss(hidden, mask, labels, split)
+        self.train_step(name, loss)
+        scores = {}
+        for key, weight in probed.items():
+            scores[key] = importance_of(weight, weight.grad, args.get("measure", "abs_sum"))
+            weight.grad = None
+            weight.requires_grad_(False)
+        return {"loss": loss.item(), "importance": scores}, {"grad": hidden.grad.cpu().numpy()}
 
-    def set_adapter(self, client, args, tensors):
-        self.load_adapter_state(args["adapter"], tensors)
+    def setup_full(self, client, args, tensors):
+        """Full fine-tuning (FT): every weight trains, embeddings included."""
+        self.model.requires_grad_(True)
+        self.optimizers["full"] = torch.optim.AdamW(self.model.parameters(), lr=args["lr"],
+                                                    weight_decay=args.get("weight_decay", 0.0))
         return {}, {}
-
-    def setup_central(self, client, args, tensors):
-        self.add_adapter("central", args, args["ranks"], trainable=True)
-        return {}, {}
-
-    def central_step(self, client, args, tensors):
-        index = torch.from_numpy(np.array(tensors["batch"])).to(self.device)
-        batch = {k: v[index] for k, v in self.train.items()}
-        self.activate("central")
-        loss = self.lm.loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        self.step("central", loss)
-        return {"loss": loss.item()}, {}

@@ -1,0 +1,420 @@
+"""`hsplit-sim report DIR`: figures (PNG and SVG) and one self-contained HTML page for a run or a sweep.
+
+Everything comes from the files of the directory: sweep.parquet and sweep.resolved.yaml for a sweep, each
+point's run directory for its curves, events and clients.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from analysis.load import Run, load_run  # noqa: E402
+from analysis.metrics import BREAKDOWN, bytes_per_round, time_breakdown  # noqa: E402
+from analysis.plots import STYLE, _save, _time_unit, plot_perplexity, plot_timeline  # noqa: E402
+
+BREAKDOWN_COLORS = {"compute": "#1f77b4", "upload": "#ff7f0e", "server queue": "#bdbdbd", "server": "#d62728",
+                    "download": "#ffbb78", "idle": "#f0f0f0"}
+METRICS = {"final_eval_ppl": "Final evaluation perplexity", "time_to_target_s": "Time to target perplexity"}
+MAX_LINES = 8  # more curves than this on one axis stop being readable
+
+
+def load_sweep(path: str | Path) -> pd.DataFrame:
+    """The sweep table, one row per point; attrs hold axes, zip_axes, target_ppl, name and the directory."""
+    sweep_dir = Path(path)
+    parquet, csv = sweep_dir / "sweep.parquet", sweep_dir / "sweep.csv"
+    if parquet.is_file():
+        table = pd.read_parquet(parquet)
+    elif csv.is_file():
+        table = pd.read_csv(csv)
+    else:
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep directory: it has no sweep.parquet or sweep.csv")
+    resolved_file = sweep_dir / "sweep.resolved.yaml"
+    resolved = yaml.safe_load(resolved_file.read_text()) if resolved_file.is_file() else {}
+    target = table["target_ppl"].dropna() if "target_ppl" in table else pd.Series(dtype=float)
+    table.attrs.update(
+        path=str(sweep_dir), name=resolved.get("name", sweep_dir.name), axes=resolved.get("axes", []),
+        zip_axes=resolved.get("zip_axes", []), target_ppl=float(target.iloc[0]) if not target.empty else math.nan,
+    )
+    return table
+
+
+def report(path: str | Path) -> Path:
+    """Write DIR/report/ (figures and index.html) for a sweep or run directory; returns the page's path."""
+    directory = Path(path)
+    out = directory / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    if (directory / "sweep.parquet").is_file() or (directory / "sweep.csv").is_file():
+        title, sections = _sweep_sections(load_sweep(directory), out)
+    else:
+        run = load_run(directory)
+        title, sections = f"Run {run.name}", _run_sections(run, out)
+    page = out / "index.html"
+    page.write_text(_html(title, sections))
+    return page
+
+
+# --- sweeps -----------------------------------------------------------------------------------------------------
+
+def _sweep_sections(table: pd.DataFrame, out: Path) -> tuple[str, list]:
+    sweep_dir = Path(table.attrs["path"])
+    factors = _factors(table)
+    labels = _point_labels(table, factors)
+    runs = {}
+    for row, label in zip(table.itertuples(index=False), labels):
+        run_dir = getattr(row, "run_dir")
+        if isinstance(run_dir, str) and (sweep_dir / run_dir).is_dir():
+            runs[label] = load_run(sweep_dir / run_dir)
+    target = table.attrs["target_ppl"]
+    sections = [
+        ("Perplexity against simulated time", "One line per point.",
+         plot_perplexity([_relabelled(run, label) for label, run in runs.items()], out / "perplexity")),
+        ("Time to target perplexity", f"Target: perplexity {target:.4g} "
+         + ("(from the sweep file)." if _target_given(sweep_dir)
+            else "(the worst final perplexity among completed points, so every completed point reaches it)."),
+         _time_to_target_bars(table, labels, out / "time_to_target")),
+    ]
+    for i, factor in enumerate(factors):
+        others = [f for f in factors if f is not factor]
+        sections.append((f"Final metrics against {_factor_name(factor)}",
+                         "Mean over seeds" + (f"; one line per {', '.join(_factor_name(f) for f in others)}."
+                                              if others else "."),
+                         _metric_lines(table, factor, others, out / f"axis_{i}")))
+    if len(factors) == 2:
+        sections.append(("Final metrics over both axes", "Mean over seeds.",
+                         _heatmaps(table, factors, out / "heatmap")))
+    sections += [
+        ("Bytes per round", "Sum over all clients of what crossed the links in each training round.",
+         _bytes_lines(runs, out / "bytes_per_round")),
+        ("Time breakdown", "Mean over clients of each client's simulated time.",
+         _breakdown_bars({label: _mean_breakdown(run) for label, run in runs.items()}, out / "time_breakdown",
+                         "Point")),
+        ("Memory against budget", "Peak memory per client over the run (bars) and its budget (black marks).",
+         _memory_bars(runs, out / "memory")),
+        ("Sweep table", None, _table_html(table)),
+    ]
+    return f"Sweep {table.attrs['name']}", sections
+
+
+def _target_given(sweep_dir: Path) -> bool:
+    resolved = sweep_dir / "sweep.resolved.yaml"
+    return resolved.is_file() and (yaml.safe_load(resolved.read_text()) or {}).get("target_ppl") is not None
+
+
+def _factors(table: pd.DataFrame) -> list[list[str]]:
+    """What was varied independently: each grid axis alone, all zip axes as one group; seeds are averaged."""
+    axes = [a for a in table.attrs["axes"] if a != "seed" and a in table]
+    zipped = [a for a in table.attrs["zip_axes"] if a in axes]
+    factors = [[a] for a in axes if a not in zipped] + ([zipped] if zipped else [])
+    return [f for f in factors if table[f[0]].nunique() > 1]
+
+
+def _short(axis: str) -> str:
+    """`algorithm.name` reads as algorithm, `clients.0.link.up_mbps` as up_mbps."""
+    parts = axis.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
+def _factor_name(factor: list[str]) -> str:
+    shorts = [_short(a) for a in factor]
+    return " / ".join(factor if len(set(shorts)) < len(shorts) else shorts)
+
+
+def _value(value) -> str:
+    return f"{value:g}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+def _point_labels(table: pd.DataFrame, factors: list[list[str]]) -> list[str]:
+    axes = [a for f in factors for a in f]
+    if table["seed"].nunique() > 1:
+        axes.append("seed")
+    shorts = [_short(a) for a in axes]
+    names = [a if shorts.count(s) > 1 else s for a, s in zip(axes, shorts)]
+    labels = []
+    for _, row in table.iterrows():
+        parts = [_value(row[a]) if n == "algorithm" else f"{n}={_value(row[a])}" for a, n in zip(axes, names)]
+        labels.append(", ".join(parts) or str(row["point"]))
+    return labels
+
+
+def _relabelled(run: Run, label: str) -> Run:
+    """The same run, named by its axis values, so plot_perplexity's legend shows them."""
+    return Run(run.path, {**run.summary, "name": label, "algorithm": label}, run.rounds, run.events, run.clients)
+
+
+def _time_to_target_bars(table: pd.DataFrame, labels: list[str], out_base: Path) -> list[Path]:
+    times = table["time_to_target_s"].to_numpy(dtype=float)
+    if np.isnan(times).all():
+        return []
+    scale, unit = _time_unit(np.nanmax(times))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.0, 0.8 + 0.3 * len(labels)))
+        y = np.arange(len(labels))
+        ax.barh(y, np.nan_to_num(times / scale), color="#1f77b4", height=0.6)
+        for i, (t, status) in enumerate(zip(times, table["status"])):
+            if math.isnan(t):
+                ax.annotate("not reached" if status == "completed" else str(status), (0, i), xytext=(3, 0),
+                            textcoords="offset points", va="center", fontsize=8, color="#555555")
+        ax.set_yticks(y, labels)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"Simulated time to target perplexity ({unit})")
+        ax.grid(True, axis="x", alpha=0.3)
+        fig.tight_layout()
+        return _save(fig, out_base)
+
+
+def _means(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    done = table[table["status"] == "completed"]
+    return done.groupby(keys, sort=False)[list(METRICS)].mean().reset_index()
+
+
+def _numeric(values: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+
+
+def _metric_lines(table: pd.DataFrame, factor: list[str], others: list[list[str]], out_base: Path) -> list[Path]:
+    """Each metric against one factor; one line per combination of the other factors (capped, else averaged)."""
+    other_axes = [a for f in others for a in f]
+    if other_axes and table.groupby(other_axes).ngroups > MAX_LINES:
+        other_axes = []
+    means = _means(table, factor + other_axes)
+    if means.empty:
+        return []
+    x_axis = factor[0]
+    numeric = _numeric(means[x_axis])
+    categories = list(dict.fromkeys(table[x_axis]))
+    groups = list(means.groupby(other_axes, sort=False)) if other_axes else [((), means)]
+    max_time = means["time_to_target_s"].max()
+    scale, unit = _time_unit(max_time if not math.isnan(max_time) else 1.0)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.0))
+        for ax, (metric, name) in zip(axes, METRICS.items()):
+            for i, (key, rows) in enumerate(groups):
+                key = key if isinstance(key, tuple) else (key,)
+                x = rows[x_axis] if numeric else [categories.index(v) for v in rows[x_axis]]
+                y = rows[metric] / (scale if metric == "time_to_target_s" else 1.0)
+                label = ", ".join(f"{_short(a)}={_value(v)}" if _short(a) != "algorithm" else _value(v)
+                                  for a, v in zip(other_axes, key)) or None
+                ax.plot(x, y, marker="osD^v"[i % 5], markersize=4, linewidth=1.5, label=label)
+            if numeric and means[x_axis].min() > 0 and means[x_axis].max() >= 20 * means[x_axis].min():
+                ax.set_xscale("log")
+                ticks = sorted(means[x_axis].unique())
+                ax.set_xticks(ticks, [_value(t) for t in ticks])
+                ax.minorticks_off()
+            elif not numeric:
+                ax.set_xticks(range(len(categories)), [_value(c) for c in categories])
+            ax.set_xlabel(_axis_label(factor, table))
+            ax.set_ylabel(name + (f" ({unit})" if metric == "time_to_target_s" else ""))
+            ax.grid(True, alpha=0.3)
+        if other_axes:
+            axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+        fig.tight_layout()
+        return _save(fig, out_base)
+
+
+def _axis_label(factor: list[str], table: pd.DataFrame) -> str:
+    """The first axis of a factor names it; zipped partners are listed so readers know they moved too."""
+    units = {"up_mbps": "uplink (Mbit/s)", "down_mbps": "downlink (Mbit/s)", "latency_ms": "latency (ms)",
+             "accelerators": "server accelerators", "count": "clients", "memory_budget_gb": "memory budget (GB)",
+             "rank_set": "rank set", "name": "algorithm"}
+    first = units.get(factor[0].split(".")[-1], _short(factor[0]))
+    if factor[0].startswith("clients.") and factor[0].split(".")[1].isdigit():
+        first = f"group {factor[0].split('.')[1]} {first}"
+    return first + (f" (with {', '.join(factor[1:])})" if len(factor) > 1 else "")
+
+
+def _heatmaps(table: pd.DataFrame, factors: list[list[str]], out_base: Path) -> list[Path]:
+    row_axis, col_axis = factors[0][0], factors[1][0]
+    means = _means(table, [row_axis, col_axis])
+    if means.empty:
+        return []
+    rows, cols = list(dict.fromkeys(table[row_axis])), list(dict.fromkeys(table[col_axis]))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(8.5, 0.9 + 0.45 * len(rows)))
+        for ax, (metric, name) in zip(axes, METRICS.items()):
+            grid = means.pivot(index=row_axis, columns=col_axis, values=metric).reindex(index=rows, columns=cols)
+            values = grid.to_numpy(dtype=float)
+            unit = ""
+            if metric == "time_to_target_s" and not np.isnan(values).all():
+                scale, unit = _time_unit(np.nanmax(values))
+                values, unit = values / scale, f" ({unit})"
+            image = ax.imshow(values, cmap="viridis_r", aspect="auto")
+            for (i, j), v in np.ndenumerate(values):
+                text = "—" if math.isnan(v) else f"{v:.3g}"
+                finite = values[~np.isnan(values)]
+                dark = not math.isnan(v) and finite.size and v > (finite.min() + finite.max()) / 2
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+            ax.set_xticks(range(len(cols)), [_value(c) for c in cols])
+            ax.set_yticks(range(len(rows)), [_value(r) for r in rows])
+            ax.set_xlabel(_axis_label(factors[1], table))
+            ax.set_ylabel(_axis_label(factors[0], table))
+            ax.set_title(name + unit)
+            fig.colorbar(image, ax=ax, shrink=0.9)
+        fig.tight_layout()
+        return _save(fig, out_base)
+
+
+def _sim_time(run: Run) -> float:
+    return run.summary.get("sim_time_s") or (float(run.rounds["sim_time_s"].max()) if not run.rounds.empty else 0.0)
+
+
+def _mean_breakdown(run: Run) -> pd.Series:
+    """Mean over all clients; clients with no events of their own (central training) were idle throughout."""
+    table = time_breakdown(run.events, _sim_time(run)) if not run.events.empty else pd.DataFrame()
+    n = run.summary.get("n_clients") or len(table)
+    if not n:
+        return pd.Series(dtype=float)
+    totals = table.sum().reindex(list(BREAKDOWN), fill_value=0.0)
+    totals["idle"] += _sim_time(run) * (n - len(table))
+    return totals / n
+
+
+def _breakdown_bars(parts: dict[str, pd.Series], out_base: Path, what: str) -> list[Path]:
+    """Stacked horizontal bars of compute, upload, server queue, server, download and idle time."""
+    parts = {k: v for k, v in parts.items() if not v.empty}
+    if not parts:
+        return []
+    frame = pd.DataFrame(parts).T.reindex(columns=list(BREAKDOWN)).astype(float).fillna(0.0)
+    scale, unit = _time_unit(frame.sum(axis=1).max())
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7.0, 0.9 + 0.32 * len(frame)))
+        left = np.zeros(len(frame))
+        y = np.arange(len(frame))
+        for category in BREAKDOWN:
+            width = frame[category].to_numpy() / scale
+            ax.barh(y, width, left=left, height=0.65, color=BREAKDOWN_COLORS[category], label=category,
+                    edgecolor="#999999" if category == "idle" else "white", linewidth=0.4)
+            left += width
+        ax.set_yticks(y, frame.index)
+        ax.invert_yaxis()
+        ax.set_ylabel(what)
+        ax.set_xlabel(f"Simulated time ({unit})")
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        return _save(fig, out_base)
+
+
+def _bytes_lines(runs: dict[str, Run], out_base: Path) -> list[Path]:
+    per_round = {label: bytes_per_round(run.rounds) for label, run in runs.items() if not run.rounds.empty}
+    per_round = {k: v for k, v in per_round.items() if not v.empty}
+    if not per_round:
+        return []
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.0), sharey=True)
+        for ax, column, name in zip(axes, ("bytes_up", "bytes_down"), ("Uplink", "Downlink")):
+            for i, (label, rows) in enumerate(per_round.items()):
+                ax.plot(rows.index, rows[column] / 1e6, marker="osD^v*"[i % 6], markersize=4, linewidth=1.2,
+                        label=label)
+            ax.set_title(name)
+            ax.set_xlabel("Round")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(True, alpha=0.3)
+        axes[0].set_ylabel("Data per round (MB)")
+        axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+        fig.tight_layout()
+        return _save(fig, out_base)
+
+
+def _peak_memory(clients: pd.DataFrame) -> pd.DataFrame:
+    if clients.empty or "memory_bytes" not in clients:
+        return pd.DataFrame()
+    return clients.groupby("client").agg(memory=("memory_bytes", "max"), budget=("memory_budget_bytes", "max"),
+                                         device=("device", "first"))
+
+
+def _memory_bars(runs: dict[str, Run], out_base: Path) -> list[Path]:
+    """Grouped bars: per client, one bar per run, with the budget marked; log scale when they differ a lot."""
+    peaks = {label: _peak_memory(run.clients) for label, run in runs.items()}
+    peaks = {k: v for k, v in peaks.items() if not v.empty}
+    if not peaks:
+        return []
+    clients = sorted(set().union(*(p.index for p in peaks.values())))
+    first = next(iter(peaks.values()))
+    names = [f"{c}\n{first.loc[c, 'device']}" if c in first.index else str(c) for c in clients]
+    width = 0.8 / len(peaks)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 0.9 * len(clients)), 3.2))
+        everything = []
+        for i, (label, peak) in enumerate(peaks.items()):
+            peak = peak.reindex(clients)
+            x = np.arange(len(clients)) - 0.4 + width * (i + 0.5)
+            ax.bar(x, peak["memory"] / 1e9, width=width * 0.9, label=label)
+            ax.scatter(x, peak["budget"] / 1e9, marker="_", s=300 * width, color="black", zorder=3,
+                       label="budget" if i == 0 else None)
+            everything += list(peak["memory"].dropna()) + list(peak["budget"].dropna())
+        if max(everything) > 100 * min(v for v in everything if v > 0):
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(clients)), names)
+        ax.set_xlabel("Client (device)")
+        ax.set_ylabel("Memory (GB)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        return _save(fig, out_base)
+
+
+# --- single runs ------------------------------------------------------------------------------------------------
+
+def _run_sections(run: Run, out: Path) -> list:
+    breakdown = time_breakdown(run.events, _sim_time(run)) if not run.events.empty else pd.DataFrame()
+    devices = _peak_memory(run.clients)["device"] if not run.clients.empty and "device" in run.clients else {}
+    per_client = {f"{c} ({devices[c]})" if c in devices else str(c): row for c, row in breakdown.iterrows()}
+    summary = pd.DataFrame({"value": {k: v for k, v in run.summary.items() if not isinstance(v, (dict, list))}})
+    return [
+        ("Summary", None, summary.to_html(border=0, float_format=lambda v: f"{v:.6g}")),
+        ("Perplexity against simulated time", None, plot_perplexity(run, out / "perplexity")),
+        ("Timeline", "The first two training rounds, one row per device and link.",
+         plot_timeline(run, out / "timeline")),
+        ("Time breakdown", "Each client's simulated time by activity.",
+         _breakdown_bars(per_client, out / "time_breakdown", "Client (device)")),
+        ("Bytes per round", "Sum over all clients.", _bytes_lines({run.algorithm: run}, out / "bytes_per_round")),
+        ("Memory against budget", "Peak memory per client (bars) and its budget (black marks).",
+         _memory_bars({run.algorithm: run}, out / "memory")),
+        ("Rounds", None, run.rounds.to_html(index=False, border=0, float_format=lambda v: f"{v:.6g}")),
+    ]
+
+
+# --- the page ---------------------------------------------------------------------------------------------------
+
+def _table_html(table: pd.DataFrame) -> str:
+    shown = table.drop(columns=[c for c in ("run_dir",) if c in table])
+    return shown.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}")
+
+
+def _inline_svg(paths: list[Path]) -> str:
+    """The SVG file's markup without its XML prolog, so the page needs no other file."""
+    svg = next(p for p in paths if p.suffix == ".svg").read_text()
+    return svg[svg.index("<svg"):]
+
+
+def _html(title: str, sections: list) -> str:
+    body = []
+    for heading, note, content in sections:
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        if note:
+            body.append(f"<p>{html.escape(note)}</p>")
+        if isinstance(content, str):
+            body.append(content)
+        elif content:
+            body.append(f'<figure>{_inline_svg(content)}<figcaption>{html.escape(content[0].stem)}.png / .svg'
+                        "</figcaption></figure>")
+        else:
+            body.append("<p><em>No data to draw.</em></p>")
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;font-size:13px}td,th{padding:2px 8px;border-bottom:1px solid #ddd;"
+             "text-align:right}figure{margin:0}figure svg{max-width:100%;height:auto}"
+             "figcaption{font-size:12px;color:#777}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(body)
+            + "\n</body></html>\n")
+

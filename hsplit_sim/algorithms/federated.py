@@ -1,0 +1,287 @@
+"""Federated baselines without a split: every client trains the whole model on its own device.
+
+FedLoRA (one rank, A and B averaged apart), HetLoRA (per-client ranks, zero-padding, norm-weighted
+averaging, truncation), FLoRA (stacking merged into the base weights, fresh adapters each round) and
+FlexLoRA (dense sum of updates, SVD, per-client truncation). A client's rank is the highest in
+algorithm.rank_set whose whole-model training fits its memory budget (FedLoRA: algorithm.rank); a client
+that fits none is dropped and the clients table says so.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hsplit_sim import costs
+from hsplit_sim.algorithms.aggregation import (
+    adapter_update,
+    data_weights,
+    exact_update,
+    factors_update,
+    fedavg,
+    flexlora_aggregate,
+    hetlora_aggregate,
+    lora_pairs,
+    relative_error,
+    stack,
+    truncate,
+)
+from hsplit_sim.algorithms.base import Algorithm, batch_indices, checked_bytes, ranks_to_wire
+from hsplit_sim.errors import ScenarioError
+
+GB = 1e9
+
+
+@dataclass
+class Outcome:
+    """What one aggregation produced and what goes back down."""
+
+    used: dict[str, np.ndarray]  # the update the rule applies, judged against exact_update
+    flops: float  # the server's compute for the rule
+    client_adapters: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # set_adapter per client
+    global_adapter: dict[str, np.ndarray] | None = None  # what the server evaluates
+    merge: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # (B, A) merged into the base weights
+
+
+def products_flops(adapters: list[dict[str, np.ndarray]]) -> int:
+    """FLOPs of forming every B_k @ A_k densely (HetLoRA's norms, FlexLoRA's sum)."""
+    return sum(2 * a.shape[0] * a.shape[1] * b.shape[0] for adapter in adapters for a, b in lora_pairs(adapter).values())
+
+
+def svd_flops(m: int, n: int) -> int:
+    """Thin SVD with U and V of an m x n matrix: Golub & Van Loan's R-SVD count 6 M N^2 + 20 N^3, M >= N."""
+    big, small = max(m, n), min(m, n)
+    return 6 * big * small ** 2 + 20 * small ** 3
+
+
+class Federated(Algorithm):
+    """Whole-model local training, adapter upload, a rule of the subclass, broadcast."""
+
+    @classmethod
+    def candidate_ranks(cls, scenario) -> list[int]:
+        """Ranks a client may get, highest first."""
+        return sorted((r for r in scenario.algorithm.rank_set if r > 0), reverse=True)
+
+    @classmethod
+    def whole_model_memory(cls, scenario, spec, rank: int) -> int:
+        ranks = costs.uniform_ranks(spec, scenario.algorithm.targets, range(spec.n_layers), rank)
+        return costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
+                                           scenario.data.max_length, ranks, embeddings=True, head=True)
+
+    @classmethod
+    def client_ranks(cls, scenario, spec, clients) -> list[int]:
+        """Each client's rank, 0 for a client that cannot train the whole model at any candidate rank."""
+        need = {r: cls.whole_model_memory(scenario, spec, r) for r in cls.candidate_ranks(scenario)}
+        return [next((r for r, n in need.items() if n <= c.memory_budget_gb * GB), 0) for c in clients]
+
+    @classmethod
+    def check_memory(cls, scenario, spec, clients, server_device) -> None:
+        if not any(cls.client_ranks(scenario, spec, clients)):
+            smallest = min(cls.candidate_ranks(scenario))
+            need = cls.whole_model_memory(scenario, spec, smallest)
+            raise ScenarioError(f"clients: no client can train the whole model for {cls.name} even at rank "
+                                f"{smallest} ({need / GB:.3f} GB; the largest memory budget is "
+                                f"{max(c.memory_budget_gb for c in clients):g} GB)")
+        weights = costs.weights_bytes(spec, 0, spec.n_layers, embeddings=True, head=True)
+        if weights > server_device.memory_gb * GB:
+            raise ScenarioError(f"server.device: {server_device.name} needs {weights / GB:.2f} GB to evaluate "
+                                f"the model but has {server_device.memory_gb:g} GB")
+
+    def setup(self) -> None:
+        ctx = self.ctx
+        self.ranks = self.client_ranks(ctx.scenario, ctx.spec, ctx.clients)
+        self.r_max = max(self.ranks)
+        self.step_flops = [self.whole_step_flops(r) for r in self.ranks]
+        ctx.server.call("configure", args={"adapter": "global", "alpha": ctx.scenario.algorithm.alpha,
+                                           "ranks": ranks_to_wire(self.rank_layout(self.r_max))})
+        for c in self.active_clients():
+            self.configure_client(c.index)
+
+    def rank_layout(self, rank: int) -> costs.Ranks:
+        return costs.uniform_ranks(self.ctx.spec, self.ctx.scenario.algorithm.targets, range(self.ctx.spec.n_layers),
+                                   rank)
+
+    def whole_step_flops(self, rank: int) -> int:
+        ctx, n = self.ctx, self.ctx.spec.n_layers
+        ranks = self.rank_layout(rank)
+        return (costs.forward_flops(ctx.spec, 0, n, ctx.batch, ctx.seq, ranks, head=True)
+                + costs.backward_flops(ctx.spec, 0, n, ctx.batch, ctx.seq, ranks, head=True,
+                                       input_requires_grad=False))
+
+    def configure_client(self, client: int) -> None:
+        """A fresh adapter (A from the shared seed, B zero) at the client's rank, with its optimizer."""
+        training = self.ctx.scenario.training
+        self.ctx.worker_of(client).call("configure", client=client, args={
+            "adapter": f"c{client}", "alpha": self.ctx.scenario.algorithm.alpha, "lr": training.lr,
+            "weight_decay": training.weight_decay, "ranks": ranks_to_wire(self.rank_layout(self.ranks[client]))})
+
+    def active_clients(self):
+        return [c for c in self.ctx.clients if self.ranks[c.index] > 0]
+
+    def round(self, round_index: int):
+        ctx, alpha = self.ctx, self.ctx.scenario.algorithm.alpha
+        clients = self.active_clients()
+        yield ctx.sim.all_of(self.local_steps(round_index, c) for c in clients)
+        uploaded: dict[int, dict[str, np.ndarray]] = {}
+        yield ctx.sim.all_of(self.upload_adapter(round_index, c, uploaded) for c in clients)
+        adapters = [uploaded[c.index] for c in clients]
+        weights = data_weights([len(ctx.partitions[c.index]) for c in clients])
+        outcome = self.aggregate(clients, adapters, weights)
+        exact = exact_update(adapters, weights, alpha, ctx.scenario.algorithm.contributors)
+        ctx.stats.agg_error = relative_error(outcome.used, exact)
+        yield from ctx.sim.hold(round_index, -1, "aggregate", "server",
+                                self.compute_seconds(outcome.flops, ctx.server_device), flops=outcome.flops)
+        yield ctx.sim.all_of(self.broadcast(round_index, c, outcome) for c in clients)
+        self.apply(outcome, clients)
+
+    def local_steps(self, round_index: int, client):
+        ctx, k = self.ctx, client.index
+        steps = ctx.scenario.training.local_steps
+        seconds = self.compute_seconds(self.step_flops[k], client.device)
+        for step in range(steps):
+            batch = batch_indices(ctx.partitions[k], ctx.batch, (round_index - 1) * steps + step, ctx.scenario.seed)
+            reply = ctx.worker_of(k).call("full_step", client=k, args={"adapter": f"c{k}"}, tensors={"batch": batch})
+            ctx.stats.losses.append(reply.header["result"]["loss"])
+            yield from ctx.sim.hold(round_index, k, "client_step", f"client{k}", seconds, flops=self.step_flops[k])
+
+    def upload_adapter(self, round_index: int, client, into: dict):
+        ctx, k = self.ctx, client.index
+        reply = ctx.worker_of(k).call("get_adapter", client=k, args={"adapter": f"c{k}"})
+        nbytes = checked_bytes(reply, costs.adapter_bytes(ctx.spec, self.rank_layout(self.ranks[k])),
+                               "adapter upload")
+        into[k] = dict(reply.tensors)
+        ctx.stats.bytes_up += nbytes
+        yield from ctx.sim.hold(round_index, k, "adapter_upload", f"client{k}.up",
+                                costs.transfer_seconds(nbytes, client.link.up_mbps, client.link.latency_ms),
+                                nbytes=nbytes)
+
+    def aggregate(self, clients, adapters: list[dict[str, np.ndarray]], weights: np.ndarray) -> Outcome:
+        raise NotImplementedError
+
+    def broadcast_bytes(self, client: int, outcome: Outcome) -> int:
+        return sum(t.nbytes for t in outcome.client_adapters[client].values())
+
+    def broadcast(self, round_index: int, client, outcome: Outcome):
+        nbytes = self.broadcast_bytes(client.index, outcome)
+        self.ctx.stats.bytes_down += nbytes
+        yield from self.ctx.sim.hold(round_index, client.index, "broadcast", f"client{client.index}.down",
+                                     costs.transfer_seconds(nbytes, client.link.down_mbps, client.link.latency_ms),
+                                     nbytes=nbytes)
+
+    def apply(self, outcome: Outcome, clients) -> None:
+        """The real state changes of the broadcast: each client's new adapter and the server's global one."""
+        for c in clients:
+            self.ctx.worker_of(c.index).call("set_adapter", client=c.index, args={"adapter": f"c{c.index}"},
+                                             tensors=outcome.client_adapters[c.index])
+        self.ctx.server.call("set_adapter", args={"adapter": "global"}, tensors=outcome.global_adapter)
+
+    def evaluate(self) -> float:
+        reply = self.ctx.server.call("evaluate", args={"adapters": ["global"], "batch_size": self.ctx.batch})
+        return reply.header["result"]["loss"]
+
+    def client_rows(self, round_index: int) -> list[dict]:
+        """Dropped clients show the memory the smallest candidate rank would need."""
+        ctx = self.ctx
+        smallest = min(self.candidate_ranks(ctx.scenario))
+        rows = []
+        for c in ctx.clients:
+            rank = self.ranks[c.index]
+            ranks = self.rank_layout(rank) if rank else {}
+            rows.append({
+                "round": round_index, "client": c.index, "device": c.device.name, "link": c.link.name,
+                "split_layer": ctx.spec.n_layers, "rank": rank,
+                "adapted_weights": sum(len(layer) for layer in ranks.values()),
+                "adapter_params": costs.adapter_params(ctx.spec, ranks),
+                "memory_bytes": self.whole_model_memory(ctx.scenario, ctx.spec, rank or smallest),
+                "memory_budget_bytes": int(c.memory_budget_gb * GB), "n_examples": len(ctx.partitions[c.index]),
+                "status": "active" if rank else "dropped"})
+        return rows
+
+
+class FedLoRA(Federated):
+    """FedIT-style FedLoRA: one rank for every client, A and B averaged apart."""
+
+    name = "fedlora"
+
+    @classmethod
+    def candidate_ranks(cls, scenario) -> list[int]:
+        return [scenario.algorithm.rank]
+
+    def aggregate(self, clients, adapters, weights) -> Outcome:
+        merged = fedavg(adapters, weights)
+        return Outcome(used=adapter_update(merged, self.ctx.scenario.algorithm.alpha),
+                       flops=2 * sum(t.size for t in merged.values()) * len(adapters),
+                       client_adapters={c.index: merged for c in clients}, global_adapter=merged)
+
+
+class HetLoRA(Federated):
+    """HetLoRA without rank self-pruning: zero-pad to r_max, norm-weighted averaging, truncation to r_k.
+
+    The error is that of the global rank-r_max adapter, which the server evaluates.
+    """
+
+    name = "hetlora"
+
+    def aggregate(self, clients, adapters, weights) -> Outcome:
+        global_adapter, used = hetlora_aggregate(adapters, weights, self.ctx.scenario.algorithm.alpha)
+        flops = products_flops(adapters) + 2 * sum(t.size for t in global_adapter.values()) * len(adapters)
+        return Outcome(used=used, flops=flops, global_adapter=global_adapter,
+                       client_adapters={c.index: truncate(global_adapter, self.ranks[c.index]) for c in clients})
+
+
+class FlexLoRA(Federated):
+    """FlexLoRA: each client gets the rank-r_k truncated SVD of the dense weighted sum of updates.
+
+    The server evaluates (and the error is that of) the rank-r_max truncation.
+    """
+
+    name = "flexlora"
+
+    def aggregate(self, clients, adapters, weights) -> Outcome:
+        algo = self.ctx.scenario.algorithm
+        ranks = [self.ranks[c.index] for c in clients]
+        *per_client, global_adapter = flexlora_aggregate(adapters, weights, algo.alpha, ranks + [self.r_max],
+                                                         algo.contributors)
+        dense = exact_update(adapters, weights, algo.alpha, algo.contributors)
+        flops = products_flops(adapters) + sum(svd_flops(*d.shape) for d in dense.values())
+        return Outcome(used=adapter_update(global_adapter, algo.alpha), flops=flops, global_adapter=global_adapter,
+                       client_adapters={c.index: a for c, a in zip(clients, per_client)})
+
+
+class FLoRA(Federated):
+    """FLoRA: the stacked adapters (exact weighted sum of updates) are merged into the base weights and
+    every client starts the next round from a fresh adapter; the server evaluates the merged weights.
+
+    A client worker hosts several virtual clients sharing one copy of the base weights, so the merge runs
+    once per worker, while every client's link carries, per module, the stacked factors or the dense
+    update, whichever is smaller, and its device pays the merge's FLOPs. The server's "global" adapter is
+    never set: it only gives the server's model the PEFT wrapping that the merged modules' paths name.
+    """
+
+    name = "flora"
+
+    def aggregate(self, clients, adapters, weights) -> Outcome:
+        algo = self.ctx.scenario.algorithm
+        factors = stack(adapters, weights, algo.alpha, algo.contributors)
+        return Outcome(used=factors_update(factors), flops=sum(a.size for _, a in factors.values()), merge=factors)
+
+    def broadcast_bytes(self, client: int, outcome: Outcome) -> int:
+        return sum(min(b.nbytes + a.nbytes, b.shape[0] * a.shape[1] * costs.FP32) for b, a in outcome.merge.values())
+
+    def broadcast(self, round_index: int, client, outcome: Outcome):
+        yield from super().broadcast(round_index, client, outcome)
+        flops = sum(2 * b.shape[0] * b.shape[1] * a.shape[1] for b, a in outcome.merge.values())
+        yield from self.ctx.sim.hold(round_index, client.index, "merge", f"client{client.index}",
+                                     self.compute_seconds(flops, client.device), flops=flops)
+
+    def apply(self, outcome: Outcome, clients) -> None:
+        flat = {}
+        for path, (b, a) in outcome.merge.items():
+            flat[f"{path}.B"], flat[f"{path}.A"] = b, a
+        for worker in [self.ctx.server, *self.ctx.client_workers]:
+            worker.call("merge", tensors=flat)
+        for c in clients:
+            self.configure_client(c.index)
+
+    def evaluate(self) -> float:
+        reply = self.ctx.server.call("evaluate", args={"adapters": [], "batch_size": self.ctx.batch})
+        return reply.header["result"]["loss"]

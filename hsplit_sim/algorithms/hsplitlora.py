@@ -1,0 +1,208 @@
+"""HSplitLoRA = IWI + ARMSC + NAA (Lin et al., arXiv 2505.02795; formulas and choices in ALGORITHMS.md).
+
+Each round: every client trains its own client-side adapters and, on the server, its own server-side
+adapters, under a per-client plan (split point, rank per weight) that fits its memory budget. The first
+local step of a round also measures weight importance (IWI's gradient probe, charged in simulated
+time). At the round's end all adapters are stacked with each client's weight and scaling folded in
+(NAA), the exact sum of updates is merged into the base weights on every worker, and fresh adapters
+start the next round under plans re-solved from the smoothed importance (ARMSC).
+
+Ablations: iwi off (uniform importance, no probe), armsc off (one split and rank for all, set by the
+weakest client), naa off (zero-padded A and B averaged separately).
+"""
+
+import re
+
+import numpy as np
+
+from hsplit_sim import costs
+from hsplit_sim.algorithms import importance as iwi
+from hsplit_sim.algorithms.aggregation import (
+    data_weights,
+    exact_update,
+    factors_update,
+    relative_error,
+    stack,
+    zero_pad_average,
+)
+from hsplit_sim.algorithms.base import ranks_to_wire
+from hsplit_sim.algorithms.split_protocol import ClientPlan, SplitProtocol
+from hsplit_sim.algorithms.splitlora import fitting_configuration
+from hsplit_sim.errors import ScenarioError
+
+GB = 1e9
+FP32 = 4
+LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
+
+
+def module_layer(path: str) -> int:
+    return int(LAYER.search(path).group(1))
+
+
+class HSplitLoRA(SplitProtocol):
+    name = "hsplitlora"
+
+    @classmethod
+    def weight_costs(cls, scenario, spec) -> dict[str, float]:
+        keys = iwi.candidate_weights(spec, 0, spec.n_layers)
+        return {k: iwi.weight_cost(spec, k, scenario.algorithm.rank, scenario.training.batch_size,
+                                   scenario.data.max_length) for k in keys}
+
+    @classmethod
+    def solve(cls, scenario, spec, budget_bytes: float, importance: dict[str, float], cost: dict[str, float],
+              splits: list[int]) -> ClientPlan | None:
+        """A client's plan: ARMSC on the client side, importance quantiles on the server side."""
+        algo = scenario.algorithm
+        found = iwi.configure_client(spec, importance, cost, budget_bytes, algo.rank_set,
+                                     scenario.training.batch_size, scenario.data.max_length, splits)
+        if found is None or not found[1]:
+            return None
+        split, client_ranks = found
+        server = iwi.server_ranks(iwi.candidate_weights(spec, split, spec.n_layers), importance, cost, algo.rank_set)
+        return ClientPlan(split, client_ranks, server)
+
+    @classmethod
+    def fixed_plan(cls, scenario, spec, clients) -> ClientPlan | None:
+        """Without ARMSC: SplitLoRA's configuration for the weakest client, for everyone."""
+        weakest = min(c.memory_budget_gb for c in clients)
+        fitting = fitting_configuration(scenario, spec, weakest * GB)
+        if fitting is None:
+            return None
+        split, rank = fitting
+        targets = scenario.algorithm.targets
+        return ClientPlan(split, costs.uniform_ranks(spec, targets, range(split), rank),
+                          costs.uniform_ranks(spec, targets, range(split, spec.n_layers), rank))
+
+    @classmethod
+    def initial_plans(cls, scenario, spec, clients) -> list[ClientPlan | None]:
+        if not scenario.algorithm.armsc:
+            return [cls.fixed_plan(scenario, spec, clients)] * len(clients)
+        cost = cls.weight_costs(scenario, spec)
+        uniform = {k: 1.0 for k in cost}
+        splits = list(range(1, spec.n_layers))
+        return [cls.solve(scenario, spec, c.memory_budget_gb * GB, uniform, cost, splits) for c in clients]
+
+    @classmethod
+    def check_memory(cls, scenario, spec, clients, server_device) -> None:
+        for client, plan in zip(clients, cls.initial_plans(scenario, spec, clients)):
+            if plan is None:
+                raise ScenarioError(
+                    f"clients.{client.group}: client {client.index} ({client.device.name}) cannot hold even one "
+                    f"block with an adapter within its memory budget of {client.memory_budget_gb:g} GB")
+        everything = {layer: {m: max(scenario.algorithm.rank_set) for m in modules}
+                      for layer, modules in costs.uniform_ranks(spec, list(costs.TARGET_MODULES[spec.family]),
+                                                                range(spec.n_layers), 1).items()}
+        need = costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
+                                           scenario.data.max_length, everything, embeddings=True, head=True)
+        if need > server_device.memory_gb * GB:
+            raise ScenarioError(f"server.device: {server_device.name} needs up to {need / GB:.2f} GB but has "
+                                f"{server_device.memory_gb:g} GB")
+
+    def setup(self) -> None:
+        ctx = self.ctx
+        self.cost = self.weight_costs(ctx.scenario, ctx.spec)
+        self.importance: dict[str, float] | None = None
+        self.measured: dict[str, list[float]] = {}
+        self.importance_rows: list[dict] = []
+        self.plans = self.initial_plans(ctx.scenario, ctx.spec, ctx.clients)
+        self.shares = [iwi.client_side_share({k: 1.0 for k in self.cost}, p.split) for p in self.plans]
+        self.configure_all()
+
+    def configure_all(self) -> None:
+        """Fresh adapters (A random, B zero) for every client, on its worker and on the server."""
+        for client in self.ctx.clients:
+            plan = self.plans[client.index]
+            self.configure_client(client.index)
+            if plan.server_ranks:
+                self.ctx.server.call("configure", args=dict(
+                    self.adapter_args, adapter=self.server_adapter(client.index),
+                    ranks=ranks_to_wire(plan.server_ranks), split=plan.split))
+
+    def server_adapter(self, client: int) -> str:
+        return f"s{client}"
+
+    def probes(self, round_index: int, step: int) -> bool:
+        return self.ctx.scenario.algorithm.iwi and step == 0
+
+    def record_importance(self, client: int, scores: dict[str, float]) -> None:
+        for key, value in scores.items():
+            self.measured.setdefault(key, []).append(value / self.cost[key])
+
+    def round(self, round_index: int):
+        ctx, algo = self.ctx, self.ctx.scenario.algorithm
+        self.measured = {}
+        yield self.train_clients(round_index)
+        uploaded = {}
+        yield self.upload_adapters(round_index, uploaded)
+        adapters = []
+        for client in ctx.clients:
+            adapter = dict(uploaded[client.index])
+            if self.plans[client.index].server_ranks:
+                adapter.update(ctx.server.call("get_adapter", args={"adapter": self.server_adapter(client.index)}).tensors)
+            adapters.append(adapter)
+        weights = data_weights([len(p) for p in ctx.partitions])
+        rule = stack if algo.naa else zero_pad_average
+        factors = rule(adapters, weights, algo.alpha, algo.contributors)
+        exact = exact_update(adapters, weights, algo.alpha, algo.contributors)
+        ctx.stats.agg_error = relative_error(factors_update(factors), exact)
+        flops = sum(a.size for _, a in factors.values())  # folding p_k s_k into the stacked A
+        yield from ctx.sim.hold(round_index, -1, "aggregate", "server",
+                                self.compute_seconds(flops, ctx.server_device), flops=flops)
+        previous = self.plans
+        self.update_importance(round_index)
+        self.plans = self.next_plans(previous)
+        flat = {}
+        for path, (b, a) in factors.items():
+            flat[f"{path}.B"], flat[f"{path}.A"] = b, a
+        ctx.server.call("merge", tensors=flat)
+        for worker in ctx.client_workers:
+            worker.call("merge", tensors=flat)
+        yield ctx.sim.all_of(self.send_update(round_index, c, factors, previous[c.index]) for c in ctx.clients)
+        self.configure_all()
+
+    def send_update(self, round_index: int, client, factors: dict, previous: ClientPlan):
+        """The merged update of the client's side goes down (stacked factors or dense, whichever is smaller)
+        and is added to its weights; then come the blocks it newly holds if its split moved deeper."""
+        plan = self.plans[client.index]
+        mine = [(b, a) for path, (b, a) in factors.items() if module_layer(path) < plan.split]
+        nbytes = sum(min(b.nbytes + a.nbytes, b.shape[0] * a.shape[1] * FP32) for b, a in mine)
+        yield from self.download(round_index, client, nbytes)
+        flops = sum(2 * b.shape[0] * b.shape[1] * a.shape[1] for b, a in mine)
+        yield from self.ctx.sim.hold(round_index, client.index, "merge", f"client{client.index}",
+                                     self.compute_seconds(flops, client.device), flops=flops)
+        if plan.split > previous.split:
+            moved = costs.weights_bytes(self.ctx.spec, previous.split, plan.split, embeddings=False, head=False)
+            yield from self.download(round_index, client, moved, kind="resplit")
+
+    def update_importance(self, round_index: int) -> None:
+        if not self.measured:
+            return
+        current = {key: float(np.mean(values)) for key, values in self.measured.items()}
+        self.importance = iwi.smooth(self.importance, current, round_index, self.ctx.scenario.training.rounds)
+        for key, value in sorted(self.importance.items()):
+            layer, module = iwi.parse_key(key)
+            self.importance_rows.append({"round": round_index, "layer": layer, "module": module,
+                                         "measured": current.get(key, float("nan")), "smoothed": value})
+
+    def next_plans(self, previous: list[ClientPlan]) -> list[ClientPlan]:
+        """Re-solve ranks each round; move a split only when the client side's share of importance moved."""
+        ctx, algo = self.ctx, self.ctx.scenario.algorithm
+        if not algo.armsc or self.importance is None:
+            return previous
+        plans = []
+        for client, plan in zip(ctx.clients, previous):
+            share = iwi.client_side_share(self.importance, plan.split)
+            resplit = abs(share - self.shares[client.index]) > algo.resplit_threshold
+            splits = list(range(1, ctx.spec.n_layers)) if resplit else [plan.split]
+            solved = self.solve(ctx.scenario, ctx.spec, client.memory_budget_gb * GB, self.importance, self.cost,
+                                splits) or plan
+            if solved.split != plan.split:
+                self.shares[client.index] = iwi.client_side_share(self.importance, solved.split)
+            plans.append(solved)
+        return plans
+
+    def eval_adapters(self) -> list[str]:
+        return []
+
+    def tables(self) -> dict[str, list[dict]]:
+        return {"importance": self.importance_rows}

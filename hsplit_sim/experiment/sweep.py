@@ -1,0 +1,420 @@
+"""`hsplit-sim sweep`: a base scenario plus axes to vary; every point is one `hsplit-sim run` in its own process.
+
+Each point runs as a separate `python -m hsplit_sim.cli run` process, so a point that crashes (even hard) is
+recorded as failed and the others go on, and Ctrl-C reaches each run once, which then writes its summary as
+interrupted. Points are validated together before any runs; a point whose devices cannot hold its configuration
+(the memory check) fails alone, because in a what-if study "does not fit" is a result, not a typo.
+"""
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from rich.console import Console
+
+from analysis.metrics import time_to_target, utilisation
+from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario import apply_override, scenario_from_dict
+from hsplit_sim.scenario.load import _yaml_problem
+
+SWEEP_KEYS = ("name", "base", "set", "grid", "zip", "seeds", "target_ppl")
+TABLE = "sweep"
+INTERRUPT_GRACE_S = 30
+
+
+@dataclass
+class Point:
+    """One scenario of the sweep: its axis values and the validated scenario data it runs."""
+
+    id: str
+    values: dict[str, Any]
+    seed: int
+    scenario: dict
+
+
+@dataclass
+class Sweep:
+    name: str
+    file: str
+    axes: list[str]
+    zip_axes: list[str]
+    points: list[Point]
+    target_ppl: float | None
+    output_dir: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def load_sweep_file(path: str | Path, overrides: list[str] = ()) -> Sweep:
+    """Read a sweep file, expand grid x zip x seeds and validate every point; errors name the point."""
+    path = Path(path)
+    spec = _read_mapping(path)
+    unknown = sorted(set(spec) - set(SWEEP_KEYS))
+    if unknown:
+        raise ScenarioError(f"{path}: {unknown[0]}: unknown key (known: {', '.join(SWEEP_KEYS)})")
+    base = _base(path, spec.get("base"))
+    for key, value in _axes(path, spec, "set", lists=False).items():
+        _set(base, key, value, f"{path}: set")
+    for override in overrides:
+        apply_override(base, override)
+
+    grid, zipped = _axes(path, spec, "grid"), _axes(path, spec, "zip")
+    both = sorted(set(grid) & set(zipped))
+    if both:
+        raise ScenarioError(f"{path}: {both[0]} is an axis of both grid and zip")
+    lengths = {len(v) for v in zipped.values()}
+    if len(lengths) > 1:
+        raise ScenarioError(f"{path}: zip: axes must have equal lengths, got "
+                            + ", ".join(f"{k} ({len(v)})" for k, v in zipped.items()))
+    seeds = spec.get("seeds")
+    if seeds is not None:
+        if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and s >= 0 for s in seeds)):
+            raise ScenarioError(f"{path}: seeds: expected a non-empty list of non-negative integers")
+        if "seed" in grid or "seed" in zipped:
+            raise ScenarioError(f"{path}: seeds: give seeds or a seed axis, not both")
+    target = spec.get("target_ppl")
+    if target is not None and not (isinstance(target, (int, float)) and target > 0):
+        raise ScenarioError(f"{path}: target_ppl: expected a positive number")
+    name = str(spec.get("name") or path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise ScenarioError(f"{path}: name: {name!r} may hold only letters, digits and . _ -")
+
+    grid_combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    zip_combos = [dict(zip(zipped, values)) for values in zip(*zipped.values())] or [{}]
+    points, seen = [], {}
+    for g, z, seed in itertools.product(grid_combos, zip_combos, seeds or [None]):
+        values = {**g, **z}
+        data = copy.deepcopy(base)
+        described = ", ".join(f"{k}={_text(v)}" for k, v in values.items()) or "base"
+        where = f"{path}: point {described}"
+        for key, value in values.items():
+            _set(data, key, value, where)
+        if seed is not None:
+            data["seed"] = seed
+            values = {**values, "seed": seed}
+        try:
+            scenario = scenario_from_dict(data)
+        except ScenarioError as e:
+            raise ScenarioError(f"{where}: {e}") from None
+        resolved = scenario.model_dump(mode="json")
+        point = Point(_point_id(values, resolved), values, scenario.seed, resolved)
+        if point.id in seen:
+            raise ScenarioError(f"{where}: runs the same scenario as point {seen[point.id]}")
+        seen[point.id] = described
+        points.append(point)
+    axes = list(grid) + list(zipped) + (["seed"] if seeds is not None else [])
+    output_dir = points[0].scenario["output"]["dir"]  # the base's: axes that move output.dir are not honoured
+    return Sweep(name, str(path), axes, list(zipped), points, float(target) if target else None, output_dir,
+                 list(overrides))
+
+
+def run_sweep(sweep: Sweep, resume: str | Path | None = None, processes: int | None = None,
+              progress: bool = True) -> Path:
+    """Run every point not yet completed and write sweep.parquet/.csv; returns the sweep directory.
+
+    Sizing: a point's server and client workers can compute at the same time, so a point is given two cores'
+    worth of torch threads: processes = cores // 2 by default, threads = cores // (2 x processes), at least 1
+    each, and processes x threads never above the cores.
+    """
+    cores = os.cpu_count() or 1
+    processes = min(processes or max(1, cores // 2), cores)
+    threads = max(1, cores // (2 * processes))
+    sweep_dir = Path(resume) if resume else _new_dir(Path(sweep.output_dir), sweep.name)
+    if resume and not sweep_dir.is_dir():
+        raise ScenarioError(f"--resume {resume}: no such directory")
+    sweep_dir = sweep_dir.resolve()
+    runner = _Runner(sweep, sweep_dir, processes, threads, Console(stderr=True, highlight=False) if progress else None)
+    runner.run()
+    return sweep_dir
+
+
+class _Runner:
+    """Schedules point processes on a thread pool (threads only wait), tracks progress and writes the table."""
+
+    def __init__(self, sweep: Sweep, sweep_dir: Path, processes: int, threads: int, console: Console | None):
+        self.sweep, self.dir, self.processes, self.threads, self.console = sweep, sweep_dir, processes, threads, console
+        self.lock = threading.Lock()
+        self.running: dict[str, subprocess.Popen] = {}
+        self.interrupted = False
+        self.rows: dict[str, dict] = {}
+        self.curves: dict[str, pd.DataFrame] = {}
+        self.durations: list[float] = []
+
+    def run(self) -> None:
+        self._write_resolved()
+        todo = []
+        for point in self.sweep.points:
+            self._record(point)
+            if self.rows[point.id]["status"] != "completed":
+                todo.append(point)
+        self._write_table()
+        self.done, self.failed = len(self.sweep.points) - len(todo), 0
+        self._say(f"sweep {self.sweep.name}: {len(self.sweep.points)} points, {self.done} already completed, "
+                  f"{len(todo)} to run; {self.processes} at a time x {self.threads} torch threads; {self.dir}")
+        with ThreadPoolExecutor(self.processes) as pool:
+            futures = {pool.submit(self._run_point, point): point for point in todo}
+            try:
+                for future in as_completed(futures):
+                    point, seconds = futures[future], future.result()
+                    self._record(point)
+                    self._write_table()
+                    self.durations.append(seconds)
+                    self._progress(point, seconds, len(todo))
+            except KeyboardInterrupt:
+                self._interrupt(pool)
+                raise
+            finally:
+                self._write_table()
+        self._say(f"sweep {self.sweep.name}: {self.done} completed, {self.failed} failed; "
+                  f"table {self.dir / (TABLE + '.parquet')}")
+
+    def _run_point(self, point: Point) -> float:
+        """One `hsplit-sim run` in its own session, so the terminal's Ctrl-C reaches it only through us."""
+        started = time.monotonic()
+        point_dir = self.dir / "points" / point.id
+        point_dir.mkdir(parents=True, exist_ok=True)
+        scenario = dict(point.scenario, name=point.id, output={"dir": str(point_dir)})
+        scenario_file = point_dir / "scenario.yaml"
+        scenario_file.write_text(yaml.safe_dump(scenario, sort_keys=False))
+        env = dict(os.environ, HSPLIT_SIM_TORCH_THREADS=str(self.threads),
+                   HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
+        with open(point_dir / "point.log", "ab") as log:
+            log.write(f"--- {datetime.now(timezone.utc).isoformat()} {scenario_file}\n".encode())
+            log.flush()
+            with self.lock:
+                if self.interrupted:
+                    return 0.0
+                process = subprocess.Popen([sys.executable, "-m", "hsplit_sim.cli", "run", str(scenario_file)],
+                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           env=env, start_new_session=True)
+                self.running[point.id] = process
+            self._progress_line(f"started {point.id}")
+            process.wait()
+            with self.lock:
+                del self.running[point.id]
+            log.write(f"--- exit status {process.returncode}\n".encode())
+        return time.monotonic() - started
+
+    def _interrupt(self, pool: ThreadPoolExecutor) -> None:
+        """Stop scheduling, pass the interrupt on to each running point once, then wait (kill if it hangs)."""
+        with self.lock:
+            self.interrupted = True
+            running = list(self.running.values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        self._say(f"interrupted: stopping {len(running)} running points (resume with --resume {self.dir})")
+        for process in running:
+            process.send_signal(signal.SIGINT)
+        for process in running:
+            try:
+                process.wait(INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for point in self.sweep.points:
+            self._record(point)
+
+    def _record(self, point: Point) -> None:
+        """The point's row from its newest completed run directory (else its newest attempt)."""
+        row, curve = point_result(self.dir, point)
+        self.rows[point.id], self.curves[point.id] = row, curve
+
+    def _write_table(self) -> None:
+        rows = [self.rows[p.id] for p in self.sweep.points]
+        completed = [self.rows[p.id] for p in self.sweep.points if self.rows[p.id]["status"] == "completed"]
+        finals = [r["final_eval_ppl"] for r in completed if not math.isnan(r["final_eval_ppl"])]
+        # Without a target in the sweep file: the worst final perplexity of the completed points, which every
+        # finished point reaches, so time to target compares how fast each gets to a common quality.
+        target = self.sweep.target_ppl or (max(finals) if finals else math.nan)
+        for point, row in zip(self.sweep.points, rows):
+            row["target_ppl"] = target
+            row["time_to_target_s"] = time_to_target(self.curves[point.id], target)
+        table = pd.DataFrame(rows, columns=_columns(self.sweep.axes))
+        for axis in self.sweep.axes:
+            table[axis] = _column(table[axis])
+        for name, write in ((f"{TABLE}.parquet", lambda p: table.to_parquet(p, index=False)),
+                            (f"{TABLE}.csv", lambda p: table.to_csv(p, index=False))):
+            partial = self.dir / f".{name}.partial"
+            write(partial)
+            os.replace(partial, self.dir / name)
+
+    def _write_resolved(self) -> None:
+        resolved = {
+            "name": self.sweep.name, "file": self.sweep.file, "overrides": self.sweep.overrides,
+            "axes": self.sweep.axes, "zip_axes": self.sweep.zip_axes, "target_ppl": self.sweep.target_ppl,
+            "processes": self.processes, "torch_threads": self.threads,
+            "points": [{"id": p.id, "values": p.values, "seed": p.seed, "scenario": p.scenario}
+                       for p in self.sweep.points],
+        }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "sweep.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    def _progress(self, point: Point, seconds: float, n_todo: int) -> None:
+        row = self.rows[point.id]
+        if row["status"] == "completed":
+            self.done += 1
+            outcome = f"completed in {seconds:.0f} s, final ppl {row['final_eval_ppl']:.2f}"
+        else:
+            self.failed += 1
+            outcome = f"{row['status']}: {row['error']}"
+        self._progress_line(f"{point.id} {outcome}")
+
+    def _progress_line(self, what: str) -> None:
+        with self.lock:
+            running = len(self.running)
+        finished = self.done + self.failed
+        left = len(self.sweep.points) - finished
+        eta = "?"
+        if self.durations:
+            eta_s = sum(self.durations) / len(self.durations) * left / self.processes
+            eta = f"{int(eta_s // 60)}:{int(eta_s % 60):02d}"
+        self._say(f"[{finished}/{len(self.sweep.points)}] done {self.done}  running {running}  failed {self.failed}"
+                  f"  ETA {eta}  | {what}")
+
+    def _say(self, line: str) -> None:
+        if self.console is not None:
+            self.console.print(line, markup=False, soft_wrap=True)
+
+
+def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
+    """The table row of one point and its (sim_time_s, eval_ppl) curve, read from its run directories."""
+    point_dir = sweep_dir / "points" / point.id
+    row = {"point": point.id, "seed": point.seed, **point.values, "status": "pending", "error": None,
+           "final_eval_ppl": math.nan, "best_eval_ppl": math.nan, "sim_time_s": math.nan, "wall_time_s": math.nan,
+           "bytes_up": math.nan, "bytes_down": math.nan, "util_server": math.nan, "util_clients_mean": math.nan,
+           "run_dir": None}
+    empty = pd.DataFrame({"sim_time_s": [], "eval_ppl": []})
+    runs = []
+    for summary_file in point_dir.glob("*/summary.json"):
+        try:
+            summary = json.loads(summary_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        runs.append((summary.get("status") == "completed", summary.get("started_at") or "", summary_file.parent,
+                     summary))
+    if not runs:
+        log = point_dir / "point.log"
+        if log.is_file():  # it ran but made no run directory: a failure before the run started (e.g. memory)
+            row.update(status="failed", error=_last_error(log.read_text(errors="replace")))
+        return row, empty
+    _, _, run_dir, summary = max(runs, key=lambda r: (r[0], r[1]))
+    row.update({k: summary.get(k) for k in ("status", "error", "sim_time_s", "wall_time_s", "bytes_up",
+                                            "bytes_down")})
+    row.update(final_eval_ppl=summary.get("final_eval_ppl") or math.nan,
+               best_eval_ppl=summary.get("best_eval_ppl") or math.nan,
+               run_dir=str(run_dir.relative_to(sweep_dir)))
+    curve = empty
+    if (run_dir / "rounds.parquet").is_file():
+        curve = pd.read_parquet(run_dir / "rounds.parquet", columns=["sim_time_s", "eval_ppl"])
+    if (run_dir / "events.parquet").is_file() and summary.get("sim_time_s"):
+        use = utilisation(pd.read_parquet(run_dir / "events.parquet"), summary["sim_time_s"],
+                          point.scenario["server"]["accelerators"], summary.get("n_clients", 0))
+        row.update(util_server=use["server"], util_clients_mean=use["clients_mean"])
+    return row, curve
+
+
+def _columns(axes: list[str]) -> list[str]:
+    return (["point", "seed"] + [a for a in axes if a != "seed"]
+            + ["status", "error", "target_ppl", "final_eval_ppl", "best_eval_ppl", "time_to_target_s", "sim_time_s",
+               "wall_time_s", "bytes_up", "bytes_down", "util_server", "util_clients_mean", "run_dir"])
+
+
+def _column(values: pd.Series) -> pd.Series:
+    """Axis values as one type per column: numbers stay numbers; anything mixed or nested becomes its YAML text."""
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return values
+    if all(isinstance(v, str) for v in values) or all(isinstance(v, bool) for v in values):
+        return values
+    return values.map(_text)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+
+
+def _point_id(values: dict, scenario: dict) -> str:
+    """Readable slug of the axis values plus a hash of what the point runs, so a resumed sweep whose base
+    changed never mistakes an old result for a new point."""
+    what = {k: v for k, v in scenario.items() if k not in ("name", "output")}
+    digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:6]
+    parts = [("s" if key == "seed" else "") + re.sub(r"[^A-Za-z0-9.]+", ".", _text(v)).strip(".")
+             for key, v in values.items()]
+    slug = "_".join(p for p in parts if p)[:48] or "base"
+    return f"{slug}-{digest}"
+
+
+def _set(data: dict, key: Any, value: Any, where: str) -> None:
+    """Set one key path as `--set` does; the value goes through YAML so both read it the same way."""
+    if not isinstance(key, str):
+        raise ScenarioError(f"{where}: axis {key!r} must be a key path such as clients.0.count")
+    try:
+        apply_override(data, f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6)}")
+    except ScenarioError as e:
+        raise ScenarioError(f"{where}: {str(e).removeprefix('--set ')}") from None
+
+
+def _axes(path: Path, spec: dict, section: str, lists: bool = True) -> dict[str, Any]:
+    axes = spec.get(section) or {}
+    if not isinstance(axes, dict):
+        raise ScenarioError(f"{path}: {section}: expected a mapping of key paths to "
+                            + ("lists of values" if lists else "values"))
+    if lists:
+        for key, values in axes.items():
+            if not (isinstance(values, list) and values):
+                raise ScenarioError(f"{path}: {section}.{key}: expected a non-empty list of values")
+    return axes
+
+
+def _base(path: Path, base: Any) -> dict:
+    if isinstance(base, dict):
+        return copy.deepcopy(base)
+    if isinstance(base, str):
+        return _read_mapping(path.parent / base)
+    raise ScenarioError(f"{path}: base: expected a scenario file path (relative to the sweep file) or a mapping")
+
+
+def _read_mapping(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"{path}: {_yaml_problem(e)}") from None
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def _last_error(log: str) -> str:
+    lines = [line for line in log.splitlines() if line.strip() and not line.startswith("--- ")]
+    errors = [line for line in lines if line.startswith("error: ")]
+    return (errors or lines or ["no output"])[-1].removeprefix("error: ")
+
+
+def _new_dir(root: Path, name: str) -> Path:
+    """<output.dir>/<sweep name>-<UTC timestamp>, with a counter if two sweeps start in the same second."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path, n = root / f"{name}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
