@@ -76,8 +76,7 @@ def _sweep_sections(table: pd.DataFrame, out: Path) -> tuple[str, list]:
             runs[label] = load_run(sweep_dir / run_dir)
     target = table.attrs["target_ppl"]
     sections = [
-        ("Perplexity against simulated time", "One line per point.",
-         plot_perplexity([_relabelled(run, label) for label, run in runs.items()], out / "perplexity")),
+        ("Perplexity against simulated time", "One line per point.", _perplexity_lines(runs, out / "perplexity")),
         ("Time to target perplexity", f"Target: perplexity {target:.4g} "
          + ("(from the sweep file)." if _target_given(sweep_dir)
             else "(the worst final perplexity among completed points, so every completed point reaches it)."),
@@ -96,8 +95,7 @@ def _sweep_sections(table: pd.DataFrame, out: Path) -> tuple[str, list]:
         ("Bytes per round", "Sum over all clients of what crossed the links in each training round.",
          _bytes_lines(runs, out / "bytes_per_round")),
         ("Time breakdown", "Mean over clients of each client's simulated time.",
-         _breakdown_bars({label: _mean_breakdown(run) for label, run in runs.items()}, out / "time_breakdown",
-                         "Point")),
+         _breakdown_bars({label: _mean_breakdown(run) for label, run in runs.items()}, out / "time_breakdown")),
         ("Memory against budget", "Peak memory per client over the run (bars) and its budget (black marks).",
          _memory_bars(runs, out / "memory")),
         ("Sweep table", None, _table_html(table)),
@@ -146,9 +144,30 @@ def _point_labels(table: pd.DataFrame, factors: list[list[str]]) -> list[str]:
     return labels
 
 
-def _relabelled(run: Run, label: str) -> Run:
-    """The same run, named by its axis values, so plot_perplexity's legend shows them."""
-    return Run(run.path, {**run.summary, "name": label, "algorithm": label}, run.rounds, run.events, run.clients)
+def _perplexity_lines(runs: dict[str, Run], out_base: Path) -> list[Path]:
+    """Like plot_perplexity, but wide enough for a legend of axis values beside the axes."""
+    curves = {label: run.rounds[run.rounds["eval_ppl"] > 0].sort_values("sim_time_s")
+              for label, run in runs.items() if not run.rounds.empty}
+    curves = {k: v for k, v in curves.items() if not v.empty}
+    if not curves:
+        return []
+    scale, unit = _time_unit(max(rows["sim_time_s"].max() for rows in curves.values()))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 3.4))
+        for i, (label, rows) in enumerate(curves.items()):
+            ax.plot(rows["sim_time_s"] / scale, rows["eval_ppl"], marker="osD^v*PX"[i % 8], markersize=4,
+                    linewidth=1.5, label=label)
+        ax.set_xlabel(f"Simulated time ({unit})")
+        ax.set_ylabel("Evaluation perplexity")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        return _save(fig, out_base)
+
+
+def _seconds(value: float) -> str:
+    scale, unit = _time_unit(value)
+    return f"{value / scale:.3g} {unit}"
 
 
 def _time_to_target_bars(table: pd.DataFrame, labels: list[str], out_base: Path) -> list[Path]:
@@ -161,9 +180,10 @@ def _time_to_target_bars(table: pd.DataFrame, labels: list[str], out_base: Path)
         y = np.arange(len(labels))
         ax.barh(y, np.nan_to_num(times / scale), color="#1f77b4", height=0.6)
         for i, (t, status) in enumerate(zip(times, table["status"])):
-            if math.isnan(t):
-                ax.annotate("not reached" if status == "completed" else str(status), (0, i), xytext=(3, 0),
-                            textcoords="offset points", va="center", fontsize=8, color="#555555")
+            text = ("not reached" if status == "completed" else str(status)) if math.isnan(t) else _seconds(t)
+            ax.annotate(text, (0 if math.isnan(t) else t / scale, i), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize=8, color="#555555")
+        ax.set_xlim(0, np.nanmax(times) / scale * 1.15)
         ax.set_yticks(y, labels)
         ax.invert_yaxis()
         ax.set_xlabel(f"Simulated time to target perplexity ({unit})")
@@ -278,7 +298,7 @@ def _mean_breakdown(run: Run) -> pd.Series:
     return totals / n
 
 
-def _breakdown_bars(parts: dict[str, pd.Series], out_base: Path, what: str) -> list[Path]:
+def _breakdown_bars(parts: dict[str, pd.Series], out_base: Path, what: str = "") -> list[Path]:
     """Stacked horizontal bars of compute, upload, server queue, server, download and idle time."""
     parts = {k: v for k, v in parts.items() if not v.empty}
     if not parts:
@@ -316,6 +336,7 @@ def _bytes_lines(runs: dict[str, Run], out_base: Path) -> list[Path]:
                 ax.plot(rows.index, rows[column] / 1e6, marker="osD^v*"[i % 6], markersize=4, linewidth=1.2,
                         label=label)
             ax.set_title(name)
+            ax.set_ylim(bottom=0)
             ax.set_xlabel("Round")
             ax.xaxis.get_major_locator().set_params(integer=True)
             ax.grid(True, alpha=0.3)
@@ -343,7 +364,7 @@ def _memory_bars(runs: dict[str, Run], out_base: Path) -> list[Path]:
     names = [f"{c}\n{first.loc[c, 'device']}" if c in first.index else str(c) for c in clients]
     width = 0.8 / len(peaks)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 0.9 * len(clients)), 3.2))
+        fig, ax = plt.subplots(figsize=(max(7.5, 4.5 + 0.9 * len(clients)), 3.2))
         everything = []
         for i, (label, peak) in enumerate(peaks.items()):
             peak = peak.reindex(clients)

@@ -120,7 +120,6 @@ def test_durations_and_bytes_come_from_the_cost_model(runs, name):
 
 def test_aggregation_error_is_zero_only_for_stacking(runs):
     errors = {name: runs(name)["rounds"]["agg_error"][1:] for name in NAMES}
-    print({name: [f"{x:.3g}" for x in e] for name, e in errors.items()})
     assert (errors["flora"] < 1e-6).all()
     assert (errors["fedlora"] > 1e-4).all()  # one rank, yet A and B averaged apart: cross terms
     assert (errors["hetlora"] > 1e-4).all()  # mixed ranks: zero-padding, norm weights, alpha / r_max

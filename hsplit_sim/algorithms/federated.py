@@ -44,7 +44,8 @@ class Outcome:
 
 def products_flops(adapters: list[dict[str, np.ndarray]]) -> int:
     """FLOPs of forming every B_k @ A_k densely (HetLoRA's norms, FlexLoRA's sum)."""
-    return sum(2 * a.shape[0] * a.shape[1] * b.shape[0] for adapter in adapters for a, b in lora_pairs(adapter).values())
+    return sum(2 * a.shape[0] * a.shape[1] * b.shape[0]
+               for adapter in adapters for a, b in lora_pairs(adapter).values())
 
 
 def svd_flops(m: int, n: int) -> int:
@@ -174,9 +175,8 @@ class Federated(Algorithm):
                                              tensors=outcome.client_adapters[c.index])
         self.ctx.server.call("set_adapter", args={"adapter": "global"}, tensors=outcome.global_adapter)
 
-    def evaluate(self) -> float:
-        reply = self.ctx.server.call("evaluate", args={"adapters": ["global"], "batch_size": self.ctx.batch})
-        return reply.header["result"]["loss"]
+    def eval_adapters(self) -> list[str]:
+        return ["global"]
 
     def client_rows(self, round_index: int) -> list[dict]:
         """Dropped clients show the memory the smallest candidate rank would need."""
@@ -241,8 +241,8 @@ class FlexLoRA(Federated):
         ranks = [self.ranks[c.index] for c in clients]
         *per_client, global_adapter = flexlora_aggregate(adapters, weights, algo.alpha, ranks + [self.r_max],
                                                          algo.contributors)
-        dense = exact_update(adapters, weights, algo.alpha, algo.contributors)
-        flops = products_flops(adapters) + sum(svd_flops(*d.shape) for d in dense.values())
+        flops = products_flops(adapters) + sum(svd_flops(b.shape[0], a.shape[1])
+                                               for a, b in lora_pairs(global_adapter).values())
         return Outcome(used=adapter_update(global_adapter, algo.alpha), flops=flops, global_adapter=global_adapter,
                        client_adapters={c.index: a for c, a in zip(clients, per_client)})
 
@@ -282,6 +282,5 @@ class FLoRA(Federated):
         for c in clients:
             self.configure_client(c.index)
 
-    def evaluate(self) -> float:
-        reply = self.ctx.server.call("evaluate", args={"adapters": [], "batch_size": self.ctx.batch})
-        return reply.header["result"]["loss"]
+    def eval_adapters(self) -> list[str]:
+        return []

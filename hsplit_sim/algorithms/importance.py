@@ -81,6 +81,11 @@ def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: 
 
     splits: the split points to consider (all of them, or only the current one when not re-splitting).
     None when no split holds even the bare segment.
+
+    The first adapted block decides how many blocks save activations (the segment's largest memory
+    term, which no per-weight C(W) carries), so for each split the greedy also runs with adapters
+    only from block f on, for every f: without that, a larger budget could let the greedy put an
+    adapter early, pay every block's activations, and end with a lower score than a smaller budget.
     """
     best = None
     for split in sorted(splits):
@@ -90,10 +95,11 @@ def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: 
 
         if not fits({}):
             break
-        ranks = assign_ranks(candidate_weights(spec, 0, split), importance, cost, rank_set, fits)
-        value = score(ranks, importance, rank_set)
-        if best is None or value >= best[0]:
-            best = (value, split, ranks)
+        for first in range(split):
+            ranks = assign_ranks(candidate_weights(spec, first, split), importance, cost, rank_set, fits)
+            value = score(ranks, importance, rank_set)
+            if best is None or value >= best[0]:
+                best = (value, split, ranks)
     return None if best is None else (best[1], best[2])
 
 

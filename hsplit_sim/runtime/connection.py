@@ -23,6 +23,7 @@ class WorkerConnection:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(endpoint)
         self._ids = itertools.count(1)
+        self.failure: str | None = None
 
     def call(self, op: str, client: int | None = None, args: dict | None = None,
              tensors: dict[str, np.ndarray] | None = None, timeout_s: float | None = None) -> Message:
@@ -30,18 +31,29 @@ class WorkerConnection:
         request_id = self.send(op, client, args, tensors)
         return self.reply(op, request_id, timeout_s)
 
+    def _fail(self, message: str) -> RunError:
+        """After a failure the REQ socket is out of step, so every later request repeats the first error."""
+        self.failure = self.failure or message
+        return RunError(self.failure)
+
     def send(self, op: str, client: int | None = None, args: dict | None = None,
              tensors: dict[str, np.ndarray] | None = None) -> int:
         """The first half of call, so that several workers can work on requests at once."""
+        if self.failure:
+            raise RunError(self.failure)
         request_id = next(self._ids)
         header = {"op": op, "id": request_id, "client": client, "args": args or {}}
-        self.socket.send_multipart(encode(header, tensors), copy=False)
+        try:
+            self.socket.send_multipart(encode(header, tensors), copy=False)
+        except zmq.ZMQError as exc:
+            raise self._fail(f"worker {self.name}: could not send {op!r}: {exc}") from None
         return request_id
 
     def reply(self, op: str, request_id: int, timeout_s: float | None = None) -> Message:
         reply = self._receive(op, timeout_s or self.timeout_s)
         if reply.header.get("id") != request_id:
-            raise RunError(f"worker {self.name}: reply to request {reply.header.get('id')} while waiting for {request_id}")
+            raise self._fail(f"worker {self.name}: reply to request {reply.header.get('id')} while waiting for "
+                             f"{request_id}")
         if not reply.header.get("ok"):
             raise RunError(f"worker {self.name} failed on {op!r}: {reply.header.get('error')}")
         return reply
@@ -51,14 +63,14 @@ class WorkerConnection:
         while not self.socket.poll(POLL_MS):
             waited_ms += POLL_MS
             if self.process is not None and self.process.poll() is not None:
-                raise RunError(f"worker {self.name} died (exit status {self.process.returncode}) during {op!r}; "
-                               "see log.txt in the run directory")
+                raise self._fail(f"worker {self.name} died (exit status {self.process.returncode}) during {op!r}; "
+                                 "see log.txt in the run directory")
             if waited_ms >= timeout_s * 1000:
-                raise RunError(f"worker {self.name} did not answer {op!r} within {timeout_s:.0f} s")
+                raise self._fail(f"worker {self.name} did not answer {op!r} within {timeout_s:.0f} s")
         try:
             return decode(self.socket.recv_multipart(copy=False), required=("id", "ok"))
         except ProtocolError as exc:
-            raise RunError(f"worker {self.name} sent a malformed reply to {op!r}: {exc}") from None
+            raise self._fail(f"worker {self.name} sent a malformed reply to {op!r}: {exc}") from None
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -1,0 +1,93 @@
+"""The report reads result files only: check it on a synthetic sweep and a synthetic run directory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from analysis import load_sweep, report
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_FIGURES = {"perplexity", "timeline", "time_breakdown", "bytes_per_round", "memory"}
+SWEEP_FIGURES = {"perplexity", "time_to_target", "axis_0", "axis_1", "heatmap", "bytes_per_round",
+                 "time_breakdown", "memory"}
+
+
+def make_run(run_dir: Path, speed: float, algorithm: str) -> None:
+    """Two clients, two rounds of the split protocol; the slower `speed`, the longer everything takes."""
+    run_dir.mkdir(parents=True)
+    events, t = [], 0.0
+    for rnd in (1, 2):
+        for c in (0, 1):
+            s = t
+            for kind, resource, d in (("client_fwd", f"client{c}", 1), ("upload", f"client{c}.up", 2),
+                                      ("server_queue", "server", 0.5), ("server_step", "server", 1),
+                                      ("download", f"client{c}.down", 2), ("client_bwd", f"client{c}", 1)):
+                events.append(dict(round=rnd, client=c, kind=kind, resource=resource, start_s=s,
+                                   end_s=s + d * speed, bytes=10**6, flops=1e9))
+                s += d * speed
+        t = s + 1.0
+    ppl = [100.0, 60.0 + speed, 40.0 + speed]
+    rounds = pd.DataFrame(dict(round=[0, 1, 2], sim_time_s=[0.0, t / 2, t], eval_ppl=ppl, bytes_up=[0, 4e6, 8e6],
+                               bytes_down=[0, 3e6, 6e6], algorithm=algorithm))
+    clients = pd.DataFrame([dict(round=r, client=c, device=d, memory_bytes=10**8, memory_budget_bytes=8 * 10**9)
+                            for r in (0, 1, 2) for c, d in enumerate(("jetson", "rpi5"))])
+    for name, table in (("rounds", rounds), ("events", pd.DataFrame(events)), ("clients", clients)):
+        table.to_parquet(run_dir / f"{name}.parquet", index=False)
+    (run_dir / "summary.json").write_text(json.dumps(dict(
+        name=run_dir.name, algorithm=algorithm, status="completed", n_clients=2, sim_time_s=t,
+        final_eval_ppl=ppl[-1], best_eval_ppl=ppl[-1])))
+
+
+def make_sweep(sweep_dir: Path) -> None:
+    rows = []
+    for algorithm in ("splitlora", "hsplitlora"):
+        for up in (1, 8, 64):
+            point = f"{algorithm}_{up}-abc123"
+            run_dir = sweep_dir / "points" / point / f"{point}-20260101-000000"
+            make_run(run_dir, 64 / up, algorithm)
+            summary = json.loads((run_dir / "summary.json").read_text())
+            rows.append({"point": point, "seed": 0, "algorithm.name": algorithm, "clients.0.link.up_mbps": up,
+                         "status": "completed", "error": None, "target_ppl": 110.0,
+                         "final_eval_ppl": summary["final_eval_ppl"], "best_eval_ppl": summary["best_eval_ppl"],
+                         "time_to_target_s": summary["sim_time_s"] / 2, "sim_time_s": summary["sim_time_s"],
+                         "run_dir": str(run_dir.relative_to(sweep_dir))})
+    rows.append({**rows[0], "point": "broken-def456", "algorithm.name": "ft", "status": "failed",
+                 "error": "worker died", "final_eval_ppl": None, "time_to_target_s": None, "run_dir": None})
+    pd.DataFrame(rows).to_parquet(sweep_dir / "sweep.parquet", index=False)
+    (sweep_dir / "sweep.resolved.yaml").write_text(yaml.safe_dump(
+        {"name": "bw", "axes": ["algorithm.name", "clients.0.link.up_mbps"], "zip_axes": [], "target_ppl": None}))
+
+
+def figures(page: Path) -> set[str]:
+    stems = {p.stem for p in page.parent.glob("*.png")}
+    assert stems == {p.stem for p in page.parent.glob("*.svg")}
+    return stems
+
+
+def test_sweep_report_draws_every_figure(tmp_path):
+    make_sweep(tmp_path)
+    table = load_sweep(tmp_path)
+    assert len(table) == 7 and table.attrs["axes"] == ["algorithm.name", "clients.0.link.up_mbps"]
+    page = report(tmp_path)
+    assert page == tmp_path / "report" / "index.html"
+    assert figures(page) == SWEEP_FIGURES
+    text = page.read_text()
+    assert text.count("<svg") == len(SWEEP_FIGURES) and "worker died" in text and "src=" not in text
+
+
+def test_run_report_draws_every_figure(tmp_path):
+    make_run(tmp_path / "run", 1.0, "splitlora")
+    page = report(tmp_path / "run")
+    assert figures(page) == RUN_FIGURES
+    assert page.read_text().count("<svg") == len(RUN_FIGURES)
+
+
+def test_analysis_imports_no_training_stack():
+    code = ("import sys, analysis, analysis.report, analysis.metrics; "
+            "bad = [m for m in ('torch', 'zmq', 'simpy', 'hsplit_sim.runtime', 'hsplit_sim.training') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

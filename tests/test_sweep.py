@@ -1,0 +1,108 @@
+"""Sweeps: expansion and validation of sweep files, and a real tiny sweep that fails a point and resumes."""
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import report
+from hsplit_sim.errors import ScenarioError
+from hsplit_sim.experiment.sweep import load_sweep_file, run_sweep
+
+TINY = Path(__file__).resolve().parents[1] / "scenarios" / "tiny.yaml"
+
+
+def sweep_file(tmp_path: Path, **spec) -> Path:
+    """A sweep file beside a copy of tiny.yaml, which it names by a relative path."""
+    shutil.copy(TINY, tmp_path / "base.yaml")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": "base.yaml", **spec}))
+    return path
+
+
+def test_grid_zip_and_seeds_expand(tmp_path):
+    path = sweep_file(tmp_path, grid={"algorithm.name": ["splitlora", "cenlora"], "training.rounds": [1, 2]},
+                      zip={"clients.0.count": [1, 3], "clients.1.count": [2, 4]}, seeds=[0, 5])
+    sweep = load_sweep_file(path, ["training.batch_size=2"])
+    assert len(sweep.points) == 2 * 2 * 2 * 2
+    assert sweep.axes == ["algorithm.name", "training.rounds", "clients.0.count", "clients.1.count", "seed"]
+    assert len({p.id for p in sweep.points}) == len(sweep.points)
+    counts = {(p.scenario["clients"][0]["count"], p.scenario["clients"][1]["count"]) for p in sweep.points}
+    assert counts == {(1, 2), (3, 4)}  # zip axes move together
+    assert {p.seed for p in sweep.points} == {0, 5}
+    assert all(p.scenario["training"]["batch_size"] == 2 for p in sweep.points)
+    first = sweep.points[0]
+    assert first.values == {"algorithm.name": "splitlora", "training.rounds": 1, "clients.0.count": 1,
+                            "clients.1.count": 2, "seed": 0}
+    assert first.id == load_sweep_file(path, ["training.batch_size=2"]).points[0].id  # stable
+
+
+def test_inline_base_and_set(tmp_path):
+    base = yaml.safe_load(TINY.read_text())
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "set": {"clients.0.link": {"up_mbps": 5, "down_mbps": 9,
+                                                                              "latency_ms": 1}},
+                                    "grid": {"clients.0.link.up_mbps": [1, 8]}}))
+    sweep = load_sweep_file(path)
+    assert [p.scenario["clients"][0]["link"]["up_mbps"] for p in sweep.points] == [1, 8]
+
+
+@pytest.mark.parametrize("spec, fragments", [
+    ({"grid": {"algorithm.name": ["splitlora", "nope"]}}, ["algorithm.name=nope", "unknown algorithm"]),
+    ({"grid": {"clients.7.count": [1]}}, ["clients.7.count=1", "clients.7"]),
+    ({"grid": {"clients.0.link.up_mbps": [1]}}, ["clients.0.link"]),  # a catalog name, not a mapping
+    ({"zip": {"clients.0.count": [1, 2], "clients.1.count": [1]}}, ["zip", "equal lengths"]),
+    ({"grid": {"training.rounds": 3}}, ["grid.training.rounds", "list"]),
+    ({"axes": {}}, ["axes", "unknown key"]),
+])
+def test_bad_sweeps_fail_up_front(tmp_path, spec, fragments):
+    with pytest.raises(ScenarioError) as error:
+        load_sweep_file(sweep_file(tmp_path, **spec))
+    for fragment in fragments:
+        assert fragment in str(error.value)
+
+
+def test_missing_base_names_the_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("base: absent.yaml\n")
+    with pytest.raises(ScenarioError, match="absent.yaml: no such file"):
+        load_sweep_file(path)
+
+
+def runs_of(sweep_dir: Path) -> dict[str, list[str]]:
+    return {p.name: sorted(d.name for d in p.iterdir() if d.is_dir()) for p in (sweep_dir / "points").iterdir()}
+
+
+def test_real_sweep_records_failure_resumes_and_reports(tmp_path):
+    """2 algorithms x 2 memory budgets on tiny-gpt2: split LoRA cannot fit the tiny budget, so it fails alone."""
+    path = sweep_file(tmp_path, grid={"algorithm.name": ["splitlora", "cenlora"],
+                                      "clients.1.memory_budget_gb": [8, 1.0e-6]})
+    small = ["training.rounds=1", "training.local_steps=1", "data.train_examples=16", "data.eval_examples=8",
+             f"output.dir={tmp_path / 'runs'}"]
+    sweep = load_sweep_file(path, small)
+    sweep_dir = run_sweep(sweep, processes=2, progress=False)
+
+    table = pd.read_parquet(sweep_dir / "sweep.parquet")
+    assert (sweep_dir / "sweep.csv").is_file() and (sweep_dir / "sweep.resolved.yaml").is_file()
+    assert list(table["algorithm.name"]) == ["splitlora", "splitlora", "cenlora", "cenlora"]
+    assert list(table["status"]) == ["completed", "failed", "completed", "completed"]
+    assert "memory budget" in table.loc[1, "error"]
+    done = table[table["status"] == "completed"]
+    assert done["final_eval_ppl"].notna().all() and done["time_to_target_s"].notna().all()
+    assert (table["target_ppl"] == done["final_eval_ppl"].max()).all()
+    assert done["util_server"].between(0, 1).all() and done["util_clients_mean"].between(0, 1).all()
+
+    before = runs_of(sweep_dir)
+    redo = table.loc[3, "point"]
+    shutil.rmtree(sweep_dir / table.loc[3, "run_dir"])
+    run_sweep(sweep, resume=sweep_dir, processes=2, progress=False)
+    after = runs_of(sweep_dir)
+    assert len(after[redo]) == 1 and after[redo] != before[redo]
+    for point in table.loc[[0, 2], "point"]:
+        assert after[point] == before[point]  # completed points were not run again
+    assert list(pd.read_parquet(sweep_dir / "sweep.parquet")["status"]) == list(table["status"])
+
+    page = report(sweep_dir)
+    assert {"perplexity", "time_to_target", "axis_0", "axis_1", "heatmap"} <= {p.stem for p in page.parent.glob("*.png")}
