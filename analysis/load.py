@@ -44,6 +44,9 @@ def _read_table(run_dir: Path, name: str) -> pd.DataFrame:
     csv = run_dir / f"{name}.csv"
     if csv.is_file():
         return pd.read_csv(csv)
+    parts = sorted((run_dir / f".{name}.parts").glob("[0-9]*.parquet"))
+    if parts:  # a run killed outright: its per-round parts were never combined
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
     return pd.DataFrame()
 
 

@@ -42,6 +42,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a scenario and write a run directory")
     _scenario_arguments(run)
+    run.add_argument("--timing-only", action="store_true",
+                     help="simulate time only: costs and bytes from the cost model, no workers, no training "
+                          "(same as --set runtime.timing_only=true)")
+    run.add_argument("--replay", metavar="RUN_DIR", default=None,
+                     help="re-time the training of a run directory with the same training key under this "
+                          "scenario's system (same as --set runtime.replay_from=RUN_DIR)")
     run.set_defaults(handler=_run)
 
     devices = commands.add_parser("devices", help="list the built-in devices and links with their sources")
@@ -52,10 +58,18 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="run a base scenario over grid/zip axes, points in parallel")
     _scenario_arguments(sweep, "sweep YAML file (base scenario plus axes)")
+    sweep.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="run points as local processes, or as tasks on a Ray cluster (RAY_ADDRESS, else a local "
+                            "Ray instance; needs pip install 'hsplit-sim[ray]')")
     sweep.add_argument("--processes", type=_positive, default=None, metavar="N",
                        help="points run at once (default: cores // 2; never above the cores)")
     sweep.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the sweep in DIR: completed points are skipped")
+    sweep.add_argument("--timing-only", action="store_true",
+                       help="every point simulates time only (runtime.timing_only=true): no training")
+    sweep.add_argument("--no-reuse", action="store_true",
+                       help="train every point, even those that differ from another only in the system "
+                            "(bandwidths, device speeds, server accelerators)")
     sweep.set_defaults(handler=_sweep)
 
     report = commands.add_parser("report", help="figures and an HTML page for a run or sweep directory")
@@ -101,7 +115,12 @@ def _validate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from hsplit_sim.scenario import load_scenario
 
-    scenario = load_scenario(args.file, args.overrides)
+    overrides = list(args.overrides)
+    if args.timing_only:
+        overrides.append("runtime.timing_only=true")
+    if args.replay:
+        overrides.append(f"runtime.replay_from={args.replay}")
+    scenario = load_scenario(args.file, overrides)
     from hsplit_sim.experiment.run import run_scenario
 
     run_dir = run_scenario(scenario)
@@ -112,8 +131,10 @@ def _run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from hsplit_sim.experiment.sweep import load_sweep_file, run_sweep
 
-    sweep = load_sweep_file(args.file, args.overrides)
-    sweep_dir = run_sweep(sweep, resume=args.resume, processes=args.processes)
+    overrides = list(args.overrides) + (["runtime.timing_only=true"] if args.timing_only else [])
+    sweep = load_sweep_file(args.file, overrides)
+    sweep_dir = run_sweep(sweep, resume=args.resume, processes=args.processes, reuse=not args.no_reuse,
+                          executor=args.executor)
     print(sweep_dir)
     return 0
 

@@ -9,13 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from peft import get_peft_model
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 from hsplit_sim import costs
 from hsplit_sim.costs import ModelSpec
 from hsplit_sim.scenario.models import BUILTIN_MODELS
 from hsplit_sim.training.split import SplitLM, lora_config
+from tiny_models import counted, plain_model
 
 BATCH, SEQ, SPLIT, RANK = 2, 16, 2, 4
 ALL = {"gpt2": ["q", "k", "v", "o", "up", "down"], "llama": ["q", "k", "v", "o", "gate", "up", "down"]}
@@ -25,25 +24,10 @@ def spec_of(name: str) -> ModelSpec:
     return ModelSpec.from_hf_config(BUILTIN_MODELS[name])
 
 
-def plain_model(name: str):
-    config = dict(BUILTIN_MODELS[name])
-    config = CONFIG_MAPPING[config.pop("model_type")](**config)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    model.requires_grad_(False)
-    return model
-
-
 def lora_model(name: str, targets: list[str], layers: list[int]):
     spec = spec_of(name)
     config = lora_config(spec.family, costs.uniform_ranks(spec, targets, layers, RANK), 2 * RANK)
     return get_peft_model(plain_model(name), config, adapter_name="c0")
-
-
-def counted(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 def measure(lm: SplitLM, d_model: int) -> dict[str, int]:

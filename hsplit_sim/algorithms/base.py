@@ -24,15 +24,30 @@ class RoundStats:
 
 @dataclass
 class RunContext:
+    """What an algorithm works with. In timing-only mode there are no workers (server is None, `real` is
+    False): the same SimPy processes run, skipping every real call, with bytes and FLOPs from the cost model,
+    and partitions are only sizes (`partition_sizes`)."""
+
     scenario: Scenario
     spec: costs.ModelSpec
     clients: list[ClientSpec]
     server_device: object
     sim: Simulation
-    server: WorkerConnection
+    server: WorkerConnection | None
     client_workers: list[WorkerConnection]
-    partitions: list[np.ndarray]
+    partitions: list[np.ndarray] | None
     stats: RoundStats = field(default_factory=RoundStats)
+    partition_sizes: list[int] | None = None
+    replay: object = None  # experiment.trajectory.Replay of a trained run, when re-timing it
+
+    def __post_init__(self):
+        if self.partition_sizes is None:
+            self.partition_sizes = [len(p) for p in self.partitions]
+
+    @property
+    def real(self) -> bool:
+        """Whether workers train for real (False: timing-only)."""
+        return self.server is not None
 
     def worker_of(self, client: int) -> WorkerConnection:
         """Clients are dealt to client workers in turn."""
@@ -66,6 +81,12 @@ def ranks_to_wire(ranks: costs.Ranks) -> list:
     return [[layer, module, rank] for layer, modules in sorted(ranks.items()) for module, rank in sorted(modules.items())]
 
 
+def check_equal(real, predicted, what: str) -> None:
+    """A quantity of real tensors (bytes, FLOPs of a rule) must equal the cost model's: a mismatch is a bug."""
+    if real != predicted:
+        raise RunError(f"{what}: the cost model predicted {predicted} but the real tensors gave {real}")
+
+
 def checked_bytes(message: Message, predicted: int, what: str) -> int:
     """The real frame bytes, which must equal the cost model's prediction: a mismatch is a bug."""
     if message.payload_bytes != predicted:
@@ -97,7 +118,11 @@ class Algorithm:
         """The server worker's adapters that make up the global model (none: the base weights are it)."""
         raise NotImplementedError
 
+    order_sensitive = False  # clients share state updated in simulated-time order (SplitLoRA's server adapter)
+
     def evaluate(self) -> float:
+        if not self.ctx.real:
+            return float("nan")
         reply = self.ctx.server.call("evaluate", args={"adapters": self.eval_adapters(), "batch_size": self.ctx.batch})
         return reply.header["result"]["loss"]
 

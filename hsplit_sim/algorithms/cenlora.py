@@ -36,15 +36,16 @@ class CenLoRA(Algorithm):
         ctx, algo, training = self.ctx, self.ctx.scenario.algorithm, self.ctx.scenario.training
         spec = ctx.spec
         ranks = self.ranks(ctx.scenario, spec)
-        self.pooled = np.sort(np.concatenate(ctx.partitions))
         self.step_flops = (costs.forward_flops(spec, 0, spec.n_layers, ctx.batch, ctx.seq, ranks, head=True)
                            + costs.backward_flops(spec, 0, spec.n_layers, ctx.batch, ctx.seq, ranks, head=True,
                                                   input_requires_grad=False, full_finetune=self.full_finetune))
+        self.adapter = None if self.full_finetune else "central"
+        if not ctx.real:
+            return
+        self.pooled = np.sort(np.concatenate(ctx.partitions))
         if self.full_finetune:
-            self.adapter = None
             ctx.server.call("setup_full", args={"lr": training.lr, "weight_decay": training.weight_decay})
         else:
-            self.adapter = "central"
             ctx.server.call("configure", args={"adapter": "central", "ranks": ranks_to_wire(ranks),
                                                "alpha": algo.alpha, "lr": training.lr,
                                                "weight_decay": training.weight_decay})
@@ -52,12 +53,13 @@ class CenLoRA(Algorithm):
     def round(self, round_index: int):
         ctx = self.ctx
         steps = ctx.scenario.training.local_steps * len(ctx.clients)
+        seconds = self.compute_seconds(self.step_flops, ctx.server_device)
         for step in range(steps):
-            batch = batch_indices(self.pooled, ctx.batch, (round_index - 1) * steps + step, ctx.scenario.seed)
-            reply = ctx.server.call("full_step", args={"adapter": self.adapter}, tensors={"batch": batch})
-            ctx.stats.losses.append(reply.header["result"]["loss"])
-            yield from ctx.sim.hold(round_index, -1, "central_step", "server",
-                                    self.compute_seconds(self.step_flops, ctx.server_device), flops=self.step_flops)
+            if ctx.real:
+                batch = batch_indices(self.pooled, ctx.batch, (round_index - 1) * steps + step, ctx.scenario.seed)
+                reply = ctx.server.call("full_step", args={"adapter": self.adapter}, tensors={"batch": batch})
+                ctx.stats.losses.append(reply.header["result"]["loss"])
+            yield from ctx.sim.hold(round_index, -1, "central_step", "server", seconds, flops=self.step_flops)
 
     def eval_adapters(self) -> list[str]:
         return [self.adapter] if self.adapter else []
@@ -67,7 +69,7 @@ class CenLoRA(Algorithm):
         ctx = self.ctx
         return [{"round": round_index, "client": c.index, "device": c.device.name, "link": c.link.name,
                  "split_layer": 0, "rank": 0, "adapted_weights": 0, "adapter_params": 0, "memory_bytes": 0,
-                 "memory_budget_bytes": int(c.memory_budget_gb * 1e9), "n_examples": len(ctx.partitions[c.index]),
+                 "memory_budget_bytes": int(c.memory_budget_gb * 1e9), "n_examples": ctx.partition_sizes[c.index],
                  "status": "data-only"} for c in ctx.clients]
 
 

@@ -25,7 +25,7 @@ from hsplit_sim.algorithms.aggregation import (
     stack,
     truncate,
 )
-from hsplit_sim.algorithms.base import Algorithm, batch_indices, checked_bytes, ranks_to_wire
+from hsplit_sim.algorithms.base import Algorithm, batch_indices, check_equal, checked_bytes, ranks_to_wire
 from hsplit_sim.errors import ScenarioError
 
 GB = 1e9
@@ -40,6 +40,16 @@ class Outcome:
     client_adapters: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # set_adapter per client
     global_adapter: dict[str, np.ndarray] | None = None  # what the server evaluates
     merge: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # (B, A) merged into the base weights
+
+
+@dataclass
+class Planned:
+    """An aggregation's costs from the cost model: the server's FLOPs, each client's broadcast bytes, and
+    (FLoRA) the FLOPs of merging the update into a client's weights."""
+
+    flops: int
+    down: dict[int, int]
+    merge_flops: int = 0
 
 
 def products_flops(adapters: list[dict[str, np.ndarray]]) -> int:
@@ -91,7 +101,10 @@ class Federated(Algorithm):
         ctx = self.ctx
         self.ranks = self.client_ranks(ctx.scenario, ctx.spec, ctx.clients)
         self.r_max = max(self.ranks)
-        self.step_flops = [self.whole_step_flops(r) for r in self.ranks]
+        by_rank = {r: self.whole_step_flops(r) for r in set(self.ranks)}
+        self.step_flops = [by_rank[r] for r in self.ranks]
+        if not ctx.real:
+            return
         ctx.server.call("configure", args={"adapter": "global", "alpha": ctx.scenario.algorithm.alpha,
                                            "ranks": ranks_to_wire(self.rank_layout(self.r_max))})
         for c in self.active_clients():
@@ -110,6 +123,8 @@ class Federated(Algorithm):
 
     def configure_client(self, client: int) -> None:
         """A fresh adapter (A from the shared seed, B zero) at the client's rank, with its optimizer."""
+        if not self.ctx.real:
+            return
         training = self.ctx.scenario.training
         self.ctx.worker_of(client).call("configure", client=client, args={
             "adapter": f"c{client}", "alpha": self.ctx.scenario.algorithm.alpha, "lr": training.lr,
@@ -124,32 +139,56 @@ class Federated(Algorithm):
         yield ctx.sim.all_of(self.local_steps(round_index, c) for c in clients)
         uploaded: dict[int, dict[str, np.ndarray]] = {}
         yield ctx.sim.all_of(self.upload_adapter(round_index, c, uploaded) for c in clients)
-        adapters = [uploaded[c.index] for c in clients]
-        weights = data_weights([len(ctx.partitions[c.index]) for c in clients])
-        outcome = self.aggregate(clients, adapters, weights)
-        exact = exact_update(adapters, weights, alpha, ctx.scenario.algorithm.contributors)
-        ctx.stats.agg_error = relative_error(outcome.used, exact)
+        planned = self.planned(clients)
+        outcome = None
+        if ctx.real:
+            adapters = [uploaded[c.index] for c in clients]
+            weights = data_weights([ctx.partition_sizes[c.index] for c in clients])
+            outcome = self.aggregate(clients, adapters, weights)
+            exact = exact_update(adapters, weights, alpha, ctx.scenario.algorithm.contributors)
+            ctx.stats.agg_error = relative_error(outcome.used, exact)
+            check_equal(outcome.flops, planned.flops, f"FLOPs of {self.name}'s aggregation")
+            check_equal({c.index: self.broadcast_bytes(c.index, outcome) for c in clients}, planned.down,
+                        f"bytes of {self.name}'s broadcast")
         yield from ctx.sim.hold(round_index, -1, "aggregate", "server",
-                                self.compute_seconds(outcome.flops, ctx.server_device), flops=outcome.flops)
-        yield ctx.sim.all_of(self.broadcast(round_index, c, outcome) for c in clients)
-        self.apply(outcome, clients)
+                                self.compute_seconds(planned.flops, ctx.server_device), flops=planned.flops)
+        yield ctx.sim.all_of(self.broadcast(round_index, c, planned) for c in clients)
+        if ctx.real:
+            self.apply(outcome, clients)
+
+    def module_shapes(self) -> list[tuple[int, int]]:
+        """(d_in, d_out) of every weight a client's adapter covers (the same at every rank)."""
+        return [costs.module_shape(self.ctx.spec, m) for layer in self.rank_layout(1).values() for m in layer]
+
+    def products_flops(self, clients) -> int:
+        """products_flops from shapes: every client's B_k @ A_k formed densely."""
+        per_rank = sum(2 * d_in * d_out for d_in, d_out in self.module_shapes())
+        return sum(self.ranks[c.index] * per_rank for c in clients)
+
+    def planned(self, clients) -> "Planned":
+        """The aggregation's FLOPs and each client's broadcast bytes from the cost model (checked in real runs)."""
+        raise NotImplementedError
 
     def local_steps(self, round_index: int, client):
         ctx, k = self.ctx, client.index
         steps = ctx.scenario.training.local_steps
         seconds = self.compute_seconds(self.step_flops[k], client.device)
         for step in range(steps):
-            batch = batch_indices(ctx.partitions[k], ctx.batch, (round_index - 1) * steps + step, ctx.scenario.seed)
-            reply = ctx.worker_of(k).call("full_step", client=k, args={"adapter": f"c{k}"}, tensors={"batch": batch})
-            ctx.stats.losses.append(reply.header["result"]["loss"])
+            if ctx.real:
+                batch = batch_indices(ctx.partitions[k], ctx.batch, (round_index - 1) * steps + step,
+                                      ctx.scenario.seed)
+                reply = ctx.worker_of(k).call("full_step", client=k, args={"adapter": f"c{k}"},
+                                              tensors={"batch": batch})
+                ctx.stats.losses.append(reply.header["result"]["loss"])
             yield from ctx.sim.hold(round_index, k, "client_step", f"client{k}", seconds, flops=self.step_flops[k])
 
     def upload_adapter(self, round_index: int, client, into: dict):
         ctx, k = self.ctx, client.index
-        reply = ctx.worker_of(k).call("get_adapter", client=k, args={"adapter": f"c{k}"})
-        nbytes = checked_bytes(reply, costs.adapter_bytes(ctx.spec, self.rank_layout(self.ranks[k])),
-                               "adapter upload")
-        into[k] = dict(reply.tensors)
+        nbytes = costs.adapter_bytes(ctx.spec, self.rank_layout(self.ranks[k]))
+        if ctx.real:
+            reply = ctx.worker_of(k).call("get_adapter", client=k, args={"adapter": f"c{k}"})
+            checked_bytes(reply, nbytes, "adapter upload")
+            into[k] = dict(reply.tensors)
         ctx.stats.bytes_up += nbytes
         yield from ctx.sim.hold(round_index, k, "adapter_upload", f"client{k}.up",
                                 costs.transfer_seconds(nbytes, client.link.up_mbps, client.link.latency_ms),
@@ -161,8 +200,8 @@ class Federated(Algorithm):
     def broadcast_bytes(self, client: int, outcome: Outcome) -> int:
         return sum(t.nbytes for t in outcome.client_adapters[client].values())
 
-    def broadcast(self, round_index: int, client, outcome: Outcome):
-        nbytes = self.broadcast_bytes(client.index, outcome)
+    def broadcast(self, round_index: int, client, planned: "Planned"):
+        nbytes = planned.down[client.index]
         self.ctx.stats.bytes_down += nbytes
         yield from self.ctx.sim.hold(round_index, client.index, "broadcast", f"client{client.index}.down",
                                      costs.transfer_seconds(nbytes, client.link.down_mbps, client.link.latency_ms),
@@ -192,7 +231,7 @@ class Federated(Algorithm):
                 "adapted_weights": sum(len(layer) for layer in ranks.values()),
                 "adapter_params": costs.adapter_params(ctx.spec, ranks),
                 "memory_bytes": self.whole_model_memory(ctx.scenario, ctx.spec, rank or smallest),
-                "memory_budget_bytes": int(c.memory_budget_gb * GB), "n_examples": len(ctx.partitions[c.index]),
+                "memory_budget_bytes": int(c.memory_budget_gb * GB), "n_examples": ctx.partition_sizes[c.index],
                 "status": "active" if rank else "dropped"})
         return rows
 
@@ -205,6 +244,11 @@ class FedLoRA(Federated):
     @classmethod
     def candidate_ranks(cls, scenario) -> list[int]:
         return [scenario.algorithm.rank]
+
+    def planned(self, clients) -> "Planned":
+        ranks = self.rank_layout(self.ctx.scenario.algorithm.rank)
+        nbytes = costs.adapter_bytes(self.ctx.spec, ranks)
+        return Planned(2 * costs.adapter_params(self.ctx.spec, ranks) * len(clients), {c.index: nbytes for c in clients})
 
     def aggregate(self, clients, adapters, weights) -> Outcome:
         merged = fedavg(adapters, weights)
@@ -221,6 +265,13 @@ class HetLoRA(Federated):
 
     name = "hetlora"
 
+    def planned(self, clients) -> "Planned":
+        spec = self.ctx.spec
+        flops = (self.products_flops(clients)
+                 + 2 * costs.adapter_params(spec, self.rank_layout(self.r_max)) * len(clients))
+        return Planned(flops, {c.index: costs.adapter_bytes(spec, self.rank_layout(self.ranks[c.index]))
+                               for c in clients})
+
     def aggregate(self, clients, adapters, weights) -> Outcome:
         global_adapter, used = hetlora_aggregate(adapters, weights, self.ctx.scenario.algorithm.alpha)
         flops = products_flops(adapters) + 2 * sum(t.size for t in global_adapter.values()) * len(adapters)
@@ -235,6 +286,12 @@ class FlexLoRA(Federated):
     """
 
     name = "flexlora"
+
+    def planned(self, clients) -> "Planned":
+        spec = self.ctx.spec
+        flops = self.products_flops(clients) + sum(svd_flops(d_out, d_in) for d_in, d_out in self.module_shapes())
+        return Planned(flops, {c.index: costs.adapter_bytes(spec, self.rank_layout(self.ranks[c.index]))
+                               for c in clients})
 
     def aggregate(self, clients, adapters, weights) -> Outcome:
         algo = self.ctx.scenario.algorithm
@@ -259,6 +316,13 @@ class FLoRA(Federated):
 
     name = "flora"
 
+    def planned(self, clients) -> "Planned":
+        stacked = sum(self.ranks[c.index] for c in clients)  # every client adapts every target weight
+        shapes = self.module_shapes()
+        nbytes = sum(min((d_in + d_out) * stacked * costs.FP32, d_in * d_out * costs.FP32) for d_in, d_out in shapes)
+        return Planned(sum(stacked * d_in for d_in, _ in shapes), {c.index: nbytes for c in clients},
+                       merge_flops=sum(2 * d_out * stacked * d_in for d_in, d_out in shapes))
+
     def aggregate(self, clients, adapters, weights) -> Outcome:
         algo = self.ctx.scenario.algorithm
         factors = stack(adapters, weights, algo.alpha, algo.contributors)
@@ -267,9 +331,9 @@ class FLoRA(Federated):
     def broadcast_bytes(self, client: int, outcome: Outcome) -> int:
         return sum(min(b.nbytes + a.nbytes, b.shape[0] * a.shape[1] * costs.FP32) for b, a in outcome.merge.values())
 
-    def broadcast(self, round_index: int, client, outcome: Outcome):
-        yield from super().broadcast(round_index, client, outcome)
-        flops = sum(2 * b.shape[0] * b.shape[1] * a.shape[1] for b, a in outcome.merge.values())
+    def broadcast(self, round_index: int, client, planned: "Planned"):
+        yield from super().broadcast(round_index, client, planned)
+        flops = planned.merge_flops
         yield from self.ctx.sim.hold(round_index, client.index, "merge", f"client{client.index}",
                                      self.compute_seconds(flops, client.device), flops=flops)
 

@@ -7,6 +7,10 @@ time). At the round's end all adapters are stacked with each client's weight and
 (NAA), the exact sum of updates is merged into the base weights on every worker, and fresh adapters
 start the next round under plans re-solved from the smoothed importance (ARMSC).
 
+Timing-only runs (no workers) measure nothing: importance stays uniform, the plans of round 1 stand, and
+the probes are still charged. A replay (re-timing a trained run) takes each round's plans from the trained
+run's plans table instead, so it charges exactly what the trained run did.
+
 Ablations: iwi off (uniform importance, no probe), armsc off (one split and rank for all, set by the
 weakest client), naa off (zero-padded A and B averaged separately).
 """
@@ -25,7 +29,7 @@ from hsplit_sim.algorithms.aggregation import (
     stack,
     zero_pad_average,
 )
-from hsplit_sim.algorithms.base import ranks_to_wire
+from hsplit_sim.algorithms.base import check_equal, ranks_to_wire
 from hsplit_sim.algorithms.split_protocol import ClientPlan, SplitProtocol
 from hsplit_sim.algorithms.splitlora import fitting_configuration
 from hsplit_sim.errors import ScenarioError
@@ -106,10 +110,13 @@ class HSplitLoRA(SplitProtocol):
         self.importance_rows: list[dict] = []
         self.plans = self.initial_plans(ctx.scenario, ctx.spec, ctx.clients)
         self.shares = [iwi.client_side_share({k: 1.0 for k in self.cost}, p.split) for p in self.plans]
+        self.plan_rows(1)
         self.configure_all()
 
     def configure_all(self) -> None:
         """Fresh adapters (A random, B zero) for every client, on its worker and on the server."""
+        if not self.ctx.real:
+            return
         for client in self.ctx.clients:
             plan = self.plans[client.index]
             self.configure_client(client.index)
@@ -125,8 +132,25 @@ class HSplitLoRA(SplitProtocol):
         return self.ctx.scenario.algorithm.iwi and step == 0
 
     def record_importance(self, client: int, scores: dict[str, float]) -> None:
+        """Kept per client and averaged in client order, so importance (and the plans) cannot depend on the
+        order in which probes finish in simulated time, which system changes alone can alter."""
         for key, value in scores.items():
-            self.measured.setdefault(key, []).append(value / self.cost[key])
+            self.measured.setdefault(key, {})[client] = value / self.cost[key]
+
+    def factor_shapes(self, plans: list[ClientPlan]) -> dict[tuple[int, str], tuple[int, int, int]]:
+        """(layer, module) -> (d_out, stacked rank, d_in) of NAA's stacked factors, from the plans alone."""
+        stacked: dict[tuple[int, str], int] = {}
+        for plan in plans:
+            for ranks in (plan.client_ranks, plan.server_ranks):
+                for layer, modules in ranks.items():
+                    for module, rank in modules.items():
+                        if rank > 0:
+                            stacked[layer, module] = stacked.get((layer, module), 0) + rank
+        shapes = {}
+        for (layer, module), rank in sorted(stacked.items()):
+            d_in, d_out = costs.module_shape(self.ctx.spec, module)
+            shapes[layer, module] = (d_out, rank, d_in)
+        return shapes
 
     def round(self, round_index: int):
         ctx, algo = self.ctx, self.ctx.scenario.algorithm
@@ -134,40 +158,61 @@ class HSplitLoRA(SplitProtocol):
         yield self.train_clients(round_index)
         uploaded = {}
         yield self.upload_adapters(round_index, uploaded)
-        adapters = []
-        for client in ctx.clients:
-            adapter = dict(uploaded[client.index])
-            if self.plans[client.index].server_ranks:
-                adapter.update(ctx.server.call("get_adapter", args={"adapter": self.server_adapter(client.index)}).tensors)
-            adapters.append(adapter)
-        weights = data_weights([len(p) for p in ctx.partitions])
-        rule = stack if algo.naa else zero_pad_average
-        factors = rule(adapters, weights, algo.alpha, algo.contributors)
-        exact = exact_update(adapters, weights, algo.alpha, algo.contributors)
-        ctx.stats.agg_error = relative_error(factors_update(factors), exact)
-        flops = sum(a.size for _, a in factors.values())  # folding p_k s_k into the stacked A
+        previous = self.plans
+        shapes = self.factor_shapes(previous)
+        if not algo.naa:  # zero-padded averages have each module's largest rank
+            shapes = {key: (d_out, self.max_rank(previous, key), d_in) for key, (d_out, _, d_in) in shapes.items()}
+        if ctx.real:
+            adapters = []
+            for client in ctx.clients:
+                adapter = dict(uploaded[client.index])
+                if self.plans[client.index].server_ranks:
+                    adapter.update(ctx.server.call("get_adapter",
+                                                   args={"adapter": self.server_adapter(client.index)}).tensors)
+                adapters.append(adapter)
+            weights = data_weights(ctx.partition_sizes)
+            rule = stack if algo.naa else zero_pad_average
+            factors = rule(adapters, weights, algo.alpha, algo.contributors)
+            exact = exact_update(adapters, weights, algo.alpha, algo.contributors)
+            ctx.stats.agg_error = relative_error(factors_update(factors), exact)
+            real = {}
+            for path, (b, a) in factors.items():
+                layer = module_layer(path)
+                real[layer, path.split(f".{layer}.", 1)[1]] = (b.shape[0], b.shape[1], a.shape[1])
+            check_equal(real, shapes, "shapes of the aggregated adapters")
+        flops = sum(rank * d_in for _, rank, d_in in shapes.values())  # folding p_k s_k into the stacked A
         yield from ctx.sim.hold(round_index, -1, "aggregate", "server",
                                 self.compute_seconds(flops, ctx.server_device), flops=flops)
-        previous = self.plans
-        self.update_importance(round_index)
-        self.plans = self.next_plans(previous)
-        flat = {}
-        for path, (b, a) in factors.items():
-            flat[f"{path}.B"], flat[f"{path}.A"] = b, a
-        ctx.server.call("merge", tensors=flat)
-        for worker in ctx.client_workers:
-            worker.call("merge", tensors=flat)
-        yield ctx.sim.all_of(self.send_update(round_index, c, factors, previous[c.index]) for c in ctx.clients)
+        if ctx.replay is not None:
+            self.plans = ctx.replay.plans_for(round_index + 1, previous)
+        else:
+            self.update_importance(round_index)
+            self.plans = self.next_plans(previous)
+        self.plan_rows(round_index + 1)
+        if ctx.real:
+            flat = {}
+            for path, (b, a) in factors.items():
+                flat[f"{path}.B"], flat[f"{path}.A"] = b, a
+            ctx.server.call("merge", tensors=flat)
+            for worker in ctx.client_workers:
+                worker.call("merge", tensors=flat)
+        yield ctx.sim.all_of(self.send_update(round_index, c, shapes, previous[c.index]) for c in ctx.clients)
         self.configure_all()
 
-    def send_update(self, round_index: int, client, factors: dict, previous: ClientPlan):
+    @staticmethod
+    def max_rank(plans: list[ClientPlan], key: tuple[int, str]) -> int:
+        layer, module = key
+        return max(max(p.client_ranks.get(layer, {}).get(module, 0), p.server_ranks.get(layer, {}).get(module, 0))
+                   for p in plans)
+
+    def send_update(self, round_index: int, client, shapes: dict, previous: ClientPlan):
         """The merged update of the client's side goes down (stacked factors or dense, whichever is smaller)
         and is added to its weights; then come the blocks it newly holds if its split moved deeper."""
         plan = self.plans[client.index]
-        mine = [(b, a) for path, (b, a) in factors.items() if module_layer(path) < plan.split]
-        nbytes = sum(min(b.nbytes + a.nbytes, b.shape[0] * a.shape[1] * FP32) for b, a in mine)
+        mine = [shape for (layer, _), shape in shapes.items() if layer < plan.split]
+        nbytes = sum(min((d_out + d_in) * rank * FP32, d_out * d_in * FP32) for d_out, rank, d_in in mine)
         yield from self.download(round_index, client, nbytes)
-        flops = sum(2 * b.shape[0] * b.shape[1] * a.shape[1] for b, a in mine)
+        flops = sum(2 * d_out * rank * d_in for d_out, rank, d_in in mine)
         yield from self.ctx.sim.hold(round_index, client.index, "merge", f"client{client.index}",
                                      self.compute_seconds(flops, client.device), flops=flops)
         if plan.split > previous.split:
@@ -177,7 +222,8 @@ class HSplitLoRA(SplitProtocol):
     def update_importance(self, round_index: int) -> None:
         if not self.measured:
             return
-        current = {key: float(np.mean(values)) for key, values in self.measured.items()}
+        current = {key: float(np.mean([by_client[c] for c in sorted(by_client)]))
+                   for key, by_client in self.measured.items()}
         self.importance = iwi.smooth(self.importance, current, round_index, self.ctx.scenario.training.rounds)
         for key, value in sorted(self.importance.items()):
             layer, module = iwi.parse_key(key)
@@ -205,4 +251,4 @@ class HSplitLoRA(SplitProtocol):
         return []
 
     def tables(self) -> dict[str, list[dict]]:
-        return {"importance": self.importance_rows}
+        return {**super().tables(), "importance": self.importance_rows}

@@ -8,7 +8,7 @@ it are dropped (drop); the clients table records which.
 
 from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import adapter_update, data_weights, exact_update, fedavg, relative_error
-from hsplit_sim.algorithms.base import ranks_to_wire
+from hsplit_sim.algorithms.base import check_equal, ranks_to_wire
 from hsplit_sim.algorithms.split_protocol import ClientPlan, SplitProtocol
 from hsplit_sim.errors import ScenarioError
 
@@ -72,6 +72,9 @@ class SplitLoRA(SplitProtocol):
         server_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split, ctx.spec.n_layers), self.rank)
         self.plans = [ClientPlan(self.split, client_ranks, server_ranks, a) for a in active]
         self.scaling = ctx.scenario.algorithm.alpha / self.rank
+        self.plan_rows(1)
+        if not ctx.real:
+            return
         ctx.server.call("configure", args=dict(self.adapter_args, adapter="server", split=self.split,
                                                ranks=ranks_to_wire(server_ranks)))
         ctx.server.call("configure", args={"adapter": "global_client", "alpha": ctx.scenario.algorithm.alpha,
@@ -82,26 +85,33 @@ class SplitLoRA(SplitProtocol):
     def server_adapter(self, client: int) -> str:
         return "server"
 
+    # Clients take turns on one server-side adapter in simulated-time order: timing can change training.
+    order_sensitive = True
+
     def round(self, round_index: int):
         ctx = self.ctx
         yield self.train_clients(round_index)
         adapters = {}
         yield self.upload_adapters(round_index, adapters)
         clients = self.active_clients()
-        ordered = [adapters[c.index] for c in clients]
-        weights = data_weights([len(ctx.partitions[c.index]) for c in clients])
-        merged = fedavg(ordered, weights)
-        exact = exact_update(ordered, weights, ctx.scenario.algorithm.alpha)
-        ctx.stats.agg_error = relative_error(adapter_update(merged, ctx.scenario.algorithm.alpha), exact)
-        flops = 2 * len(ordered) * costs.adapter_params(ctx.spec, self.plans[clients[0].index].client_ranks)
+        client_ranks = self.plans[clients[0].index].client_ranks
+        flops = 2 * len(clients) * costs.adapter_params(ctx.spec, client_ranks)
+        nbytes = costs.adapter_bytes(ctx.spec, client_ranks)
+        if ctx.real:
+            ordered = [adapters[c.index] for c in clients]
+            weights = data_weights([ctx.partition_sizes[c.index] for c in clients])
+            merged = fedavg(ordered, weights)
+            exact = exact_update(ordered, weights, ctx.scenario.algorithm.alpha)
+            ctx.stats.agg_error = relative_error(adapter_update(merged, ctx.scenario.algorithm.alpha), exact)
+            check_equal(sum(t.nbytes for t in merged.values()), nbytes, "broadcast of the averaged adapter")
         yield from ctx.sim.hold(round_index, -1, "aggregate", "server",
                                 self.compute_seconds(flops, ctx.server_device), flops=flops)
-        nbytes = sum(t.nbytes for t in merged.values())
         yield ctx.sim.all_of(self.download(round_index, c, nbytes) for c in clients)
-        for c in clients:
-            ctx.worker_of(c.index).call("set_adapter", client=c.index,
-                                        args={"adapter": self.client_adapter(c.index)}, tensors=merged)
-        ctx.server.call("set_adapter", args={"adapter": "global_client"}, tensors=merged)
+        if ctx.real:
+            for c in clients:
+                ctx.worker_of(c.index).call("set_adapter", client=c.index,
+                                            args={"adapter": self.client_adapter(c.index)}, tensors=merged)
+            ctx.server.call("set_adapter", args={"adapter": "global_client"}, tensors=merged)
 
     def eval_adapters(self) -> list[str]:
         return ["global_client", "server"]

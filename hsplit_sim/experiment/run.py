@@ -1,7 +1,9 @@
 """`hsplit-sim run`: one scenario, end to end, into a run directory."""
 
+import contextlib
 import logging
 import math
+import shutil
 import time
 from datetime import datetime, timezone
 
@@ -13,6 +15,7 @@ from hsplit_sim.algorithms import ALGORITHMS, RunContext
 from hsplit_sim.errors import RunError
 from hsplit_sim.experiment.preflight import preflight
 from hsplit_sim.experiment.rundir import RunWriter
+from hsplit_sim.experiment.trajectory import Replay, ReplayMismatch, timing_partition_sizes, training_key
 from hsplit_sim.runtime.launcher import WorkerPool
 from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, resolved_dict
 from hsplit_sim.scenario.schema import Scenario
@@ -56,11 +59,31 @@ class Progress:
                            f"wall {row['wall_time_s']:.0f} s{loss}{ppl}", highlight=False)
 
 
-def run_scenario(scenario: Scenario, progress: bool = True):
-    """Run one scenario; returns the run directory. Finished rounds stay on disk whatever happens."""
+def run_scenario(scenario: Scenario, progress: bool = True, plots: bool = True):
+    """Run one scenario; returns the run directory. Finished rounds stay on disk whatever happens.
+
+    runtime.timing_only runs the same SimPy processes without workers (costs and bytes from the cost model,
+    accuracy columns NaN); runtime.replay_from re-times a trained run of the same training key (trajectory.py).
+    """
+    replay = Replay(scenario.runtime.replay_from, scenario) if scenario.runtime.replay_from else None
+    try:
+        return _run_scenario(scenario, progress, plots, replay)
+    except ReplayMismatch as mismatch:
+        if scenario.runtime.replay_fallback != "train":
+            raise
+        log.warning("%s; training anew", mismatch)
+        if mismatch.run_dir is not None:
+            shutil.rmtree(mismatch.run_dir, ignore_errors=True)
+        runtime = scenario.runtime.model_copy(update={"timing_only": False, "replay_from": None})
+        return _run_scenario(scenario.model_copy(update={"runtime": runtime}), progress, plots, None,
+                             {"replay_rejected": str(mismatch)})
+
+
+def _run_scenario(scenario: Scenario, progress: bool, plots: bool, replay: Replay | None, note: dict | None = None):
     preflight(scenario)
     spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
     clients = expanded_clients(scenario)
+    timing_only = scenario.runtime.timing_only or replay is not None
     writer = RunWriter.create(scenario.output.dir, scenario.name)
     writer.write_resolved(resolved_dict(scenario))
     handler = logging.FileHandler(writer.path / "log.txt")
@@ -70,62 +93,98 @@ def run_scenario(scenario: Scenario, progress: bool = True):
     started = time.monotonic()
     summary = {"name": scenario.name, "algorithm": scenario.algorithm.name, "status": "running", "error": None,
                "run_dir": str(writer.path), "started_at": datetime.now(timezone.utc).isoformat(),
-               "n_clients": len(clients), "rounds_planned": scenario.training.rounds}
+               "n_clients": len(clients), "rounds_planned": scenario.training.rounds,
+               "timing_only": timing_only, "training_key": training_key(scenario),
+               "trajectory": "retimed" if replay else "timing-only" if timing_only else "trained",
+               "replayed_from": str(replay.run_dir) if replay else None, **(note or {})}
     writer.write_summary(summary)
     sim = Simulation(scenario.server.accelerators)
     rounds: list[dict] = []
     try:
-        with WorkerPool(scenario.runtime.client_workers, scenario.runtime.transport, scenario.runtime.host,
-                        writer.path / "log.txt", scenario.runtime.request_timeout_s) as pool:
-            log.info("workers started: %s", pool.pids())
-            partitions = start_workers(pool, scenario, len(clients))
-            ctx = RunContext(scenario, spec, clients, resolve_device(scenario.server.device), sim, pool.server,
-                             pool.client_workers, partitions)
+        with contextlib.ExitStack() as stack:
+            if timing_only:
+                ctx = RunContext(scenario, spec, clients, resolve_device(scenario.server.device), sim, None, [], None,
+                                 partition_sizes=timing_partition_sizes(scenario, len(clients)), replay=replay)
+            else:
+                pool = stack.enter_context(WorkerPool(
+                    scenario.runtime.client_workers, scenario.runtime.transport, scenario.runtime.host,
+                    writer.path / "log.txt", scenario.runtime.request_timeout_s))
+                log.info("workers started: %s", pool.pids())
+                partitions = start_workers(pool, scenario, len(clients))
+                ctx = RunContext(scenario, spec, clients, resolve_device(scenario.server.device), sim, pool.server,
+                                 pool.client_workers, partitions)
             algorithm = ALGORITHMS[scenario.algorithm.name](ctx)
             algorithm.setup()
+            simulated = time.monotonic()
             sim.run(_rounds(ctx, algorithm, writer, rounds, started, Progress(scenario, progress)))
-            if scenario.data.test_examples:
+            summary["simulation_wall_s"] = time.monotonic() - simulated
+            if replay is not None:
+                replay.copy_tables(writer)
+                summary.update(replay.generation())
+            elif scenario.data.test_examples and ctx.real:
                 summary.update(_generation(algorithm, writer))
         summary["status"] = "completed"
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="interrupted by the user")
+        raise
+    except ReplayMismatch as exc:
+        summary.update(status="failed", error=str(exc))
+        exc.run_dir = writer.path
         raise
     except Exception as exc:
         summary.update(status="failed", error=str(exc))
         log.exception("run failed")
         raise
     finally:
-        writer.write_events(sim.events)
+        writer.append_events(sim.take_events())
+        writer.finish_events()
+        writer.finish_parts("clients")
+        summary["events"] = sim.n_events
+        summary["simpy_events"] = _simpy_events(sim)
         _finish(summary, rounds, started)
         writer.write_summary(summary)
         log.info("run %s: %s", summary["status"], writer.path)
         log.removeHandler(handler)
         handler.close()
-        _plot(writer.path)
+        if plots:
+            _plot(writer.path)
     return writer.path
 
 
+def _simpy_events(sim: Simulation) -> int | None:
+    """Events SimPy scheduled (its event-id counter: timeouts, requests, releases, process starts and ends)."""
+    counter = getattr(sim.env, "_eid", None)
+    return next(counter) if counter is not None else None
+
+
 def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], started: float, progress: Progress):
-    """The run as one SimPy process: evaluate, then rounds, writing every table after each round."""
+    """The run as one SimPy process: evaluate, then rounds, writing every table after each round (events and
+    clients as one more part each, the small tables rewritten whole)."""
     training = ctx.scenario.training
-    client_rows: list[dict] = []
     for round_index in range(training.rounds + 1):
         ctx.stats.losses, ctx.stats.agg_error = [], float("nan")
+        clients = algorithm.client_rows(round_index)  # before the round: the plans it trains with
         if round_index > 0:
             yield ctx.sim.env.process(algorithm.round(round_index))
         evaluated = round_index % training.eval_every == 0 or round_index == training.rounds
         eval_loss = algorithm.evaluate() if evaluated else float("nan")
         if evaluated:
             ctx.sim.record(round_index, -1, "eval", "server", ctx.sim.now, ctx.sim.now)
-        rows.append({"round": round_index, "sim_time_s": ctx.sim.now, "wall_time_s": time.monotonic() - started,
-                     "train_loss": float(np.mean(ctx.stats.losses)) if ctx.stats.losses else float("nan"),
-                     "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss), "bytes_up": ctx.stats.bytes_up,
-                     "bytes_down": ctx.stats.bytes_down, "agg_error": ctx.stats.agg_error,
-                     "algorithm": algorithm.name})
-        client_rows.extend(algorithm.client_rows(round_index))
+        losses = ctx.stats.losses
+        row = {"round": round_index, "sim_time_s": ctx.sim.now, "wall_time_s": time.monotonic() - started,
+               # fsum: exact, so the mean cannot depend on the order losses arrived in simulated time
+               "train_loss": math.fsum(losses) / len(losses) if losses else float("nan"),
+               "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss), "bytes_up": ctx.stats.bytes_up,
+               "bytes_down": ctx.stats.bytes_down, "agg_error": ctx.stats.agg_error,
+               "algorithm": algorithm.name}
+        if ctx.replay is not None:
+            if algorithm.order_sensitive:
+                ctx.replay.check_order(round_index, ctx.sim.events)
+            row.update(ctx.replay.accuracy(round_index))
+        rows.append(row)
+        writer.append_rows("clients", clients)
         writer.write_rounds(rows)
-        writer.write_events(ctx.sim.events)
-        writer.write_clients(client_rows)
+        writer.append_events(ctx.sim.take_events())
         for name, table in algorithm.tables().items():
             writer.write_table(name, table)
         log.info("round %d: %s", round_index, rows[-1])

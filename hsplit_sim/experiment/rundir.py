@@ -1,4 +1,11 @@
-"""The run directory: every table rewritten atomically after each round, so a crash loses nothing finished."""
+"""The run directory: every table rewritten atomically after each round, so a crash loses nothing finished.
+
+Events and clients are the exception, being the tables that grow with clients x rounds (x steps): each
+round's rows go to a part file under `.events.parts/` (`.clients.parts/`), written once and never
+rewritten, and `finish_parts` streams the parts into `events.parquet` (`clients.parquet`) at the end of
+the run, whether it completed or failed. A run killed outright leaves its parts, which `analysis.load`
+reads when the combined file is missing.
+"""
 
 import json
 import os
@@ -6,14 +13,29 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
 
-from hsplit_sim.sim.engine import EVENT_COLUMNS
+from hsplit_sim.sim.engine import EVENT_COLUMNS  # noqa: F401 - the schema below follows it
+
+
+EVENT_SCHEMA = pa.schema([("round", pa.int64()), ("client", pa.int64()), ("kind", pa.string()),
+                          ("resource", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64()),
+                          ("bytes", pa.int64()), ("flops", pa.float64())])
+
+
+def events_table(rows: list[tuple]) -> pa.Table:
+    """Event rows (tuples in EVENT_COLUMNS order) as an Arrow table of the fixed event schema."""
+    columns = list(zip(*rows)) if rows else [()] * len(EVENT_SCHEMA)
+    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, EVENT_SCHEMA)],
+                                schema=EVENT_SCHEMA)
 
 
 class RunWriter:
     def __init__(self, path: Path):
         self.path = path
+        self.parts: dict[str, int] = {}
 
     @classmethod
     def create(cls, root: str, name: str) -> "RunWriter":
@@ -50,7 +72,46 @@ class RunWriter:
         self.write_table("rounds", rows, csv=True)
 
     def write_events(self, events: list[tuple]) -> None:
-        self.write_table("events", events, columns=list(EVENT_COLUMNS))
+        """All events at once (a small run, or a table rebuilt after the fact)."""
+        self._replace("events.parquet", lambda p: pq.write_table(events_table(events), p))
+
+    def append_events(self, rows: list[tuple]) -> None:
+        """One more part of the events table (a round's rows); nothing is rewritten."""
+        if rows:
+            self._append_part("events", events_table(rows))
+
+    def append_rows(self, name: str, rows: list[dict]) -> None:
+        """One more part of a table that grows every round (clients)."""
+        if rows:
+            self._append_part(name, pa.Table.from_pylist(rows))
+
+    def _append_part(self, name: str, table: pa.Table) -> None:
+        parts = self.path / f".{name}.parts"
+        parts.mkdir(exist_ok=True)
+        number = self.parts.get(name, 0)
+        self.parts[name] = number + 1
+        pq.write_table(table, parts / f".{number:06d}.partial")
+        os.replace(parts / f".{number:06d}.partial", parts / f"{number:06d}.parquet")
+
+    def finish_parts(self, name: str, schema: pa.Schema | None = None) -> None:
+        """Stream a table's parts, in order, into <name>.parquet (a row group each) and remove them."""
+        parts = self.path / f".{name}.parts"
+        files = sorted(parts.glob("[0-9]*.parquet")) if parts.is_dir() else []
+        if schema is None and not files:
+            return
+        schema = schema or pq.read_schema(files[0]).remove_metadata()
+        partial = self.path / f".{name}.parquet.partial"
+        with pq.ParquetWriter(partial, schema) as out:
+            for file in files:
+                out.write_table(pq.read_table(file).replace_schema_metadata().cast(schema))
+        os.replace(partial, self.path / f"{name}.parquet")
+        if parts.is_dir():
+            for file in parts.iterdir():
+                file.unlink()
+            parts.rmdir()
+
+    def finish_events(self) -> None:
+        self.finish_parts("events", EVENT_SCHEMA)
 
     def write_clients(self, rows: list[dict]) -> None:
         self.write_table("clients", rows)

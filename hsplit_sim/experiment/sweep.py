@@ -4,6 +4,12 @@ Each point runs as a separate `python -m hsplit_sim.cli run` process, so a point
 recorded as failed and the others go on, and Ctrl-C reaches each run once, which then writes its summary as
 interrupted. Points are validated together before any runs; a point whose devices cannot hold its configuration
 (the memory check) fails alone, because in a what-if study "does not fit" is a result, not a typo.
+
+Trajectory reuse (on unless `--no-reuse`): points that share a training key (experiment/trajectory.py: everything
+that can change training) train once. The first point of each such group trains; the others run after it as
+re-timed points (`runtime.replay_from` the trained run, timing-only, accuracy columns taken from it), and train
+anew only if the replay finds a different server order (SplitLoRA). The table's `trajectory` column says which
+points trained and which were re-timed.
 """
 
 import copy
@@ -124,21 +130,28 @@ def load_sweep_file(path: str | Path, overrides: list[str] = ()) -> Sweep:
 
 
 def run_sweep(sweep: Sweep, resume: str | Path | None = None, processes: int | None = None,
-              progress: bool = True) -> Path:
+              progress: bool = True, reuse: bool = True, executor: str = "local") -> Path:
     """Run every point not yet completed and write sweep.parquet/.csv; returns the sweep directory.
 
-    Sizing: a point's server and client workers can compute at the same time, so a point is given two cores'
-    worth of torch threads: processes = cores // 2 by default, threads = cores // (2 x processes), at least 1
-    each, and processes x threads never above the cores.
+    Sizing: a run's workers compute one at a time (the coordinator waits on each request), so a point
+    needs one worker's threads: processes = cores // 2 by default, threads = cores // processes, at least 1
+    each, and processes x threads never above the cores. With the Ray executor the cores are the cluster's.
     """
-    cores = os.cpu_count() or 1
+    if executor == "ray":
+        from hsplit_sim.experiment import ray_executor
+
+        cores = ray_executor.start()
+    else:
+        cores = os.cpu_count() or 1
     processes = min(processes or max(1, cores // 2), cores)
-    threads = max(1, cores // (2 * processes))
+    threads = max(1, cores // processes)
     sweep_dir = Path(resume) if resume else _new_dir(Path(sweep.output_dir), sweep.name)
     if resume and not sweep_dir.is_dir():
         raise ScenarioError(f"--resume {resume}: no such directory")
     sweep_dir = sweep_dir.resolve()
     runner = _Runner(sweep, sweep_dir, processes, threads, Console(stderr=True, highlight=False) if progress else None)
+    runner.reuse = reuse
+    runner.executor = executor
     runner.run()
     return sweep_dir
 
@@ -154,6 +167,8 @@ class _Runner:
         self.rows: dict[str, dict] = {}
         self.curves: dict[str, pd.DataFrame] = {}
         self.durations: list[float] = []
+        self.reuse = True
+        self.executor = "local"
 
     def run(self) -> None:
         self._write_resolved()
@@ -166,15 +181,18 @@ class _Runner:
         self.done, self.failed = len(self.sweep.points) - len(todo), 0
         self._say(f"sweep {self.sweep.name}: {len(self.sweep.points)} points, {self.done} already completed, "
                   f"{len(todo)} to run; {self.processes} at a time x {self.threads} torch threads; {self.dir}")
+        groups = training_groups(self.sweep.points) if self.reuse else {}
         with ThreadPoolExecutor(self.processes) as pool:
-            futures = {pool.submit(self._run_point, point): point for point in todo}
             try:
-                for future in as_completed(futures):
-                    point, seconds = futures[future], future.result()
-                    self._record(point)
-                    self._write_table()
-                    self.durations.append(seconds)
-                    self._progress(point, seconds, len(todo))
+                for batch in reuse_batches(todo, groups, self.rows):  # trainers first, then re-timed points
+                    futures = {pool.submit(self._run_point, point, replay_source(point, groups, self.rows, self.dir)):
+                               point for point in batch}
+                    for future in as_completed(futures):
+                        point, seconds = futures[future], future.result()
+                        self._record(point)
+                        self._write_table()
+                        self.durations.append(seconds)
+                        self._progress(point, seconds, len(todo))
             except KeyboardInterrupt:
                 self._interrupt(pool)
                 raise
@@ -183,12 +201,15 @@ class _Runner:
         self._say(f"sweep {self.sweep.name}: {self.done} completed, {self.failed} failed; "
                   f"table {self.dir / (TABLE + '.parquet')}")
 
-    def _run_point(self, point: Point) -> float:
-        """One `hsplit-sim run` in its own session, so the terminal's Ctrl-C reaches it only through us."""
+    def _run_point(self, point: Point, replay: Path | None = None) -> float:
+        """One `hsplit-sim run` in its own session, so the terminal's Ctrl-C reaches it only through us; with
+        `replay`, a re-timing of that trained run (which trains anew if its server order differs)."""
         started = time.monotonic()
         point_dir = self.dir / "points" / point.id
         point_dir.mkdir(parents=True, exist_ok=True)
         scenario = dict(point.scenario, name=point.id, output={"dir": str(point_dir)})
+        if replay is not None:
+            scenario["runtime"] = dict(scenario["runtime"], replay_from=str(replay), replay_fallback="train")
         scenario_file = point_dir / "scenario.yaml"
         scenario_file.write_text(yaml.safe_dump(scenario, sort_keys=False))
         env = dict(os.environ, HSPLIT_SIM_TORCH_THREADS=str(self.threads),
@@ -196,18 +217,23 @@ class _Runner:
         with open(point_dir / "point.log", "ab") as log:
             log.write(f"--- {datetime.now(timezone.utc).isoformat()} {scenario_file}\n".encode())
             log.flush()
+            argv = [sys.executable, "-m", "hsplit_sim.cli", "run", str(scenario_file)]
             with self.lock:
                 if self.interrupted:
                     return 0.0
-                process = subprocess.Popen([sys.executable, "-m", "hsplit_sim.cli", "run", str(scenario_file)],
-                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                           env=env, start_new_session=True)
+                if self.executor == "ray":
+                    from hsplit_sim.experiment import ray_executor
+
+                    process = ray_executor.submit(argv, env, str(point_dir / "point.log"), self.threads)
+                else:
+                    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                               env=env, start_new_session=True)
                 self.running[point.id] = process
             self._progress_line(f"started {point.id}")
-            process.wait()
+            status = ray_executor.wait(process) if self.executor == "ray" else process.wait()
             with self.lock:
                 del self.running[point.id]
-            log.write(f"--- exit status {process.returncode}\n".encode())
+            log.write(f"--- exit status {status}\n".encode())
         return time.monotonic() - started
 
     def _interrupt(self, pool: ThreadPoolExecutor) -> None:
@@ -217,6 +243,12 @@ class _Runner:
             running = list(self.running.values())
         pool.shutdown(wait=False, cancel_futures=True)
         self._say(f"interrupted: stopping {len(running)} running points (resume with --resume {self.dir})")
+        if self.executor == "ray":
+            from hsplit_sim.experiment import ray_executor
+
+            for ref in running:
+                ray_executor.cancel(ref)
+            running = []
         for process in running:
             process.send_signal(signal.SIGINT)
         for process in running:
@@ -293,7 +325,8 @@ class _Runner:
 def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
     """The table row of one point and its (sim_time_s, eval_ppl) curve, read from its run directories."""
     point_dir = sweep_dir / "points" / point.id
-    row = {"point": point.id, "seed": point.seed, **point.values, "status": "pending", "error": None,
+    row = {"point": point.id, "seed": point.seed, **point.values, "status": "pending", "trajectory": None,
+           "error": None,
            "final_eval_ppl": math.nan, "best_eval_ppl": math.nan, "sim_time_s": math.nan, "wall_time_s": math.nan,
            "bytes_up": math.nan, "bytes_down": math.nan, "util_server": math.nan, "util_clients_mean": math.nan,
            "run_dir": None}
@@ -312,8 +345,8 @@ def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
             row.update(status="failed", error=_last_error(log.read_text(errors="replace")))
         return row, empty
     _, _, run_dir, summary = max(runs, key=lambda r: (r[0], r[1]))
-    row.update({k: summary.get(k) for k in ("status", "error", "sim_time_s", "wall_time_s", "bytes_up",
-                                            "bytes_down")})
+    row.update({k: summary.get(k) for k in ("status", "trajectory", "error", "sim_time_s", "wall_time_s",
+                                            "bytes_up", "bytes_down")})
     row.update(final_eval_ppl=summary.get("final_eval_ppl") or math.nan,
                best_eval_ppl=summary.get("best_eval_ppl") or math.nan,
                run_dir=str(run_dir.relative_to(sweep_dir)))
@@ -327,9 +360,53 @@ def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
     return row, curve
 
 
+def training_groups(points: list[Point]) -> dict[str, list[Point]]:
+    """Points by training key, in sweep order; timing-only points train nothing and join no group."""
+    from hsplit_sim.experiment.trajectory import training_key
+
+    groups: dict[str, list[Point]] = {}
+    for point in points:
+        if point.scenario["runtime"].get("timing_only"):
+            continue
+        groups.setdefault(training_key(scenario_from_dict(point.scenario)), []).append(point)
+    return groups
+
+
+def _trained(rows: dict[str, dict], group: list[Point]) -> Point | None:
+    return next((p for p in group if rows[p.id]["status"] == "completed" and rows[p.id]["trajectory"] == "trained"),
+                None)
+
+
+def reuse_batches(todo: list[Point], groups: dict[str, list[Point]], rows: dict[str, dict]) -> list[list[Point]]:
+    """[points that train, points re-timed after them]: a group without a completed trained point trains its
+    first point still to run; the group's other points wait for it (without reuse: one batch of everything)."""
+    group_of = {p.id: key for key, group in groups.items() for p in group}
+    first, later, trains = [], [], set()
+    for point in todo:
+        key = group_of.get(point.id)
+        if key is None:
+            first.append(point)
+        elif _trained(rows, groups[key]) is None and key not in trains:
+            trains.add(key)
+            first.append(point)
+        else:
+            later.append(point)
+    return [batch for batch in (first, later) if batch]
+
+
+def replay_source(point: Point, groups: dict[str, list[Point]], rows: dict[str, dict], sweep_dir: Path) -> Path | None:
+    """The run directory of the point's group's trained run, if there is one (else the point trains)."""
+    for group in groups.values():
+        if any(p.id == point.id for p in group):
+            trained = _trained(rows, group)
+            if trained is not None and trained.id != point.id and rows[trained.id]["run_dir"]:
+                return sweep_dir / rows[trained.id]["run_dir"]
+    return None
+
+
 def _columns(axes: list[str]) -> list[str]:
     return (["point", "seed"] + [a for a in axes if a != "seed"]
-            + ["status", "error", "target_ppl", "final_eval_ppl", "best_eval_ppl", "time_to_target_s", "sim_time_s",
+            + ["status", "trajectory", "error", "target_ppl", "final_eval_ppl", "best_eval_ppl", "time_to_target_s", "sim_time_s",
                "wall_time_s", "bytes_up", "bytes_down", "util_server", "util_clients_mean", "run_dir"])
 
 

@@ -172,6 +172,14 @@ class RuntimeSpec(_Strict):
     request_timeout_s: float = Field(600.0, gt=0)
     transport: Literal["ipc", "tcp"] = "ipc"
     host: str = "127.0.0.1"
+    timing_only: bool = Field(False, description="simulate time only, with costs and bytes from the cost model: "
+                              "no workers, no torch, no training (accuracy columns are NaN)")
+    replay_from: str | None = Field(None, description="a run directory whose training to replay: the run is "
+                                    "timing-only and takes its accuracy columns (and HSplitLoRA's plans) from there; "
+                                    "its training key must match")
+    replay_fallback: Literal["error", "train"] = Field(
+        "error", description="when the replayed run's server order differs (SplitLoRA's shared server adapter): "
+        "stop with an error, or train anew")
 
 
 class OutputSpec(_Strict):

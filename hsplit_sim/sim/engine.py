@@ -1,8 +1,31 @@
 """SimPy environment plus the one event log every table and plot is derived from."""
 
+import heapq
+
 import simpy
 
 EVENT_COLUMNS = ("round", "client", "kind", "resource", "start_s", "end_s", "bytes", "flops")
+
+
+class ServerQueue:
+    """The server's accelerators as a first-come-first-served queue, booked arithmetically.
+
+    In a FIFO queue of c servers, each arrival starts at the later of its arrival and the earliest time an
+    accelerator frees up after every earlier arrival was placed. So a step is booked when it arrives, with no
+    SimPy event at all (timing-only runs make a million of them): `book` returns its start and marks that
+    accelerator busy until start + seconds. Arrivals are booked in the order their processes run, which is
+    the order of simulated arrival (ties: SimPy's order), and real server steps run in that order too.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.free_at = [0.0] * capacity  # a heap: when each accelerator is next free
+
+    def book(self, now: float, seconds: float) -> float:
+        free = heapq.heappop(self.free_at)
+        start = free if free > now else now
+        heapq.heappush(self.free_at, start + seconds)
+        return start
 
 
 class Simulation:
@@ -10,16 +33,32 @@ class Simulation:
 
     Clients' devices and links are private to each client, so only the server's accelerators are a
     shared resource: contention there is the queueing the model shows.
+
+    `events` holds the rows not yet written to the run directory: the run writes them after every round
+    and clears the list (in place, so hot loops may keep `events.append` bound), so memory does not
+    grow with the length of a run. `n_events` counts every row ever recorded.
     """
 
     def __init__(self, accelerators: int):
         self.env = simpy.Environment()
-        self.server = simpy.Resource(self.env, capacity=accelerators)
+        self.server = ServerQueue(accelerators)
         self.events: list[tuple] = []
+        self.flushed = 0
 
     @property
     def now(self) -> float:
         return self.env.now
+
+    @property
+    def n_events(self) -> int:
+        return self.flushed + len(self.events)
+
+    def take_events(self) -> list[tuple]:
+        """The rows recorded since the last call; the list is emptied in place."""
+        rows = self.events[:]
+        self.events.clear()
+        self.flushed += len(rows)
+        return rows
 
     def record(self, round_index: int, client: int, kind: str, resource: str, start: float, end: float,
                nbytes: int = 0, flops: float = 0.0) -> None:
@@ -32,15 +71,7 @@ class Simulation:
             raise ValueError(f"negative duration {seconds} for {kind} on {resource}")
         start = self.env.now
         yield self.env.timeout(seconds)
-        self.record(round_index, client, kind, resource, start, self.env.now, nbytes, flops)
-
-    def acquire_server(self, round_index: int, client: int):
-        """Queue for one of the server's accelerators; the caller must release the returned request."""
-        start = self.env.now
-        request = self.server.request()
-        yield request
-        self.record(round_index, client, "server_queue", "server", start, self.env.now)
-        return request
+        self.events.append((round_index, client, kind, resource, start, self.env.now, nbytes, flops))
 
     def all_of(self, processes):
         return self.env.all_of([self.env.process(p) for p in processes])

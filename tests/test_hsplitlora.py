@@ -1,0 +1,226 @@
+"""HSplitLoRA end to end on tiny models: NAA's exact aggregation, IWI's probe and table, ARMSC's plans
+within each client's budget, the ablations, and every compute duration from the cost model."""
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hsplit_sim import costs
+from hsplit_sim.algorithms import importance as iwi
+from hsplit_sim.algorithms.hsplitlora import HSplitLoRA
+from hsplit_sim.experiment.run import run_scenario
+from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, scenario_from_dict
+from hsplit_sim.scenario.models import BUILTIN_MODELS
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROUNDS, LOCAL_STEPS, BATCH, SEQ = 3, 2, 2, 32
+Q = [0, 4, 8, 16]
+
+
+def spec_of(name: str) -> costs.ModelSpec:
+    return costs.ModelSpec.from_hf_config(BUILTIN_MODELS[name])
+
+
+def memory(spec, split, ranks) -> int:
+    return costs.training_memory_bytes(spec, 0, split, BATCH, SEQ, ranks, embeddings=True, head=False)
+
+
+def heterogeneous_budgets(name: str) -> list[float]:
+    """Three budgets in GB: block 0, blocks 0-1 with 40 % less adapter memory than every weight at the top
+    rank (so importance decides the ranks), and every block with room to spare."""
+    spec = spec_of(name)
+    modules = sorted(set(costs.TARGET_MODULES[spec.family].values()))
+
+    def tight(split, cut):
+        ranks = {layer: {m: max(Q) for m in modules} for layer in range(split)}
+        return (memory(spec, split, ranks) - cut * 16 * costs.adapter_params(spec, ranks)) / 1e9
+
+    return [tight(1, 0.4), tight(2, 0.4), tight(3, -0.5)]
+
+
+def base(name: str, budgets: list[float] | None) -> dict:
+    groups = [{"count": 1, "device": "jetson-agx-orin", "link": "wifi-6", **({"memory_budget_gb": b} if b else {})}
+              for b in (budgets or [None, None])]
+    return {
+        "name": "h", "seed": 1, "model": {"name": name},
+        "data": {"name": "e2e-synthetic", "max_length": SEQ, "train_examples": 36, "eval_examples": 8},
+        "algorithm": {"name": "hsplitlora", "rank": 8, "alpha": 16, "rank_set": Q},
+        "training": {"rounds": ROUNDS, "local_steps": LOCAL_STEPS, "batch_size": BATCH, "lr": 1e-2},
+        "server": {"device": "rtx-3090", "accelerators": 1},
+        "clients": groups,
+        "runtime": {"client_workers": 1, "torch_device": "cpu"},
+    }
+
+
+CASES = {
+    "gpt2-het": ("tiny-gpt2", True, ()),
+    "llama-het": ("tiny-llama", True, ()),
+    "no-naa": ("tiny-gpt2", True, ("algorithm.naa=false",)),
+    "no-iwi": ("tiny-gpt2", True, ("algorithm.iwi=false",)),
+    "no-armsc": ("tiny-gpt2", True, ("algorithm.armsc=false",)),
+}
+
+
+def scenario_of(key: str, out: Path):
+    name, heterogeneous, overrides = CASES[key]
+    raw = base(name, heterogeneous_budgets(name) if heterogeneous else None)
+    return scenario_from_dict(raw, [f"output.dir={out}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each case runs once for the module: (scenario, tables)."""
+    cache = {}
+
+    def get(key: str):
+        if key not in cache:
+            sc = scenario_of(key, tmp_path_factory.mktemp(key))
+            run_dir = run_scenario(sc, progress=False)
+            tables = {p.stem: pd.read_parquet(p) for p in run_dir.glob("*.parquet")}
+            cache[key] = (sc, tables)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("key", ["gpt2-het", "llama-het"])
+def test_hsplitlora_runs_with_exact_aggregation_and_plans_within_budget(runs, key):
+    sc, tables = runs(key)
+    rounds, clients = tables["rounds"], tables["clients"]
+    assert rounds["round"].tolist() == list(range(ROUNDS + 1))
+    assert (rounds["agg_error"][1:] < 1e-6).all(), rounds["agg_error"].tolist()
+    # A merged update changes the base weights: the global model after round 1 is not the initial one.
+    assert rounds["eval_loss"][1] != rounds["eval_loss"][0]
+    assert rounds["eval_loss"].iloc[-1] < rounds["eval_loss"][0]
+    # IWI: one row per candidate weight for every round, from the first probe (round 1) on.
+    importance = tables["importance"]
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(sc))
+    n_candidates = len(iwi.candidate_weights(spec, 0, spec.n_layers))
+    assert importance.groupby("round").size().to_dict() == {r: n_candidates for r in range(1, ROUNDS + 1)}
+    assert (importance["smoothed"] > 0).all() and (importance["measured"] > 0).all()
+    # ARMSC: a plan for every client in every round, within its budget, memory recomputed here.
+    n = len(expanded_clients(sc))
+    assert clients.groupby("round").size().to_dict() == {r: n for r in range(ROUNDS + 1)}
+    assert (clients["memory_bytes"] <= clients["memory_budget_bytes"]).all()
+    assert (clients["adapter_params"] > 0).all() and clients["split_layer"].between(1, spec.n_layers - 1).all()
+
+
+@pytest.mark.parametrize("key", ["gpt2-het", "llama-het"])
+def test_heterogeneous_budgets_give_different_plans(runs, key):
+    _, tables = runs(key)
+    clients = tables["clients"]
+    for _, plans in clients.groupby("round"):
+        assert plans["split_layer"].nunique() > 1 or plans["adapter_params"].nunique() > 1
+    # The smallest budget holds only one block; the largest holds the deepest split.
+    first = clients[clients["round"] == 0].set_index("client")
+    assert first.loc[0, "split_layer"] == 1 and first.loc[2, "split_layer"] == 3
+    assert first["adapter_params"].is_monotonic_increasing
+
+
+def test_without_naa_mixed_ranks_aggregate_with_error(runs):
+    _, tables = runs("no-naa")
+    clients = tables["clients"]
+    assert clients[clients["round"] == 0]["adapter_params"].nunique() > 1
+    assert (tables["rounds"]["agg_error"][1:] > 1e-3).all(), tables["rounds"]["agg_error"].tolist()
+
+
+def test_without_armsc_every_client_has_one_plan(runs):
+    _, tables = runs("no-armsc")
+    clients = tables["clients"]
+    assert clients["split_layer"].nunique() == 1 and clients["rank"].nunique() == 1
+    assert clients["adapter_params"].nunique() == 1
+    assert (clients["memory_bytes"] <= clients["memory_budget_bytes"]).all()
+    assert (tables["rounds"]["agg_error"][1:] < 1e-6).all()
+
+
+def split_in_force(tables, r: int, k: int) -> int:
+    """The split client k trained with in round r: from the plans table (rows from the round a plan comes
+    into force) where the run has one, else from the clients table."""
+    plans = tables.get("plans")
+    if plans is not None and not plans.empty:
+        mine = plans[(plans["client"] == k) & (plans["round"] <= r)].sort_values("round")
+        return int(mine["split"].iloc[-1])
+    clients = tables["clients"]
+    return int(clients[(clients["round"] == r) & (clients["client"] == k)]["split_layer"].iloc[0])
+
+
+def plans_by_round(sc, tables) -> dict[tuple[int, int], object]:
+    """(round, client) -> the plan it trained with, solved here from the run's own importance table:
+    round 1 from uniform importance, later rounds from the previous round's smoothed importance."""
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(sc))
+    clients = expanded_clients(sc)
+    cost = HSplitLoRA.weight_costs(sc, spec)
+    plans = {(1, c.index): p for c, p in zip(clients, HSplitLoRA.initial_plans(sc, spec, clients))}
+    importance = tables.get("importance")
+    for r in range(2, ROUNDS + 1):
+        for c in clients:
+            if not sc.algorithm.armsc or importance is None or importance.empty:
+                plans[r, c.index] = plans[1, c.index]
+                continue
+            previous = importance[importance["round"] == r - 1]
+            smoothed = {iwi.weight_key(layer, m): v for layer, m, v in
+                        zip(previous["layer"], previous["module"], previous["smoothed"])}
+            plans[r, c.index] = HSplitLoRA.solve(sc, spec, c.memory_budget_gb * 1e9, smoothed, cost,
+                                                 [split_in_force(tables, r, c.index)])
+    return plans
+
+
+def test_clients_table_reports_the_plan_each_round_trained_with(runs):
+    sc, tables = runs("gpt2-het")
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(sc))
+    rows = tables["clients"].set_index(["round", "client"])
+    plans = plans_by_round(sc, tables)
+    assert len({costs.adapter_params(spec, p.client_ranks) for (r, k), p in plans.items() if k == 0}) > 1
+    for (r, k), plan in plans.items():
+        assert rows.loc[(r, k), "split_layer"] == plan.split
+        assert rows.loc[(r, k), "adapter_params"] == costs.adapter_params(spec, plan.client_ranks), (r, k)
+
+
+@pytest.mark.parametrize("key", ["gpt2-het", "llama-het", "no-iwi"])
+def test_every_compute_duration_comes_from_the_cost_model(runs, key):
+    sc, tables = runs(key)
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(sc))
+    clients = expanded_clients(sc)
+    server = resolve_device(sc.server.device)
+    plans = plans_by_round(sc, tables)
+    events = tables["events"]
+    probing = sc.algorithm.iwi
+    n = spec.n_layers
+    for (r, k), plan in plans.items():
+        own = events[(events["round"] == r) & (events["client"] == k)]
+        fwd = own[own["kind"] == "client_fwd"]
+        bwd = own[own["kind"] == "client_bwd"].sort_values("start_s")
+        step = own[own["kind"] == "server_step"].sort_values("start_s")
+        assert len(fwd) == len(bwd) == len(step) == LOCAL_STEPS
+        s = plan.split
+        expected_fwd = costs.forward_flops(spec, 0, s, BATCH, SEQ, plan.client_ranks, head=False)
+        assert (fwd["flops"] == expected_fwd).all()
+        for i, (b, st) in enumerate(zip(bwd.itertuples(), step.itertuples())):
+            probe = probing and i == 0
+            client_bwd = costs.backward_flops(spec, 0, s, BATCH, SEQ, plan.client_ranks, head=False,
+                                              input_requires_grad=False, weight_grads=probe)
+            server_step = (costs.forward_flops(spec, s, n, BATCH, SEQ, plan.server_ranks, head=True)
+                           + costs.backward_flops(spec, s, n, BATCH, SEQ, plan.server_ranks, head=True,
+                                                  input_requires_grad=True, weight_grads=probe))
+            assert b.flops == client_bwd, (r, k, i)
+            assert st.flops == server_step, (r, k, i)
+            device = clients[k].device
+            assert b.end_s - b.start_s == pytest.approx(
+                costs.compute_seconds(client_bwd, device.tflops, device.efficiency), rel=1e-9)
+            assert st.end_s - st.start_s == pytest.approx(
+                costs.compute_seconds(server_step, server.tflops, server.efficiency), rel=1e-9)
+        if probing:  # the probe really costs more than a plain step
+            assert bwd["flops"].iloc[0] > bwd["flops"].iloc[1] and step["flops"].iloc[0] > step["flops"].iloc[1]
+
+
+def test_without_iwi_there_is_no_probe_and_no_importance(runs):
+    _, tables = runs("no-iwi")
+    assert tables.get("importance") is None or tables["importance"].empty
+    clients = tables["clients"]
+    # Plans stay where uniform importance put them.
+    for _, plans in clients.groupby("client"):
+        assert plans["split_layer"].nunique() == 1 and plans["adapter_params"].nunique() == 1
+    assert (tables["rounds"]["agg_error"][1:] < 1e-6).all()

@@ -1,0 +1,91 @@
+"""Timing-only mode: the same SimPy processes without workers give a real run's events exactly, and no torch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hsplit_sim.experiment.run import run_scenario
+from hsplit_sim.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "scenarios" / "tiny.yaml"
+
+
+def run(tmp_path: Path, *overrides: str) -> Path:
+    scenario = load_scenario(TINY, [f"output.dir={tmp_path}", *overrides])
+    return run_scenario(scenario, progress=False, plots=False)
+
+
+@pytest.mark.parametrize("algorithm", ["splitlora", "fedlora"])
+def test_timing_only_events_equal_a_real_runs(tmp_path, algorithm):
+    """Real runs are deterministic and take durations from the cost model, so timing-only must match exactly:
+    kinds, resources, start and end, bytes and FLOPs, and the clients table and byte columns too."""
+    overrides = [f"algorithm.name={algorithm}", "clients.1.count=2", "training.rounds=2"]
+    real = run(tmp_path / "real", *overrides)
+    timing = run(tmp_path / "timing", *overrides, "runtime.timing_only=true")
+    real_events, timing_events = pd.read_parquet(real / "events.parquet"), pd.read_parquet(timing / "events.parquet")
+    assert len(real_events) > 20
+    pd.testing.assert_frame_equal(real_events, timing_events)
+    pd.testing.assert_frame_equal(pd.read_parquet(real / "clients.parquet"), pd.read_parquet(timing / "clients.parquet"))
+
+    real_rounds, timing_rounds = pd.read_parquet(real / "rounds.parquet"), pd.read_parquet(timing / "rounds.parquet")
+    assert list(real_rounds.columns) == list(timing_rounds.columns)  # same form; accuracy columns are NaN
+    for column in ("sim_time_s", "bytes_up", "bytes_down", "round"):
+        assert real_rounds[column].tolist() == timing_rounds[column].tolist()
+    assert timing_rounds[["train_loss", "eval_loss", "eval_ppl", "agg_error"]].isna().all().all()
+    assert real_rounds["eval_ppl"].notna().all()
+
+    summary = json.loads((timing / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["timing_only"] and summary["trajectory"] == "timing-only"
+    assert summary["final_eval_ppl"] is None and summary["events"] == len(timing_events)
+    assert summary["sim_time_s"] == json.loads((real / "summary.json").read_text())["sim_time_s"]
+    assert not (timing / ".events.parts").exists()  # parts were combined into events.parquet
+
+
+@pytest.mark.parametrize("algorithm", ["hsplitlora", "hetlora", "flexlora", "flora", "cenlora", "ft"])
+def test_every_algorithm_runs_timing_only_and_plots(tmp_path, algorithm):
+    from analysis.plots import plot_run
+
+    run_dir = run(tmp_path, f"algorithm.name={algorithm}", "runtime.timing_only=true")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["sim_time_s"] > 0
+    events = pd.read_parquet(run_dir / "events.parquet")
+    assert set(events["round"]) == {0, 1, 2}
+    assert plot_run(run_dir)  # analysis copes with NaN accuracy columns
+
+
+def test_timing_only_imports_no_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from hsplit_sim.experiment.run import run_scenario\n"
+        "from hsplit_sim.scenario import load_scenario\n"
+        f"s = load_scenario({str(TINY)!r}, ['output.dir={tmp_path}', 'runtime.timing_only=true', "
+        "'algorithm.name=hsplitlora'])\n"
+        "run_scenario(s, progress=False, plots=False)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_timing_only_partition_sizes_are_equal_shares(tmp_path):
+    run_dir = run(tmp_path, "runtime.timing_only=true", "data.train_examples=10", "clients.0.count=3")
+    clients = pd.read_parquet(run_dir / "clients.parquet")
+    first = clients[clients["round"] == 0]
+    assert first["n_examples"].tolist() == [3, 3, 2, 2]
+
+
+def test_cli_timing_only_flag(tmp_path):
+    from hsplit_sim.cli import main
+
+    assert main(["run", str(TINY), "--timing-only", "--set", f"output.dir={tmp_path}"]) == 0
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert json.loads((run_dir / "summary.json").read_text())["timing_only"] is True
