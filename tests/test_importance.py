@@ -287,3 +287,33 @@ def test_probe_backward_flops_match_flop_counter(name, ranks):
     # The probe costs more than a plain step: every frozen projection's weight gradient is paid.
     assert server > costs.backward_flops(spec, SPLIT, n, PROBE_BATCH, PROBE_SEQ, ranks, head=True,
                                          input_requires_grad=True)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "smollm2-135m"])
+def test_segment_memory_is_the_cost_model(name):
+    spec = costs.ModelSpec.from_hf_config(BUILTIN_MODELS[name])
+    rng = random.Random(0)
+    for _ in range(50):
+        split = rng.randint(1, spec.n_layers - 1)
+        ranks = {}
+        for key in iwi.candidate_weights(spec, 0, split):
+            if rng.random() < 0.3:
+                layer, module = iwi.parse_key(key)
+                ranks.setdefault(layer, {})[module] = rng.choice([1, 4, 16])
+        assert iwi.segment_memory(spec, split, 2, 16)(ranks) == costs.training_memory_bytes(
+            spec, 0, split, 2, 16, ranks, embeddings=True, head=False)
+
+
+def test_a_time_budget_bounds_the_client_compute():
+    spec = costs.ModelSpec.from_hf_config(BUILTIN_MODELS["tiny-llama"])
+    keys = iwi.candidate_weights(spec, 0, spec.n_layers)
+    importance = {k: 1.0 + i for i, k in enumerate(keys)}
+    cost = {k: iwi.weight_cost(spec, k, 8, 2, 16) for k in keys}
+    splits = list(range(1, spec.n_layers))
+    free_split, free_ranks = iwi.configure_client(spec, importance, cost, 1e12, Q, 2, 16, splits)
+    free = iwi.client_flops(spec, free_split, 2, 16, free_ranks)
+    for share in (0.9, 0.5, 0.3):
+        found = iwi.configure_client(spec, importance, cost, 1e12, Q, 2, 16, splits, budget_flops=share * free)
+        if found is not None:
+            assert iwi.client_flops(spec, found[0], 2, 16, found[1]) <= share * free
+    assert iwi.configure_client(spec, importance, cost, 1e12, Q, 2, 16, splits, budget_flops=1.0) is None

@@ -53,12 +53,15 @@ class HSplitLoRA(SplitProtocol):
                                    scenario.data.max_length) for k in keys}
 
     @classmethod
-    def solve(cls, scenario, spec, budget_bytes: float, importance: dict[str, float], cost: dict[str, float],
+    def solve(cls, scenario, spec, client, importance: dict[str, float], cost: dict[str, float],
               splits: list[int]) -> ClientPlan | None:
         """A client's plan: ARMSC on the client side, importance quantiles on the server side."""
         algo = scenario.algorithm
-        found = iwi.configure_client(spec, importance, cost, budget_bytes, algo.rank_set,
-                                     scenario.training.batch_size, scenario.data.max_length, splits)
+        budget_flops = None
+        if algo.time_budget_s is not None:
+            budget_flops = algo.time_budget_s * client.device.tflops * 1e12 * client.device.efficiency
+        found = iwi.configure_client(spec, importance, cost, client.memory_budget_gb * GB, algo.rank_set,
+                                     scenario.training.batch_size, scenario.data.max_length, splits, budget_flops)
         if found is None or not found[1]:
             return None
         split, client_ranks = found
@@ -84,7 +87,7 @@ class HSplitLoRA(SplitProtocol):
         cost = cls.weight_costs(scenario, spec)
         uniform = {k: 1.0 for k in cost}
         splits = list(range(1, spec.n_layers))
-        return [cls.solve(scenario, spec, c.memory_budget_gb * GB, uniform, cost, splits) for c in clients]
+        return [cls.solve(scenario, spec, c, uniform, cost, splits) for c in clients]
 
     @classmethod
     def check_memory(cls, scenario, spec, clients, server_device) -> None:
@@ -92,7 +95,9 @@ class HSplitLoRA(SplitProtocol):
             if plan is None:
                 raise ScenarioError(
                     f"clients.{client.group}: client {client.index} ({client.device.name}) cannot hold even one "
-                    f"block with an adapter within its memory budget of {client.memory_budget_gb:g} GB")
+                    f"block with an adapter within its memory budget of {client.memory_budget_gb:g} GB"
+                    + ("" if scenario.algorithm.time_budget_s is None
+                       else f" and algorithm.time_budget_s of {scenario.algorithm.time_budget_s:g} s"))
         everything = {layer: {m: max(scenario.algorithm.rank_set) for m in modules}
                       for layer, modules in costs.uniform_ranks(spec, list(costs.TARGET_MODULES[spec.family]),
                                                                 range(spec.n_layers), 1).items()}
@@ -240,7 +245,7 @@ class HSplitLoRA(SplitProtocol):
             share = iwi.client_side_share(self.importance, plan.split)
             resplit = abs(share - self.shares[client.index]) > algo.resplit_threshold
             splits = list(range(1, ctx.spec.n_layers)) if resplit else [plan.split]
-            solved = self.solve(ctx.scenario, ctx.spec, client.memory_budget_gb * GB, self.importance, self.cost,
+            solved = self.solve(ctx.scenario, ctx.spec, client, self.importance, self.cost,
                                 splits) or plan
             if solved.split != plan.split:
                 self.shares[client.index] = iwi.client_side_share(self.importance, solved.split)

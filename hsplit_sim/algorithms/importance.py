@@ -76,8 +76,9 @@ def score(ranks: costs.Ranks, importance: dict[str, float], rank_set: list[int])
 
 def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: dict[str, float],
                      budget_bytes: float, rank_set: list[int], batch: int, seq: int,
-                     splits: list[int]) -> tuple[int, costs.Ranks] | None:
-    """ARMSC for one client: the best (split, client-side ranks) within its memory budget; ties go deeper.
+                     splits: list[int], budget_flops: float | None = None) -> tuple[int, costs.Ranks] | None:
+    """ARMSC for one client: the best (split, client-side ranks) within its memory budget (and, if given, a
+    per-iteration compute budget: forward plus backward FLOPs of its segment); ties go deeper.
 
     splits: the split points to consider (all of them, or only the current one when not re-splitting).
     None when no split holds even the bare segment.
@@ -89,9 +90,12 @@ def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: 
     """
     best = None
     for split in sorted(splits):
-        def fits(ranks, split=split):
-            return costs.training_memory_bytes(spec, 0, split, batch, seq, ranks, embeddings=True,
-                                               head=False) <= budget_bytes
+        memory = segment_memory(spec, split, batch, seq)
+
+        def fits(ranks, split=split, memory=memory):
+            if memory(ranks) > budget_bytes:
+                return False
+            return budget_flops is None or client_flops(spec, split, batch, seq, ranks) <= budget_flops
 
         if not fits({}):
             break
@@ -101,6 +105,33 @@ def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: 
             if best is None or value >= best[0]:
                 best = (value, split, ranks)
     return None if best is None else (best[1], best[2])
+
+
+def segment_memory(spec: costs.ModelSpec, split: int, batch: int, seq: int):
+    """costs.training_memory_bytes of the client segment as a fast function of its ranks (ARMSC calls it
+    hundreds of thousands of times): the bare segment, plus the activations saved from the first adapted
+    block on, plus 16 bytes per adapter parameter."""
+    bare = costs.training_memory_bytes(spec, 0, split, batch, seq, {}, embeddings=True, head=False)
+    probe = next(iter(costs.TARGET_MODULES[spec.family].values()))
+    saved = [costs.training_memory_bytes(spec, 0, split, batch, seq, {first: {probe: 1}}, embeddings=True,
+                                         head=False) - bare - 16 * costs.adapter_params(spec, {first: {probe: 1}})
+             for first in range(split)]
+    sizes = {m: sum(costs.module_shape(spec, m)) for m in set(costs.TARGET_MODULES[spec.family].values())}
+
+    def memory(ranks: costs.Ranks) -> int:
+        adapted = [layer for layer, modules in ranks.items() if any(modules.values())]
+        if not adapted:
+            return bare
+        params = sum(rank * sizes[m] for modules in ranks.values() for m, rank in modules.items())
+        return bare + saved[min(adapted)] + 16 * params
+
+    return memory
+
+
+def client_flops(spec: costs.ModelSpec, split: int, batch: int, seq: int, ranks: costs.Ranks) -> int:
+    """A client's compute in one local iteration: forward and backward of its segment."""
+    return (costs.forward_flops(spec, 0, split, batch, seq, ranks, head=False)
+            + costs.backward_flops(spec, 0, split, batch, seq, ranks, head=False, input_requires_grad=False))
 
 
 def server_ranks(keys: list[str], importance: dict[str, float], cost: dict[str, float],

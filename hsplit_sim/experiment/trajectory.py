@@ -58,6 +58,9 @@ def training_inputs(scenario: Scenario) -> dict:
     return {"version": KEY_VERSION, "seed": data["seed"], "model": data["model"], "data": data["data"],
             "algorithm": data["algorithm"], "training": data["training"],
             "memory_budgets_gb": [c.memory_budget_gb for c in expanded_clients(scenario)],
+            # A time budget makes HSplitLoRA's plans depend on each client's compute rate.
+            "client_rates": None if scenario.algorithm.time_budget_s is None else
+            [c.device.tflops * c.device.efficiency for c in expanded_clients(scenario)],
             "torch_device": data["runtime"]["torch_device"]}
 
 

@@ -117,6 +117,9 @@ class AlgorithmSpec(_Strict):
     )
     resplit_threshold: float = Field(0.1, ge=0, description="HSplitLoRA re-splits when the client side's share "
                                      "of importance moves by more than this")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="HSplitLoRA: longest client compute per local iteration (forward and backward of "
+        "its segment on its device), seconds; none: memory alone bounds a client's plan")
     iwi: bool = Field(True, description="HSplitLoRA ablation switch: important weight identification")
     armsc: bool = Field(True, description="HSplitLoRA ablation switch: adaptive rank and split configuration")
     naa: bool = Field(True, description="HSplitLoRA ablation switch: noise-free adapter aggregation")
