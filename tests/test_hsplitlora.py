@@ -163,7 +163,7 @@ def plans_by_round(sc, tables) -> dict[tuple[int, int], object]:
             previous = importance[importance["round"] == r - 1]
             smoothed = {iwi.weight_key(layer, m): v for layer, m, v in
                         zip(previous["layer"], previous["module"], previous["smoothed"])}
-            plans[r, c.index] = HSplitLoRA.solve(sc, spec, c.memory_budget_gb * 1e9, smoothed, cost,
+            plans[r, c.index] = HSplitLoRA.solve(sc, spec, c, smoothed, cost,
                                                  [split_in_force(tables, r, c.index)])
     return plans
 

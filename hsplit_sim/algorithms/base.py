@@ -138,5 +138,26 @@ class Algorithm:
         """Further tables of the run directory, by name (HSplitLoRA's importance per weight and round)."""
         return {}
 
+    def client_adapter(self, client: int) -> str:
+        """The name of a client's adapter on its worker."""
+        return f"c{client}"
+
+    def adapter_bytes(self, client: int) -> int:
+        """The cost model's size of a client's adapter (what it uploads)."""
+        raise NotImplementedError
+
+    def upload_adapter(self, round_index: int, client, into: dict):
+        """The client's adapter goes up its link to the aggregator."""
+        ctx, k = self.ctx, client.index
+        nbytes = self.adapter_bytes(k)
+        if ctx.real:
+            reply = ctx.worker_of(k).call("get_adapter", client=k, args={"adapter": self.client_adapter(k)})
+            checked_bytes(reply, nbytes, "adapter upload")
+            into[k] = dict(reply.tensors)
+        ctx.stats.bytes_up += nbytes
+        yield from ctx.sim.hold(round_index, k, "adapter_upload", f"client{k}.up",
+                                costs.transfer_seconds(nbytes, client.link.up_mbps, client.link.latency_ms),
+                                nbytes=nbytes)
+
     def compute_seconds(self, flops: float, device) -> float:
         return costs.compute_seconds(flops, device.tflops, device.efficiency)

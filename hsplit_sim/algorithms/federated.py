@@ -127,7 +127,7 @@ class Federated(Algorithm):
             return
         training = self.ctx.scenario.training
         self.ctx.worker_of(client).call("configure", client=client, args={
-            "adapter": f"c{client}", "alpha": self.ctx.scenario.algorithm.alpha, "lr": training.lr,
+            "adapter": self.client_adapter(client), "alpha": self.ctx.scenario.algorithm.alpha, "lr": training.lr,
             "weight_decay": training.weight_decay, "ranks": ranks_to_wire(self.rank_layout(self.ranks[client]))})
 
     def active_clients(self):
@@ -177,22 +177,13 @@ class Federated(Algorithm):
             if ctx.real:
                 batch = batch_indices(ctx.partitions[k], ctx.batch, (round_index - 1) * steps + step,
                                       ctx.scenario.seed)
-                reply = ctx.worker_of(k).call("full_step", client=k, args={"adapter": f"c{k}"},
+                reply = ctx.worker_of(k).call("full_step", client=k, args={"adapter": self.client_adapter(k)},
                                               tensors={"batch": batch})
                 ctx.stats.losses.append(reply.header["result"]["loss"])
             yield from ctx.sim.hold(round_index, k, "client_step", f"client{k}", seconds, flops=self.step_flops[k])
 
-    def upload_adapter(self, round_index: int, client, into: dict):
-        ctx, k = self.ctx, client.index
-        nbytes = costs.adapter_bytes(ctx.spec, self.rank_layout(self.ranks[k]))
-        if ctx.real:
-            reply = ctx.worker_of(k).call("get_adapter", client=k, args={"adapter": f"c{k}"})
-            checked_bytes(reply, nbytes, "adapter upload")
-            into[k] = dict(reply.tensors)
-        ctx.stats.bytes_up += nbytes
-        yield from ctx.sim.hold(round_index, k, "adapter_upload", f"client{k}.up",
-                                costs.transfer_seconds(nbytes, client.link.up_mbps, client.link.latency_ms),
-                                nbytes=nbytes)
+    def adapter_bytes(self, client: int) -> int:
+        return costs.adapter_bytes(self.ctx.spec, self.rank_layout(self.ranks[client]))
 
     def aggregate(self, clients, adapters: list[dict[str, np.ndarray]], weights: np.ndarray) -> Outcome:
         raise NotImplementedError

@@ -79,9 +79,6 @@ class SplitProtocol(Algorithm):
 
     plans: list[ClientPlan]
 
-    def client_adapter(self, client: int) -> str:
-        return f"c{client}"
-
     def server_adapter(self, client: int) -> str:
         raise NotImplementedError
 
@@ -221,18 +218,8 @@ class SplitProtocol(Algorithm):
         ctx.stats.bytes_up += steps * up_bytes
         ctx.stats.bytes_down += steps * down_bytes
 
-    def upload_adapter(self, round_index: int, client, into: dict):
-        """The client's adapter goes up its link to the aggregator."""
-        ctx, k = self.ctx, client.index
-        nbytes = self.plan_costs(k).adapter
-        if ctx.real:
-            reply = ctx.worker_of(k).call("get_adapter", client=k, args={"adapter": self.client_adapter(k)})
-            checked_bytes(reply, nbytes, "adapter upload")
-            into[k] = dict(reply.tensors)
-        ctx.stats.bytes_up += nbytes
-        yield from ctx.sim.hold(round_index, k, "adapter_upload", f"client{k}.up",
-                                costs.transfer_seconds(nbytes, client.link.up_mbps, client.link.latency_ms),
-                                nbytes=nbytes)
+    def adapter_bytes(self, client: int) -> int:
+        return self.plan_costs(client).adapter
 
     def upload_adapters(self, round_index: int, into: dict):
         return self.ctx.sim.all_of(self.upload_adapter(round_index, c, into) for c in self.active_clients())
