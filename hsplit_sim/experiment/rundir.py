@@ -71,10 +71,6 @@ class RunWriter:
     def write_rounds(self, rows: list[dict]) -> None:
         self.write_table("rounds", rows, csv=True)
 
-    def write_events(self, events: list[tuple]) -> None:
-        """All events at once (a small run, or a table rebuilt after the fact)."""
-        self._replace("events.parquet", lambda p: pq.write_table(events_table(events), p))
-
     def append_events(self, rows: list[tuple]) -> None:
         """One more part of the events table (a round's rows); nothing is rewritten."""
         if rows:
@@ -112,9 +108,6 @@ class RunWriter:
 
     def finish_events(self) -> None:
         self.finish_parts("events", EVENT_SCHEMA)
-
-    def write_clients(self, rows: list[dict]) -> None:
-        self.write_table("clients", rows)
 
     def write_summary(self, summary: dict) -> None:
         self._replace("summary.json", lambda p: p.write_text(json.dumps(summary, indent=2, default=float) + "\n"))
