@@ -10,6 +10,8 @@ import pandas as pd
 # Waiting is not work: it counts neither as busy time nor as a device's own activity.
 WAIT_KINDS = {"server_queue"}
 BREAKDOWN = ("compute", "upload", "server queue", "server", "download", "idle")
+# The E2E challenge's scores of decoded test texts (analysis/textmetrics.py), in the order tables show them.
+GENERATION_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
 
 
 def time_to_target(rounds: pd.DataFrame, target: float) -> float:

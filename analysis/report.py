@@ -19,17 +19,21 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from analysis.load import Run, load_run  # noqa: E402
-from analysis.metrics import BREAKDOWN, bytes_per_round, time_breakdown  # noqa: E402
+from analysis.metrics import BREAKDOWN, GENERATION_METRICS, bytes_per_round, time_breakdown  # noqa: E402
 from analysis.plots import STYLE, _save, _time_unit, plot_perplexity, plot_timeline  # noqa: E402
 
 BREAKDOWN_COLORS = {"compute": "#1f77b4", "upload": "#ff7f0e", "server queue": "#bdbdbd", "server": "#d62728",
                     "download": "#ffbb78", "idle": "#f0f0f0"}
 METRICS = {"final_eval_ppl": "Final evaluation perplexity", "time_to_target_s": "Time to target perplexity"}
+TIMING_METRICS = {"sim_time_s": "Simulated time"}  # a timing-only sweep trained nothing: no perplexity
+RESULT_COLUMNS = ("status", "final_eval_ppl", "time_to_target_s", "sim_time_s", "bytes_up", "bytes_down",
+                  *GENERATION_METRICS)
 MAX_LINES = 8  # more curves than this on one axis stop being readable
 
 
 def load_sweep(path: str | Path) -> pd.DataFrame:
-    """The sweep table, one row per point; attrs hold axes, zip_axes, target_ppl, name and the directory."""
+    """The sweep table, one row per point; attrs hold axes, zip_axes, target_ppl, reference (published figures
+    or None), name and the directory."""
     sweep_dir = Path(path)
     parquet, csv = sweep_dir / "sweep.parquet", sweep_dir / "sweep.csv"
     if parquet.is_file():
@@ -44,6 +48,7 @@ def load_sweep(path: str | Path) -> pd.DataFrame:
     table.attrs.update(
         path=str(sweep_dir), name=resolved.get("name", sweep_dir.name), axes=resolved.get("axes", []),
         zip_axes=resolved.get("zip_axes", []), target_ppl=float(target.iloc[0]) if not target.empty else math.nan,
+        reference=resolved.get("reference"),
     )
     return table
 
@@ -75,22 +80,31 @@ def _sweep_sections(table: pd.DataFrame, out: Path) -> tuple[str, list]:
         if isinstance(run_dir, str) and (sweep_dir / run_dir).is_dir():
             runs[label] = load_run(sweep_dir / run_dir)
     target = table.attrs["target_ppl"]
-    sections = [
-        ("Perplexity against simulated time", "One line per point.", _perplexity_lines(runs, out / "perplexity")),
-        ("Time to target perplexity", f"Target: perplexity {target:.4g} "
-         + ("(from the sweep file)." if _target_given(sweep_dir)
-            else "(the worst final perplexity among completed points, so every completed point reaches it)."),
-         _time_to_target_bars(table, labels, out / "time_to_target")),
-    ]
+    metrics = METRICS if table["final_eval_ppl"].notna().any() else TIMING_METRICS
+    if metrics is METRICS:
+        sections = [
+            ("Perplexity against simulated time", "One line per point.", _perplexity_lines(runs, out / "perplexity")),
+            ("Time to target perplexity", f"Target: perplexity {target:.4g} "
+             + ("(from the sweep file)." if _target_given(sweep_dir)
+                else "(the worst final perplexity among completed points, so every completed point reaches it)."),
+             _time_to_target_bars(table, labels, out / "time_to_target")),
+        ]
+    else:
+        sections = [("Perplexity", "No point trained (a timing-only sweep): the figures below show simulated time.",
+                     "")]
+    sections.append(("Results", "One row per point; generation scores on the test set where the run decoded it.",
+                     _results_html(table, labels)))
+    if table.attrs.get("reference"):
+        sections.append(_reference_section(table, table.attrs["reference"]))
     for i, factor in enumerate(factors):
         others = [f for f in factors if f is not factor]
         sections.append((f"Final metrics against {_factor_name(factor)}",
                          "Mean over seeds" + (f"; one line per {', '.join(_factor_name(f) for f in others)}."
                                               if others else "."),
-                         _metric_lines(table, factor, others, out / f"axis_{i}")))
+                         _metric_lines(table, factor, others, metrics, out / f"axis_{i}")))
     if len(factors) == 2:
         sections.append(("Final metrics over both axes", "Mean over seeds.",
-                         _heatmaps(table, factors, out / "heatmap")))
+                         _heatmaps(table, factors, metrics, out / "heatmap")))
     sections += [
         ("Bytes per round", "Sum over all clients of what crossed the links in each training round.",
          _bytes_lines(runs, out / "bytes_per_round")),
@@ -192,36 +206,38 @@ def _time_to_target_bars(table: pd.DataFrame, labels: list[str], out_base: Path)
         return _save(fig, out_base)
 
 
-def _means(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+def _means(table: pd.DataFrame, keys: list[str], metrics: dict[str, str]) -> pd.DataFrame:
     done = table[table["status"] == "completed"]
-    return done.groupby(keys, sort=False)[list(METRICS)].mean().reset_index()
+    return done.groupby(keys, sort=False)[list(metrics)].mean().reset_index()
 
 
 def _numeric(values: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
 
 
-def _metric_lines(table: pd.DataFrame, factor: list[str], others: list[list[str]], out_base: Path) -> list[Path]:
+def _metric_lines(table: pd.DataFrame, factor: list[str], others: list[list[str]], metrics: dict[str, str],
+                  out_base: Path) -> list[Path]:
     """Each metric against one factor; one line per combination of the other factors (capped, else averaged)."""
     other_axes = [a for f in others for a in f]
     if other_axes and table.groupby(other_axes).ngroups > MAX_LINES:
         other_axes = []
-    means = _means(table, factor + other_axes)
+    means = _means(table, factor + other_axes, metrics)
     if means.empty:
         return []
     x_axis = factor[0]
     numeric = _numeric(means[x_axis])
     categories = list(dict.fromkeys(table[x_axis]))
     groups = list(means.groupby(other_axes, sort=False)) if other_axes else [((), means)]
-    max_time = means["time_to_target_s"].max()
+    max_time = max(means[m].max() for m in metrics if m.endswith("_s"))
     scale, unit = _time_unit(max_time if not math.isnan(max_time) else 1.0)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.0))
-        for ax, (metric, name) in zip(axes, METRICS.items()):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.0 * len(metrics), 3.0), squeeze=False)
+        axes = axes[0]
+        for ax, (metric, name) in zip(axes, metrics.items()):
             for i, (key, rows) in enumerate(groups):
                 key = key if isinstance(key, tuple) else (key,)
                 x = rows[x_axis] if numeric else [categories.index(v) for v in rows[x_axis]]
-                y = rows[metric] / (scale if metric == "time_to_target_s" else 1.0)
+                y = rows[metric] / (scale if metric.endswith("_s") else 1.0)
                 label = ", ".join(f"{_short(a)}={_value(v)}" if _short(a) != "algorithm" else _value(v)
                                   for a, v in zip(other_axes, key)) or None
                 ax.plot(x, y, marker="osD^v"[i % 5], markersize=4, linewidth=1.5, label=label)
@@ -233,10 +249,10 @@ def _metric_lines(table: pd.DataFrame, factor: list[str], others: list[list[str]
             elif not numeric:
                 ax.set_xticks(range(len(categories)), [_value(c) for c in categories])
             ax.set_xlabel(_axis_label(factor, table))
-            ax.set_ylabel(name + (f" ({unit})" if metric == "time_to_target_s" else ""))
+            ax.set_ylabel(name + (f" ({unit})" if metric.endswith("_s") else ""))
             ax.grid(True, alpha=0.3)
         if other_axes:
-            axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+            axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         fig.tight_layout()
         return _save(fig, out_base)
 
@@ -252,19 +268,20 @@ def _axis_label(factor: list[str], table: pd.DataFrame) -> str:
     return first + (f" (with {', '.join(factor[1:])})" if len(factor) > 1 else "")
 
 
-def _heatmaps(table: pd.DataFrame, factors: list[list[str]], out_base: Path) -> list[Path]:
+def _heatmaps(table: pd.DataFrame, factors: list[list[str]], metrics: dict[str, str], out_base: Path) -> list[Path]:
     row_axis, col_axis = factors[0][0], factors[1][0]
-    means = _means(table, [row_axis, col_axis])
+    means = _means(table, [row_axis, col_axis], metrics)
     if means.empty:
         return []
     rows, cols = list(dict.fromkeys(table[row_axis])), list(dict.fromkeys(table[col_axis]))
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, 2, figsize=(8.5, 0.9 + 0.45 * len(rows)))
-        for ax, (metric, name) in zip(axes, METRICS.items()):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.25 * len(metrics), 0.9 + 0.45 * len(rows)),
+                                 squeeze=False)
+        for ax, (metric, name) in zip(axes[0], metrics.items()):
             grid = means.pivot(index=row_axis, columns=col_axis, values=metric).reindex(index=rows, columns=cols)
             values = grid.to_numpy(dtype=float)
             unit = ""
-            if metric == "time_to_target_s" and not np.isnan(values).all():
+            if metric.endswith("_s") and not np.isnan(values).all():
                 scale, unit = _time_unit(np.nanmax(values))
                 values, unit = values / scale, f" ({unit})"
             image = ax.imshow(values, cmap="viridis_r", aspect="auto")
@@ -407,8 +424,37 @@ def _run_sections(run: Run, out: Path) -> list:
 
 # --- the page ---------------------------------------------------------------------------------------------------
 
+def _results_html(table: pd.DataFrame, labels: list[str]) -> str:
+    """The comparison a reader looks for first: quality, time and traffic per point, empty columns left out."""
+    shown = table[[c for c in RESULT_COLUMNS if c in table]].copy()
+    shown.insert(0, "point", labels)
+    return _table_html(shown)
+
+
+def _reference_section(table: pd.DataFrame, reference: dict) -> tuple:
+    """Each baseline's time to target over the method's, beside the ratio the source reports; then the source's
+    other claims, verbatim."""
+    done = table[table["status"] == "completed"]
+    times = done.groupby("algorithm.name")["time_to_target_s"].mean()
+    method = reference["method"]
+    own = times.get(method, math.nan)
+    rows = [{"baseline": baseline, "published speed-up": published,
+             "measured speed-up": times.get(baseline, math.nan) / own,
+             "baseline's time to target (s)": times.get(baseline, math.nan)}
+            for baseline, published in reference["speedup"].items()]
+    content = _table_html(pd.DataFrame(rows)) if rows else ""
+    if reference["claims"]:
+        content += "<p>The source also reports:</p><ul>" + "".join(
+            f"<li>{html.escape(claim)}</li>" for claim in reference["claims"]) + "</ul>"
+    note = (f"Source: {reference['source']}. Speed-up = the baseline's time to target perplexity / {method}'s "
+            f"({_seconds(own) if not math.isnan(own) else 'not reached'} here); above 1 means {method} is faster. "
+            "Published figures are for the source's models and hardware: compare the ordering, not the values.")
+    return ("Against the published figures", note, content)
+
+
 def _table_html(table: pd.DataFrame) -> str:
-    shown = table.drop(columns=[c for c in ("run_dir",) if c in table])
+    """Columns that are empty throughout (e.g. scores of runs that decoded nothing) are left out."""
+    shown = table.drop(columns=[c for c in ("run_dir",) if c in table]).dropna(axis=1, how="all")
     return shown.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}")
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import sacrebleu
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
+from analysis.metrics import GENERATION_METRICS
+
 _TOKENIZER_13A = Tokenizer13a()
 
 # Tokens the MS-COCO (PTB) tokenizer removes, as they come out of the mteval-v13a tokenizer.
@@ -229,7 +231,7 @@ def meteor(hypotheses: list[str], references: list[list[str]]) -> float:
         return float(receive())
 
 
-_METRICS = {"bleu": bleu, "nist": nist, "meteor": meteor, "rouge_l": rouge_l, "cider": cider}
+_METRICS = dict(zip(GENERATION_METRICS, (bleu, nist, meteor, rouge_l, cider)))
 
 
 def score_corpus(hypotheses: list[str], references: list[list[str]]) -> dict[str, float]:

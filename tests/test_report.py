@@ -42,7 +42,8 @@ def make_run(run_dir: Path, speed: float, algorithm: str) -> None:
         final_eval_ppl=ppl[-1], best_eval_ppl=ppl[-1])))
 
 
-def make_sweep(sweep_dir: Path) -> None:
+def make_sweep(sweep_dir: Path, trained: bool = True, reference: dict | None = None) -> None:
+    """2 algorithms x 3 uplinks and a failed point; untrained points have no perplexity (timing-only)."""
     rows = []
     for algorithm in ("splitlora", "hsplitlora"):
         for up in (1, 8, 64):
@@ -52,14 +53,20 @@ def make_sweep(sweep_dir: Path) -> None:
             summary = json.loads((run_dir / "summary.json").read_text())
             rows.append({"point": point, "seed": 0, "algorithm.name": algorithm, "clients.0.link.up_mbps": up,
                          "status": "completed", "error": None, "target_ppl": 110.0,
-                         "final_eval_ppl": summary["final_eval_ppl"], "best_eval_ppl": summary["best_eval_ppl"],
-                         "time_to_target_s": summary["sim_time_s"] / 2, "sim_time_s": summary["sim_time_s"],
+                         "final_eval_ppl": summary["final_eval_ppl"] if trained else None,
+                         "best_eval_ppl": summary["best_eval_ppl"] if trained else None,
+                         "time_to_target_s": summary["sim_time_s"] / 2 if trained else None,
+                         "sim_time_s": summary["sim_time_s"], "bleu": 0.4 if trained else None,
                          "run_dir": str(run_dir.relative_to(sweep_dir))})
+            if not trained:
+                rounds = pd.read_parquet(run_dir / "rounds.parquet").assign(eval_ppl=float("nan"))
+                rounds.to_parquet(run_dir / "rounds.parquet", index=False)
     rows.append({**rows[0], "point": "broken-def456", "algorithm.name": "ft", "status": "failed",
                  "error": "worker died", "final_eval_ppl": None, "time_to_target_s": None, "run_dir": None})
     pd.DataFrame(rows).to_parquet(sweep_dir / "sweep.parquet", index=False)
     (sweep_dir / "sweep.resolved.yaml").write_text(yaml.safe_dump(
-        {"name": "bw", "axes": ["algorithm.name", "clients.0.link.up_mbps"], "zip_axes": [], "target_ppl": None}))
+        {"name": "bw", "axes": ["algorithm.name", "clients.0.link.up_mbps"], "zip_axes": [], "target_ppl": None,
+         "reference": reference}))
 
 
 def figures(page: Path) -> set[str]:
@@ -77,6 +84,28 @@ def test_sweep_report_draws_every_figure(tmp_path):
     assert figures(page) == SWEEP_FIGURES
     text = page.read_text()
     assert text.count("<svg") == len(SWEEP_FIGURES) and "worker died" in text and "src=" not in text
+
+
+def test_sweep_report_sets_measured_beside_published(tmp_path):
+    make_sweep(tmp_path, reference={"source": "the paper, Fig. 5", "method": "hsplitlora",
+                                    "speedup": {"splitlora": 1.5, "ft": 1.4},
+                                    "claims": ["SplitLoRA degrades under heterogeneity."]})
+    text = report(tmp_path).read_text()
+    table = load_sweep(tmp_path)
+    times = table[table["status"] == "completed"].groupby("algorithm.name")["time_to_target_s"].mean()
+    measured = times["splitlora"] / times["hsplitlora"]
+    assert "Against the published figures" in text and "the paper, Fig. 5" in text
+    assert "<li>SplitLoRA degrades under heterogeneity.</li>" in text
+    assert f"{measured:.4g}" in text  # splitlora's measured speed-up; ft failed, so it has none
+    assert "<th>bleu</th>" in text  # the results table shows generation scores
+
+
+def test_timing_only_sweep_report_shows_time_not_perplexity(tmp_path):
+    make_sweep(tmp_path, trained=False)
+    page = report(tmp_path)
+    assert figures(page) == SWEEP_FIGURES - {"perplexity", "time_to_target"}
+    text = page.read_text()
+    assert "timing-only" in text and "Simulated time" in text and "<th>bleu</th>" not in text
 
 
 def test_run_report_draws_every_figure(tmp_path):

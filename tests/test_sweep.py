@@ -1,5 +1,7 @@
 """Sweeps: expansion and validation of sweep files, and a real tiny sweep that fails a point and resumes."""
 
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import yaml
 
 from analysis import report
 from hsplit_sim.errors import ScenarioError
-from hsplit_sim.experiment.sweep import load_sweep_file, run_sweep
+from hsplit_sim.experiment.sweep import Point, load_sweep_file, point_result, run_sweep
 
 TINY = Path(__file__).resolve().parents[1] / "scenarios" / "tiny.yaml"
 
@@ -56,12 +58,37 @@ def test_inline_base_and_set(tmp_path):
     ({"zip": {"clients.0.count": [1, 2], "clients.1.count": [1]}}, ["zip", "equal lengths"]),
     ({"grid": {"training.rounds": 3}}, ["grid.training.rounds", "list"]),
     ({"axes": {}}, ["axes", "unknown key"]),
+    ({"grid": {"algorithm.name": ["splitlora"]}, "reference": {"source": "x", "method": "splitlora"}},
+     ["reference", "source, method, and speedup or claims"]),
+    ({"grid": {"algorithm.name": ["splitlora", "cenlora"]},
+      "reference": {"source": "x", "method": "hsplitlora", "speedup": {"cenlora": 1.3}}},
+     ["reference", "'hsplitlora' is not an algorithm.name of the grid"]),
+    ({"grid": {"algorithm.name": ["splitlora", "cenlora"]},
+      "reference": {"source": "x", "method": "splitlora", "speedup": {"cenlora": -1}}},
+     ["reference.speedup", "positive numbers"]),
 ])
 def test_bad_sweeps_fail_up_front(tmp_path, spec, fragments):
     with pytest.raises(ScenarioError) as error:
         load_sweep_file(sweep_file(tmp_path, **spec))
     for fragment in fragments:
         assert fragment in str(error.value)
+
+
+def test_reference_is_kept_for_the_report(tmp_path):
+    reference = {"source": "a paper, Table 2", "method": "splitlora", "speedup": {"cenlora": 4.7}}
+    path = sweep_file(tmp_path, grid={"algorithm.name": ["splitlora", "cenlora"]}, reference=reference)
+    assert load_sweep_file(path).reference == {**reference, "claims": []}
+
+
+def test_point_row_carries_generation_scores(tmp_path):
+    run_dir = tmp_path / "points" / "p-abc123" / "p-abc123-20260101-000000"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({
+        "status": "completed", "final_eval_ppl": 4.0, "best_eval_ppl": 3.9, "sim_time_s": 2.0,
+        "generation": {"bleu": 0.5, "rouge_l": 0.6}, "generation_unavailable": {"meteor": "no java"}}))
+    row, _ = point_result(tmp_path, Point("p-abc123", {}, 0, {}))
+    assert (row["bleu"], row["rouge_l"], row["final_eval_ppl"]) == (0.5, 0.6, 4.0)
+    assert math.isnan(row["meteor"]) and math.isnan(row["cider"])
 
 
 def test_missing_base_names_the_file(tmp_path):

@@ -34,12 +34,12 @@ import pandas as pd
 import yaml
 from rich.console import Console
 
-from analysis.metrics import time_to_target, utilisation
+from analysis.metrics import GENERATION_METRICS, time_to_target, utilisation
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario import apply_override, scenario_from_dict
 from hsplit_sim.scenario.load import _yaml_problem
 
-SWEEP_KEYS = ("name", "base", "set", "grid", "zip", "seeds", "target_ppl")
+SWEEP_KEYS = ("name", "base", "set", "grid", "zip", "seeds", "target_ppl", "reference")
 TABLE = "sweep"
 INTERRUPT_GRACE_S = 30
 
@@ -64,6 +64,7 @@ class Sweep:
     target_ppl: float | None
     output_dir: str
     overrides: list[str] = field(default_factory=list)
+    reference: dict | None = None
 
 
 def load_sweep_file(path: str | Path, overrides: list[str] = ()) -> Sweep:
@@ -96,6 +97,8 @@ def load_sweep_file(path: str | Path, overrides: list[str] = ()) -> Sweep:
     target = spec.get("target_ppl")
     if target is not None and not (isinstance(target, (int, float)) and target > 0):
         raise ScenarioError(f"{path}: target_ppl: expected a positive number")
+    algorithms = grid.get("algorithm.name") or zipped.get("algorithm.name") or []
+    reference = _reference(path, spec.get("reference"), algorithms)
     name = str(spec.get("name") or path.stem)
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ScenarioError(f"{path}: name: {name!r} may hold only letters, digits and . _ -")
@@ -126,7 +129,7 @@ def load_sweep_file(path: str | Path, overrides: list[str] = ()) -> Sweep:
     axes = list(grid) + list(zipped) + (["seed"] if seeds is not None else [])
     output_dir = points[0].scenario["output"]["dir"]  # the base's: axes that move output.dir are not honoured
     return Sweep(name, str(path), axes, list(zipped), points, float(target) if target else None, output_dir,
-                 list(overrides))
+                 list(overrides), reference)
 
 
 def run_sweep(sweep: Sweep, resume: str | Path | None = None, processes: int | None = None,
@@ -288,6 +291,7 @@ class _Runner:
         resolved = {
             "name": self.sweep.name, "file": self.sweep.file, "overrides": self.sweep.overrides,
             "axes": self.sweep.axes, "zip_axes": self.sweep.zip_axes, "target_ppl": self.sweep.target_ppl,
+            "reference": self.sweep.reference,
             "processes": self.processes, "torch_threads": self.threads,
             "points": [{"id": p.id, "values": p.values, "seed": p.seed, "scenario": p.scenario}
                        for p in self.sweep.points],
@@ -329,7 +333,7 @@ def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
            "error": None,
            "final_eval_ppl": math.nan, "best_eval_ppl": math.nan, "sim_time_s": math.nan, "wall_time_s": math.nan,
            "bytes_up": math.nan, "bytes_down": math.nan, "util_server": math.nan, "util_clients_mean": math.nan,
-           "run_dir": None}
+           **{m: math.nan for m in GENERATION_METRICS}, "run_dir": None}
     empty = pd.DataFrame({"sim_time_s": [], "eval_ppl": []})
     runs = []
     for summary_file in point_dir.glob("*/summary.json"):
@@ -350,6 +354,8 @@ def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
     row.update(final_eval_ppl=summary.get("final_eval_ppl") or math.nan,
                best_eval_ppl=summary.get("best_eval_ppl") or math.nan,
                run_dir=str(run_dir.relative_to(sweep_dir)))
+    generation = summary.get("generation") or {}
+    row.update({m: generation.get(m, math.nan) for m in GENERATION_METRICS})
     curve = empty
     if (run_dir / "rounds.parquet").is_file():
         curve = pd.read_parquet(run_dir / "rounds.parquet", columns=["sim_time_s", "eval_ppl"])
@@ -406,8 +412,9 @@ def replay_source(point: Point, groups: dict[str, list[Point]], rows: dict[str, 
 
 def _columns(axes: list[str]) -> list[str]:
     return (["point", "seed"] + [a for a in axes if a != "seed"]
-            + ["status", "trajectory", "error", "target_ppl", "final_eval_ppl", "best_eval_ppl", "time_to_target_s", "sim_time_s",
-               "wall_time_s", "bytes_up", "bytes_down", "util_server", "util_clients_mean", "run_dir"])
+            + ["status", "trajectory", "error", "target_ppl", "final_eval_ppl", "best_eval_ppl", "time_to_target_s",
+               "sim_time_s", "wall_time_s", "bytes_up", "bytes_down", "util_server", "util_clients_mean", *GENERATION_METRICS,
+               "run_dir"])
 
 
 def _column(values: pd.Series) -> pd.Series:
@@ -423,6 +430,34 @@ def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
     return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+
+
+def _reference(path: Path, reference: Any, algorithms: list) -> dict | None:
+    """Published figures to set beside the measured ones. `speedup` maps each baseline to how many times longer
+    than `method` the source says it takes to converge (the report puts the measured ratio of times to target
+    beside each); `claims` are statements the source makes that one sweep cannot check alone."""
+    if reference is None:
+        return None
+    where = f"{path}: reference"
+    keys = {"source", "method", "speedup", "claims"}
+    if not isinstance(reference, dict) or not {"source", "method"} <= set(reference) <= keys \
+            or not {"speedup", "claims"} & set(reference):
+        raise ScenarioError(f"{where}: expected a mapping with source, method, and speedup or claims (or both)")
+    if not isinstance(reference["source"], str) or not reference["source"].strip():
+        raise ScenarioError(f"{where}.source: expected text saying where the figures come from")
+    speedup = reference.get("speedup", {})
+    if not isinstance(speedup, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in speedup.values()):
+        raise ScenarioError(f"{where}.speedup: expected a mapping of algorithm names to positive numbers")
+    claims = reference.get("claims", [])
+    if not isinstance(claims, list) or not all(isinstance(c, str) and c.strip() for c in claims):
+        raise ScenarioError(f"{where}.claims: expected a list of statements")
+    for name in (reference["method"], *speedup):
+        if name not in algorithms:
+            raise ScenarioError(f"{where}: {name!r} is not an algorithm.name of the grid "
+                                f"({', '.join(map(str, algorithms)) or 'none'})")
+    return {"source": reference["source"].strip(), "method": reference["method"],
+            "speedup": {str(k): float(v) for k, v in speedup.items()}, "claims": [c.strip() for c in claims]}
 
 
 def _point_id(values: dict, scenario: dict) -> str:
