@@ -9,11 +9,13 @@ import json
 import sys
 
 from hsplit_sim.errors import RunError, ScenarioError
+from hsplit_sim.runtime import stop
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; expected failures become one `error:` line and an exit status."""
     parser = _parser()
+    stop.install()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:

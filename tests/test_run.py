@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_devic
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+REPO = Path(__file__).resolve().parents[1]
 ROUNDS, LOCAL_STEPS, BATCH, SEQ, RANK = 2, 2, 2, 32, 4
 
 # Three identical clients (they reach the server together, so they queue) and one slow one.
@@ -280,27 +280,29 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_killed_worker_ends_the_run_cleanly(tmp_path):
+def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path | None]:
+    """A 30-round tiny run as `hsplit-sim run`, once it has written two rounds (else rounds.csv is None)."""
     data = json.loads(json.dumps(BASE))
     data["training"]["rounds"] = 30
     data["output"] = {"dir": str(tmp_path / "runs")}
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(data))
-    script = shutil.which("hsplit-sim") or str(Path(sys.executable).parent / "hsplit-sim")
-    command = ([script] if Path(script).exists()
-               else [sys.executable, "-c", "import sys; from hsplit_sim.cli import main; sys.exit(main(sys.argv[1:]))"])
-    process = subprocess.Popen(command + ["run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               stdin=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    process = subprocess.Popen([sys.executable, "-m", "hsplit_sim.cli", "run", str(path)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list((tmp_path / "runs").glob("*/rounds.csv"))
+        if found and len(pd.read_csv(found[0])) >= 2:
+            return process, found[0]
+        time.sleep(0.1)
+    return process, None
+
+
+def test_a_killed_worker_ends_the_run_cleanly(tmp_path):
+    process, rounds_csv = start_long_run(tmp_path)
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        rounds_csv = None
-        while time.monotonic() < deadline and process.poll() is None:
-            found = list((tmp_path / "runs").glob("*/rounds.csv"))
-            if found and len(pd.read_csv(found[0])) >= 2:
-                rounds_csv = found[0]
-                break
-            time.sleep(0.1)
         assert rounds_csv is not None, f"no two rounds before the deadline: {process.poll()}"
         workers = children(process.pid)
         client = [pid for pid in workers if "--name clients0" in cmdline(pid)]
@@ -335,3 +337,30 @@ def test_a_killed_worker_ends_the_run_cleanly(tmp_path):
     assert "died" in (run_dir / "log.txt").read_text()
     time.sleep(0.5)
     assert not [pid for pid in workers if alive(pid)], "worker processes outlived the run"
+
+
+def test_sigterm_interrupts_the_run_like_ctrl_c(tmp_path):
+    """A scheduler's kill must not leave a run directory that says "running", nor worker processes."""
+    process, rounds_csv = start_long_run(tmp_path)
+    workers: list[int] = []
+    try:
+        assert rounds_csv is not None, f"no two rounds before the deadline: {process.poll()}"
+        workers = children(process.pid)
+        process.terminate()
+        _, stderr = process.communicate(timeout=20)
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if alive(pid)]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+    assert process.returncode == 130, stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    summary = json.loads((rounds_csv.parent / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["rounds_completed"] >= 1  # round 0 is evaluation

@@ -3,6 +3,9 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +16,8 @@ from analysis import report
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.experiment.sweep import Point, load_sweep_file, point_result, run_sweep
 
-TINY = Path(__file__).resolve().parents[1] / "scenarios" / "tiny.yaml"
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "scenarios" / "tiny.yaml"
 
 
 def sweep_file(tmp_path: Path, **spec) -> Path:
@@ -133,3 +137,30 @@ def test_real_sweep_records_failure_resumes_and_reports(tmp_path):
 
     page = report(sweep_dir)
     assert {"perplexity", "time_to_target", "axis_0", "axis_1", "heatmap"} <= {p.stem for p in page.parent.glob("*.png")}
+
+
+def test_sigterm_stops_the_sweep_and_its_points(tmp_path):
+    """Points run in sessions of their own, so a killed sweep must pass the stop on or they run on orphaned."""
+    path = sweep_file(tmp_path, grid={"algorithm.name": ["splitlora"]})
+    runs = tmp_path / "runs"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hsplit_sim.cli", "sweep", str(path), "--set", "training.rounds=40",
+         "--set", f"output.dir={runs}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                len(pd.read_csv(f)) >= 2 for f in runs.glob("*/points/*/*/rounds.csv")):
+            time.sleep(0.2)
+        process.terminate()
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output.decode()
+    [summary] = [json.loads(f.read_text()) for f in runs.glob("*/points/*/*/summary.json")]
+    assert summary["status"] == "interrupted"
+    table = pd.read_parquet(next(runs.glob("*/sweep.parquet")))
+    assert list(table["status"]) == ["interrupted"]
+    leftover = subprocess.run(["pgrep", "-f", str(runs)], capture_output=True, text=True).stdout.split()
+    assert not leftover, "point processes outlived the sweep"

@@ -7,6 +7,7 @@ import numpy as np
 import zmq
 
 from hsplit_sim.errors import RunError
+from hsplit_sim.runtime import stop
 from hsplit_sim.runtime.wire import Message, ProtocolError, decode, encode
 
 POLL_MS = 200
@@ -39,6 +40,8 @@ class WorkerConnection:
     def send(self, op: str, client: int | None = None, args: dict | None = None,
              tensors: dict[str, np.ndarray] | None = None) -> int:
         """The first half of call, so that several workers can work on requests at once."""
+        if stop.requested() and op != "shutdown":
+            raise KeyboardInterrupt
         if self.failure:
             raise RunError(self.failure)
         request_id = next(self._ids)
@@ -61,6 +64,8 @@ class WorkerConnection:
     def _receive(self, op: str, timeout_s: float) -> Message:
         waited_ms = 0
         while not self.socket.poll(POLL_MS):
+            if stop.requested():
+                raise KeyboardInterrupt
             waited_ms += POLL_MS
             if self.process is not None and self.process.poll() is not None:
                 raise self._fail(f"worker {self.name} died (exit status {self.process.returncode}) during {op!r}; "
