@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -238,6 +239,23 @@ def test_cenlora_runs_end_to_end(runs):
     assert (events["kind"] == "central_step").sum() == ROUNDS * LOCAL_STEPS * 4
     assert overlaps(intervals(events, "central_step")) == 0
     assert set(tables["clients"]["status"]) == {"data-only"}
+
+
+def test_per_client_server_adapters_train_alike_whatever_the_order(runs):
+    """With one server-side adapter per client, who reaches the server first changes timing, not learning; with
+    the shared adapter (SplitLoRA's code) the same change reorders the updates and so changes training."""
+    slow_first = ("clients.0.link=lte", "clients.1.link=ethernet")  # the Pi's steps now reach the server first
+    result = {("shared", "base"): read(runs(*SPLIT))["rounds"]}  # shared is the default
+    for mode, name, order in (("shared", "reordered", slow_first), ("per_client", "base", ()),
+                              ("per_client", "reordered", slow_first)):
+        overrides = (f"algorithm.server_adapters={mode}", *order)
+        result[mode, name] = read(runs(f"{mode}-{name}", overrides))["rounds"]
+    shared, per_client = result["shared", "base"], result["per_client", "base"]
+    assert (shared["sim_time_s"] != result["shared", "reordered"]["sim_time_s"]).any()
+    assert not np.allclose(shared["eval_ppl"], result["shared", "reordered"]["eval_ppl"])
+    assert np.allclose(per_client["eval_ppl"], result["per_client", "reordered"]["eval_ppl"], rtol=1e-5)
+    assert not np.allclose(per_client["eval_ppl"], shared["eval_ppl"])
+    assert (per_client["agg_error"].iloc[1:] > 1e-4).all()  # FedAvg of factors, now over both sides
 
 
 def test_a_device_without_memory_for_its_segment_fails_preflight(tmp_path):

@@ -1,6 +1,9 @@
 """SplitLoRA: one split point and one rank for every client; client adapters FedAvg'd (A and B apart).
 
-Clients use one server-side adapter in turn, in the order their server steps happen in simulated time.
+Clients use one server-side adapter in turn, in the order their server steps happen in simulated time
+(algorithm.server_adapters: shared, as SplitLoRA's code does), or each client has its own server-side adapter,
+FedAvg'd with the others every round like the client side (per_client): then the server side learns from
+local_steps updates a round, not clients x local_steps, and the clients' order no longer matters.
 With unequal memory budgets, either one configuration is shrunk until the weakest client can hold it
 (algorithm.heterogeneity: weakest), or the scenario's configuration stands and clients that cannot hold
 it are dropped (drop); the clients table records which.
@@ -75,18 +78,27 @@ class SplitLoRA(SplitProtocol):
         self.plan_rows(1)
         if not ctx.real:
             return
-        ctx.server.call("configure", args=dict(self.adapter_args, adapter="server", split=self.split,
-                                               ranks=ranks_to_wire(server_ranks)))
+        server_adapters = ["server"] + ([self.server_adapter(c.index) for c in self.active_clients()]
+                                        if self.per_client else [])
+        for adapter in server_adapters:
+            ctx.server.call("configure", args=dict(self.adapter_args, adapter=adapter, split=self.split,
+                                                   ranks=ranks_to_wire(server_ranks)))
         ctx.server.call("configure", args={"adapter": "global_client", "alpha": ctx.scenario.algorithm.alpha,
                                            "ranks": ranks_to_wire(client_ranks)})
         for client in self.active_clients():
             self.configure_client(client.index)
 
-    def server_adapter(self, client: int) -> str:
-        return "server"
+    @property
+    def per_client(self) -> bool:
+        return self.ctx.scenario.algorithm.server_adapters == "per_client"
 
-    # Clients take turns on one server-side adapter in simulated-time order: timing can change training.
-    order_sensitive = True
+    def server_adapter(self, client: int) -> str:
+        return f"s{client}" if self.per_client else "server"
+
+    @property
+    def order_sensitive(self) -> bool:
+        """Clients taking turns on one server-side adapter in simulated-time order: timing can change training."""
+        return not self.per_client
 
     def round(self, round_index: int):
         ctx = self.ctx
@@ -95,15 +107,24 @@ class SplitLoRA(SplitProtocol):
         yield self.upload_adapters(round_index, adapters)
         clients = self.active_clients()
         client_ranks = self.plans[clients[0].index].client_ranks
-        flops = 2 * len(clients) * costs.adapter_params(ctx.spec, client_ranks)
+        averaged = costs.adapter_params(ctx.spec, client_ranks)
+        if self.per_client:
+            averaged += costs.adapter_params(ctx.spec, self.plans[clients[0].index].server_ranks)
+        flops = 2 * len(clients) * averaged
         nbytes = costs.adapter_bytes(ctx.spec, client_ranks)
         if ctx.real:
             ordered = [adapters[c.index] for c in clients]
             weights = data_weights([ctx.partition_sizes[c.index] for c in clients])
             merged = fedavg(ordered, weights)
-            exact = exact_update(ordered, weights, ctx.scenario.algorithm.alpha)
-            ctx.stats.agg_error = relative_error(adapter_update(merged, ctx.scenario.algorithm.alpha), exact)
             check_equal(sum(t.nbytes for t in merged.values()), nbytes, "broadcast of the averaged adapter")
+            if self.per_client:  # the server side is averaged too, on the server (no traffic)
+                for c, adapter in zip(clients, ordered):
+                    adapter.update(ctx.server.call("get_adapter", args={"adapter": self.server_adapter(c.index)})
+                                   .tensors)
+                server_merged = {k: v for k, v in fedavg(ordered, weights).items() if k not in merged}
+            averaged_all = {**merged, **server_merged} if self.per_client else merged
+            exact = exact_update(ordered, weights, ctx.scenario.algorithm.alpha)
+            ctx.stats.agg_error = relative_error(adapter_update(averaged_all, ctx.scenario.algorithm.alpha), exact)
         yield from ctx.sim.hold(round_index, -1, "aggregate", "server",
                                 self.compute_seconds(flops, ctx.server_device), flops=flops)
         yield ctx.sim.all_of(self.download(round_index, c, nbytes) for c in clients)
@@ -112,6 +133,9 @@ class SplitLoRA(SplitProtocol):
                 ctx.worker_of(c.index).call("set_adapter", client=c.index,
                                             args={"adapter": self.client_adapter(c.index)}, tensors=merged)
             ctx.server.call("set_adapter", args={"adapter": "global_client"}, tensors=merged)
+            if self.per_client:
+                for adapter in ["server"] + [self.server_adapter(c.index) for c in clients]:
+                    ctx.server.call("set_adapter", args={"adapter": adapter}, tensors=server_merged)
 
     def eval_adapters(self) -> list[str]:
         return ["global_client", "server"]
