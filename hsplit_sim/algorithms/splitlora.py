@@ -117,14 +117,16 @@ class SplitLoRA(SplitProtocol):
             weights = data_weights([ctx.partition_sizes[c.index] for c in clients])
             merged = fedavg(ordered, weights)
             check_equal(sum(t.nbytes for t in merged.values()), nbytes, "broadcast of the averaged adapter")
+            server_merged = {}
             if self.per_client:  # the server side is averaged too, on the server (no traffic)
-                for c, adapter in zip(clients, ordered):
-                    adapter.update(ctx.server.call("get_adapter", args={"adapter": self.server_adapter(c.index)})
-                                   .tensors)
-                server_merged = {k: v for k, v in fedavg(ordered, weights).items() if k not in merged}
-            averaged_all = {**merged, **server_merged} if self.per_client else merged
+                servers = [ctx.server.call("get_adapter", args={"adapter": self.server_adapter(c.index)}).tensors
+                           for c in clients]
+                server_merged = fedavg(servers, weights)
+                for adapter, server in zip(ordered, servers):
+                    adapter.update(server)  # so the aggregation error covers both sides
             exact = exact_update(ordered, weights, ctx.scenario.algorithm.alpha)
-            ctx.stats.agg_error = relative_error(adapter_update(averaged_all, ctx.scenario.algorithm.alpha), exact)
+            ctx.stats.agg_error = relative_error(
+                adapter_update({**merged, **server_merged}, ctx.scenario.algorithm.alpha), exact)
         yield from ctx.sim.hold(round_index, -1, "aggregate", "server",
                                 self.compute_seconds(flops, ctx.server_device), flops=flops)
         yield ctx.sim.all_of(self.download(round_index, c, nbytes) for c in clients)

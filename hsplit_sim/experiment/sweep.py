@@ -413,8 +413,8 @@ def replay_source(point: Point, groups: dict[str, list[Point]], rows: dict[str, 
 def _columns(axes: list[str]) -> list[str]:
     return (["point", "seed"] + [a for a in axes if a != "seed"]
             + ["status", "trajectory", "error", "target_ppl", "final_eval_ppl", "best_eval_ppl", "time_to_target_s",
-               "sim_time_s", "wall_time_s", "bytes_up", "bytes_down", "util_server", "util_clients_mean", *GENERATION_METRICS,
-               "run_dir"])
+               "sim_time_s", "wall_time_s", "bytes_up", "bytes_down", "util_server", "util_clients_mean",
+               *GENERATION_METRICS, "run_dir"])
 
 
 def _column(values: pd.Series) -> pd.Series:
