@@ -1,15 +1,18 @@
 """HSplitLoRA end to end on tiny models: NAA's exact aggregation, IWI's probe and table, ARMSC's plans
 within each client's budget, the ablations, and every compute duration from the cost model."""
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from hsplit_sim import costs
 from hsplit_sim.algorithms import importance as iwi
-from hsplit_sim.algorithms.hsplitlora import HSplitLoRA
+from hsplit_sim.algorithms.aggregation import exact_update, factors_update, relative_error, stack
+from hsplit_sim.algorithms.hsplitlora import HSplitLoRA, server_pieces
 from hsplit_sim.experiment.run import run_scenario
 from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, scenario_from_dict
 from hsplit_sim.scenario.models import BUILTIN_MODELS
@@ -61,6 +64,7 @@ CASES = {
     "no-naa": ("tiny-gpt2", True, ("algorithm.naa=false",)),
     "no-iwi": ("tiny-gpt2", True, ("algorithm.iwi=false",)),
     "no-armsc": ("tiny-gpt2", True, ("algorithm.armsc=false",)),
+    "shared": ("tiny-llama", True, ("algorithm.server_adapters=shared",)),
 }
 
 
@@ -224,3 +228,46 @@ def test_without_iwi_there_is_no_probe_and_no_importance(runs):
     for _, plans in clients.groupby("client"):
         assert plans["split_layer"].nunique() == 1 and plans["adapter_params"].nunique() == 1
     assert (tables["rounds"]["agg_error"][1:] < 1e-6).all()
+
+
+def lora(rng, path: str, rank: int, d: int = 6) -> dict[str, np.ndarray]:
+    return {f"{path}.lora_A.weight": rng.normal(size=(rank, d)), f"{path}.lora_B.weight": rng.normal(size=(d, rank))}
+
+
+def test_a_shared_server_adapter_aggregates_as_the_clients_it_stands_for():
+    """Block b of the shared adapter counts once, with the data weight of every client whose server side holds
+    b; NAA's stacked factors then give exactly the hand-written weighted sum."""
+    rng = np.random.default_rng(0)
+    splits, weights, alpha = [1, 2, 3], np.array([0.5, 0.3, 0.2]), 16
+    block = "model.layers.{}.mlp.up_proj"
+    clients = [{k: v for b in range(split) for k, v in lora(rng, block.format(b), 2 + i).items()}
+               for i, split in enumerate(splits)]
+    server = {k: v for b in range(1, 4) for k, v in lora(rng, block.format(b), 4).items()}
+    pieces, piece_weights = server_pieces(server, splits, weights)
+    assert piece_weights.tolist() == [0.5, 0.8, 1.0]  # blocks 1, 2, 3: clients with split <= b
+
+    def update(adapter, b):
+        a, bb = adapter[f"{block.format(b)}.lora_A.weight"], adapter[f"{block.format(b)}.lora_B.weight"]
+        return alpha / a.shape[0] * bb @ a
+
+    by_hand = {}
+    for b in range(4):
+        total = sum(w * update(c, b) for w, c, split in zip(weights, clients, splits) if b < split)
+        total = total + (sum(w for w, split in zip(weights, splits) if split <= b) * update(server, b) if b else 0)
+        by_hand[block.format(b)] = total
+    adapters, all_weights = clients + pieces, np.concatenate([weights, piece_weights])
+    exact = exact_update(adapters, all_weights, alpha)
+    assert relative_error(exact, by_hand) < 1e-12
+    assert relative_error(factors_update(stack(adapters, all_weights, alpha)), by_hand) < 1e-6
+
+
+def test_shared_server_adapter_runs_exact_with_one_server_plan(runs):
+    sc, tables = runs("shared")
+    rounds, plans = tables["rounds"], tables["plans"]
+    assert (rounds["agg_error"][1:] < 1e-6).all(), rounds["agg_error"].tolist()
+    assert rounds["eval_loss"].iloc[-1] < rounds["eval_loss"][0]
+    for _, rows in plans.groupby("round"):  # every client's server side is a part of one set of ranks
+        seen = {}
+        for ranks in rows["server_ranks"]:
+            for layer, module, rank in json.loads(ranks):
+                assert seen.setdefault((layer, module), rank) == rank

@@ -1,7 +1,9 @@
 """HSplitLoRA = IWI + ARMSC + NAA (Lin et al., arXiv 2505.02795; formulas and choices in ALGORITHMS.md).
 
 Each round: every client trains its own client-side adapters and, on the server, its own server-side
-adapters, under a per-client plan (split point, rank per weight) that fits its memory budget. The first
+adapters (algorithm.server_adapters: per_client, the default) or one server-side adapter that all clients train
+in turn (shared, as SplitLoRA's code does), under a per-client plan (split point, rank per weight) that fits its
+memory budget. The first
 local step of a round also measures weight importance (IWI's gradient probe, charged in simulated
 time). At the round's end all adapters are stacked with each client's weight and scaling folded in
 (NAA), the exact sum of updates is merged into the base weights on every worker, and fresh adapters
@@ -43,6 +45,26 @@ def module_layer(path: str) -> int:
     return int(LAYER.search(path).group(1))
 
 
+def server_pieces(server: dict[str, np.ndarray], splits: list[int],
+                  weights: np.ndarray) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """The shared server-side adapter cut by block for NAA: block b's piece stands for every client whose
+    server side holds b (split <= b), so it carries the sum of their data weights."""
+    by_layer: dict[int, dict[str, np.ndarray]] = {}
+    for key, value in server.items():
+        by_layer.setdefault(module_layer(key), {})[key] = value
+    layers = sorted(by_layer)
+    return ([by_layer[b] for b in layers],
+            np.array([sum(w for w, split in zip(weights, splits) if split <= b) for b in layers]))
+
+
+def merged_ranks(rank_maps) -> costs.Ranks:
+    merged: costs.Ranks = {}
+    for ranks in rank_maps:
+        for layer, modules in ranks.items():
+            merged.setdefault(layer, {}).update(modules)
+    return merged
+
+
 class HSplitLoRA(SplitProtocol):
     name = "hsplitlora"
 
@@ -69,6 +91,19 @@ class HSplitLoRA(SplitProtocol):
         return ClientPlan(split, client_ranks, server)
 
     @classmethod
+    def shared_server_side(cls, scenario, spec, plans: list[ClientPlan | None], importance: dict[str, float],
+                           cost: dict[str, float]) -> list[ClientPlan | None]:
+        """With one shared server-side adapter: its ranks by importance quantile over every block some client
+        leaves to the server; each plan keeps the part its own server side runs."""
+        if scenario.algorithm.server_adapters != "shared" or not scenario.algorithm.armsc or not all(plans):
+            return plans
+        first = min(p.split for p in plans)
+        ranks = iwi.server_ranks(iwi.candidate_weights(spec, first, spec.n_layers), importance, cost,
+                                 scenario.algorithm.rank_set)
+        return [ClientPlan(p.split, p.client_ranks, {b: m for b, m in ranks.items() if b >= p.split}, p.active)
+                for p in plans]
+
+    @classmethod
     def fixed_plan(cls, scenario, spec, clients) -> ClientPlan | None:
         """Without ARMSC: SplitLoRA's configuration for the weakest client, for everyone."""
         weakest = min(c.memory_budget_gb for c in clients)
@@ -87,7 +122,8 @@ class HSplitLoRA(SplitProtocol):
         cost = cls.weight_costs(scenario, spec)
         uniform = {k: 1.0 for k in cost}
         splits = list(range(1, spec.n_layers))
-        return [cls.solve(scenario, spec, c, uniform, cost, splits) for c in clients]
+        plans = [cls.solve(scenario, spec, c, uniform, cost, splits) for c in clients]
+        return cls.shared_server_side(scenario, spec, plans, uniform, cost)
 
     @classmethod
     def check_memory(cls, scenario, spec, clients, server_device) -> None:
@@ -125,13 +161,27 @@ class HSplitLoRA(SplitProtocol):
         for client in self.ctx.clients:
             plan = self.plans[client.index]
             self.configure_client(client.index)
-            if plan.server_ranks:
+            if plan.server_ranks and not self.shared:
                 self.ctx.server.call("configure", args=dict(
                     self.adapter_args, adapter=self.server_adapter(client.index),
                     ranks=ranks_to_wire(plan.server_ranks), split=plan.split))
+        ranks = merged_ranks(p.server_ranks for p in self.plans)
+        if self.shared and ranks:
+            self.ctx.server.call("configure", args=dict(self.adapter_args, adapter="server",
+                                                        ranks=ranks_to_wire(ranks),
+                                                        split=min(p.split for p in self.plans)))
+
+    @property
+    def shared(self) -> bool:
+        return self.ctx.scenario.algorithm.server_adapters == "shared"  # none: per_client
+
+    @property
+    def order_sensitive(self) -> bool:
+        """A shared server-side adapter is trained in the order of the server steps: timing can change training."""
+        return self.shared
 
     def server_adapter(self, client: int) -> str:
-        return f"s{client}"
+        return "server" if self.shared else f"s{client}"
 
     def probes(self, round_index: int, step: int) -> bool:
         return self.ctx.scenario.algorithm.iwi and step == 0
@@ -145,12 +195,12 @@ class HSplitLoRA(SplitProtocol):
     def factor_shapes(self, plans: list[ClientPlan]) -> dict[tuple[int, str], tuple[int, int, int]]:
         """(layer, module) -> (d_out, stacked rank, d_in) of NAA's stacked factors, from the plans alone."""
         stacked: dict[tuple[int, str], int] = {}
-        for plan in plans:
-            for ranks in (plan.client_ranks, plan.server_ranks):
-                for layer, modules in ranks.items():
-                    for module, rank in modules.items():
-                        if rank > 0:
-                            stacked[layer, module] = stacked.get((layer, module), 0) + rank
+        server_side = [merged_ranks(p.server_ranks for p in plans)] if self.shared else [p.server_ranks for p in plans]
+        for ranks in [p.client_ranks for p in plans] + server_side:
+            for layer, modules in ranks.items():
+                for module, rank in modules.items():
+                    if rank > 0:
+                        stacked[layer, module] = stacked.get((layer, module), 0) + rank
         shapes = {}
         for (layer, module), rank in sorted(stacked.items()):
             d_in, d_out = costs.module_shape(self.ctx.spec, module)
@@ -169,13 +219,17 @@ class HSplitLoRA(SplitProtocol):
             shapes = {key: (d_out, self.max_rank(previous, key), d_in) for key, (d_out, _, d_in) in shapes.items()}
         if ctx.real:
             adapters = []
+            weights = data_weights(ctx.partition_sizes)
             for client in ctx.clients:
                 adapter = dict(uploaded[client.index])
-                if self.plans[client.index].server_ranks:
+                if self.plans[client.index].server_ranks and not self.shared:
                     adapter.update(ctx.server.call("get_adapter",
                                                    args={"adapter": self.server_adapter(client.index)}).tensors)
                 adapters.append(adapter)
-            weights = data_weights(ctx.partition_sizes)
+            if self.shared and any(p.server_ranks for p in previous):
+                server = ctx.server.call("get_adapter", args={"adapter": "server"}).tensors
+                pieces, piece_weights = server_pieces(server, [p.split for p in previous], weights)
+                adapters, weights = adapters + pieces, np.concatenate([weights, piece_weights])
             rule = stack if algo.naa else zero_pad_average
             factors = rule(adapters, weights, algo.alpha, algo.contributors)
             exact = exact_update(adapters, weights, algo.alpha, algo.contributors)
@@ -192,7 +246,8 @@ class HSplitLoRA(SplitProtocol):
             self.plans = ctx.replay.plans_for(round_index + 1, previous)
         else:
             self.update_importance(round_index)
-            self.plans = self.next_plans(previous)
+            self.plans = self.shared_server_side(ctx.scenario, ctx.spec, self.next_plans(previous),
+                                                 self.importance or {k: 1.0 for k in self.cost}, self.cost)
         self.plan_rows(round_index + 1)
         if ctx.real:
             flat = {}

@@ -90,7 +90,7 @@ class SplitLoRA(SplitProtocol):
 
     @property
     def per_client(self) -> bool:
-        return self.ctx.scenario.algorithm.server_adapters == "per_client"
+        return self.ctx.scenario.algorithm.server_adapters == "per_client"  # none: shared
 
     def server_adapter(self, client: int) -> str:
         return f"s{client}" if self.per_client else "server"

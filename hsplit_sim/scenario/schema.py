@@ -112,9 +112,10 @@ class AlgorithmSpec(_Strict):
         "weakest", description="SplitLoRA with unequal budgets: one configuration that fits the weakest client, "
         "or the scenario's configuration with clients that cannot hold it dropped",
     )
-    server_adapters: Literal["shared", "per_client"] = Field(
-        "shared", description="SplitLoRA's server side: one adapter the clients train in turn, in the order their "
-        "server steps happen (SplitLoRA's code), or one per client, FedAvg'd every round like the client side",
+    server_adapters: Literal["shared", "per_client"] | None = Field(
+        None, description="split algorithms' server side: one adapter the clients train in turn, in the order their "
+        "server steps happen (shared; SplitLoRA's code), or one per client, aggregated every round like the client "
+        "side (per_client); none: the algorithm's default (SplitLoRA shared, HSplitLoRA per_client)",
     )
     importance: Literal["abs_sum", "sum_abs"] = Field(
         "abs_sum", description="IWI's gradient-weight product: |sum w*g| or sum |w*g|"
