@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="figures and an HTML page for a run or sweep directory")
     report.add_argument("dir", help="run directory or sweep directory")
+    report.add_argument("--refresh", action="store_true",
+                        help="first rebuild a sweep's table from its points' run directories (after an upgrade "
+                             "adds columns, or a point rerun by hand); runs nothing")
     report.set_defaults(handler=_report)
     return parser
 
@@ -143,6 +146,11 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import report
+
+    if args.refresh:
+        from hsplit_sim.experiment.sweep import refresh_table
+
+        refresh_table(args.dir)
 
     try:
         page = report(args.dir)

@@ -14,7 +14,7 @@ import yaml
 
 from analysis import report
 from hsplit_sim.errors import ScenarioError
-from hsplit_sim.experiment.sweep import Point, load_sweep_file, point_result, run_sweep
+from hsplit_sim.experiment.sweep import Point, load_sweep_file, point_result, refresh_table, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "scenarios" / "tiny.yaml"
@@ -137,6 +137,12 @@ def test_real_sweep_records_failure_resumes_and_reports(tmp_path):
 
     page = report(sweep_dir)
     assert {"perplexity", "time_to_target", "axis_0", "axis_1", "heatmap"} <= {p.stem for p in page.parent.glob("*.png")}
+
+    written = pd.read_parquet(sweep_dir / "sweep.parquet")
+    (sweep_dir / "sweep.parquet").unlink()
+    (sweep_dir / "sweep.csv").unlink()
+    refresh_table(sweep_dir)
+    pd.testing.assert_frame_equal(pd.read_parquet(sweep_dir / "sweep.parquet"), written)
 
 
 def test_sigterm_stops_the_sweep_and_its_points(tmp_path):

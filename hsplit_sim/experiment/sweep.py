@@ -159,6 +159,25 @@ def run_sweep(sweep: Sweep, resume: str | Path | None = None, processes: int | N
     return sweep_dir
 
 
+def refresh_table(sweep_dir: str | Path) -> None:
+    """Rebuild DIR's sweep.parquet/.csv from its points' run directories, running nothing: after an upgrade
+    adds columns (the point ids come from DIR's own sweep.resolved.yaml, so a changed schema cannot orphan
+    them), or to take in a point rerun by hand."""
+    sweep_dir = Path(sweep_dir).resolve()
+    resolved_file = sweep_dir / "sweep.resolved.yaml"
+    if not resolved_file.is_file():
+        raise ScenarioError(f"{sweep_dir}: not a sweep directory (no sweep.resolved.yaml)")
+    resolved = yaml.safe_load(resolved_file.read_text())
+    points = [Point(p["id"], p["values"], p["seed"], p["scenario"]) for p in resolved["points"]]
+    sweep = Sweep(resolved["name"], resolved["file"], resolved["axes"], resolved["zip_axes"], points,
+                  resolved.get("target_ppl"), str(sweep_dir.parent), resolved.get("overrides", []),
+                  resolved.get("reference"))
+    runner = _Runner(sweep, sweep_dir, resolved.get("processes", 1), resolved.get("torch_threads", 1), None)
+    for point in points:
+        runner._record(point)
+    runner._write_table()
+
+
 class _Runner:
     """Schedules point processes on a thread pool (threads only wait), tracks progress and writes the table."""
 
