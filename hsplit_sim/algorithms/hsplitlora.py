@@ -1,13 +1,14 @@
 """HSplitLoRA = IWI + ARMSC + NAA (Lin et al., arXiv 2505.02795; formulas and choices in ALGORITHMS.md).
 
 Each round: every client trains its own client-side adapters and, on the server, its own server-side
-adapters (algorithm.server_adapters: per_client, the default) or one server-side adapter that all clients train
-in turn (shared, as SplitLoRA's code does), under a per-client plan (split point, rank per weight) that fits its
-memory budget. The first
-local step of a round also measures weight importance (IWI's gradient probe, charged in simulated
-time). At the round's end all adapters are stacked with each client's weight and scaling folded in
-(NAA), the exact sum of updates is merged into the base weights on every worker, and fresh adapters
-start the next round under plans re-solved from the smoothed importance (ARMSC).
+adapters (algorithm.server_adapters: per_client, the default) or one server-side adapter that all clients
+train in turn (shared, as SplitLoRA's code does), under a per-client plan (split point, rank per weight)
+that fits its memory budget. The first local step of a round also measures weight importance (IWI's
+gradient probe, charged in simulated time). At the round's end all adapters are stacked with each
+client's weight and scaling folded in (NAA; a shared server-side adapter counts block by block for the
+clients whose server side holds the block), the exact sum of updates is merged into the base weights on
+every worker, and fresh adapters start the next round under plans re-solved from the smoothed importance
+(ARMSC).
 
 Timing-only runs (no workers) measure nothing: importance stays uniform, the plans of round 1 stand, and
 the probes are still charged. A replay (re-timing a trained run) takes each round's plans from the trained
@@ -195,7 +196,8 @@ class HSplitLoRA(SplitProtocol):
     def factor_shapes(self, plans: list[ClientPlan]) -> dict[tuple[int, str], tuple[int, int, int]]:
         """(layer, module) -> (d_out, stacked rank, d_in) of NAA's stacked factors, from the plans alone."""
         stacked: dict[tuple[int, str], int] = {}
-        server_side = [merged_ranks(p.server_ranks for p in plans)] if self.shared else [p.server_ranks for p in plans]
+        server_side = ([merged_ranks(p.server_ranks for p in plans)] if self.shared
+                       else [p.server_ranks for p in plans])
         for ranks in [p.client_ranks for p in plans] + server_side:
             for layer, modules in ranks.items():
                 for module, rank in modules.items():
