@@ -200,3 +200,15 @@ def test_catalog_resolution():
 def test_json_schema_is_serialisable():
     schema = json.loads(json.dumps(Scenario.model_json_schema()))
     assert schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIOS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(SCENARIOS)))
+def test_every_shipped_scenario_and_sweep_file_loads(path, monkeypatch):
+    """A shipped file that no longer validates (a renamed key, a new constraint) fails here, not for a user."""
+    from hsplit_sim.experiment.sweep import load_sweep_file
+
+    monkeypatch.chdir(SCENARIOS.parent)  # data paths are relative to the repository root
+    if "base" in yaml.safe_load(path.read_text()):
+        assert load_sweep_file(path).points
+    else:
+        load_scenario(path)
