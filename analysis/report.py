@@ -29,6 +29,7 @@ TIMING_METRICS = {"sim_time_s": "Simulated time"}  # a timing-only sweep trained
 RESULT_COLUMNS = ("status", "final_eval_ppl", "time_to_target_s", "sim_time_s", "bytes_up", "bytes_down",
                   *GENERATION_METRICS)
 MAX_LINES = 8  # more curves than this on one axis stop being readable
+LONG_LABEL = 40  # characters of a legend label beyond which the legend goes below the axes
 
 
 def load_sweep(path: str | Path) -> pd.DataFrame:
@@ -142,7 +143,23 @@ def _factor_name(factor: list[str]) -> str:
 
 
 def _value(value) -> str:
+    """An axis value as the sweep file wrote it; a null there (read back as NaN) is "none"."""
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return "none"
     return f"{value:g}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+def _legend_and_layout(fig: plt.Figure, ax, labels: list[str]) -> None:
+    """The legend beside the axes; below them, in room added to the figure, when labels are long enough to
+    squeeze the plot."""
+    if max(map(len, labels), default=0) <= LONG_LABEL:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        return
+    height, extra = fig.get_figheight(), 0.1 + 0.21 * len(labels)
+    fig.set_figheight(height + extra)
+    fig.tight_layout(rect=(0, extra / (height + extra), 1, 1))
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower left", bbox_to_anchor=(0.01, 0.0), frameon=False)
 
 
 def _point_labels(table: pd.DataFrame, factors: list[list[str]]) -> list[str]:
@@ -174,8 +191,7 @@ def _perplexity_lines(runs: dict[str, Run], out_base: Path) -> list[Path]:
         ax.set_xlabel(f"Simulated time ({unit})")
         ax.set_ylabel("Evaluation perplexity")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        fig.tight_layout()
+        _legend_and_layout(fig, ax, list(curves))
         return _save(fig, out_base)
 
 
@@ -396,8 +412,7 @@ def _memory_bars(runs: dict[str, Run], out_base: Path) -> list[Path]:
         ax.set_xlabel("Client (device)")
         ax.set_ylabel("Memory (GB)")
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        fig.tight_layout()
+        _legend_and_layout(fig, ax, list(peaks))
         return _save(fig, out_base)
 
 
