@@ -162,17 +162,26 @@ def _legend_and_layout(fig: plt.Figure, ax, labels: list[str]) -> None:
     fig.legend(*ax.get_legend_handles_labels(), loc="lower left", bbox_to_anchor=(0.01, 0.0), frameon=False)
 
 
+def _describe(axes: list[str], values: list) -> str:
+    """"algorithm, name=value, ..." for one point; axes that share a short name and a value (a zip moving
+    every client's link together) are named once, and axes whose short names collide otherwise in full."""
+    shorts = [_short(a) for a in axes]
+    parts, named = [], set()
+    for axis, short, value in zip(axes, shorts, values):
+        alike = {_value(v) for s, v in zip(shorts, values) if s == short}
+        if len(alike) == 1 and short in named:
+            continue
+        named.add(short)
+        name = short if len(alike) == 1 else axis
+        parts.append(_value(value) if name == "algorithm" else f"{name}={_value(value)}")
+    return ", ".join(parts)
+
+
 def _point_labels(table: pd.DataFrame, factors: list[list[str]]) -> list[str]:
     axes = [a for f in factors for a in f]
     if table["seed"].nunique() > 1:
         axes.append("seed")
-    shorts = [_short(a) for a in axes]
-    names = [a if shorts.count(s) > 1 else s for a, s in zip(axes, shorts)]
-    labels = []
-    for _, row in table.iterrows():
-        parts = [_value(row[a]) if n == "algorithm" else f"{n}={_value(row[a])}" for a, n in zip(axes, names)]
-        labels.append(", ".join(parts) or str(row["point"]))
-    return labels
+    return [_describe(axes, [row[a] for a in axes]) or str(row["point"]) for _, row in table.iterrows()]
 
 
 def _perplexity_lines(runs: dict[str, Run], out_base: Path) -> list[Path]:
@@ -254,8 +263,7 @@ def _metric_lines(table: pd.DataFrame, factor: list[str], others: list[list[str]
                 key = key if isinstance(key, tuple) else (key,)
                 x = rows[x_axis] if numeric else [categories.index(v) for v in rows[x_axis]]
                 y = rows[metric] / (scale if metric.endswith("_s") else 1.0)
-                label = ", ".join(f"{_short(a)}={_value(v)}" if _short(a) != "algorithm" else _value(v)
-                                  for a, v in zip(other_axes, key)) or None
+                label = _describe(other_axes, list(key)) or None
                 ax.plot(x, y, marker="osD^v"[i % 5], markersize=4, linewidth=1.5, label=label)
             if numeric and means[x_axis].min() > 0 and means[x_axis].max() >= 20 * means[x_axis].min():
                 ax.set_xscale("log")

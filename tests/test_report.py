@@ -120,3 +120,12 @@ def test_analysis_imports_no_training_stack():
             "bad = [m for m in ('torch', 'zmq', 'simpy', 'hsplit_sim.runtime', 'hsplit_sim.training') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_point_descriptions_name_a_shared_value_once():
+    from analysis.report import _describe
+
+    links = ["algorithm.name", "clients.0.link", "clients.1.link"]
+    assert _describe(links, ["splitlora", "wifi-5", "wifi-5"]) == "splitlora, link=wifi-5"
+    assert _describe(links, ["splitlora", "wifi-5", "lte"]) == "splitlora, clients.0.link=wifi-5, clients.1.link=lte"
+    assert _describe(["algorithm.time_budget_s"], [float("nan")]) == "time_budget_s=none"  # null in the sweep file
