@@ -9,7 +9,8 @@ import json
 import sys
 
 from hsplit_sim.errors import RunError, ScenarioError
-from hsplit_sim.runtime import stop
+from hsplit_sim.runtime import stop  # past the experiment layer on purpose: the process entry point installs
+                                     # the Ctrl-C/SIGTERM flag that worker connections read (no heavy imports)
 
 
 def main(argv: list[str] | None = None) -> int:
