@@ -1,5 +1,6 @@
 """The whole path on tiny models: a scenario in, a run directory out, with the time model checked event by event."""
 
+import contextlib
 import json
 import math
 import os
@@ -298,8 +299,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path | None]:
-    """A 30-round tiny run as `hsplit-sim run`, once it has written two rounds (else rounds.csv is None)."""
+@contextlib.contextmanager
+def long_run(tmp_path: Path):
+    """A 30-round tiny run as `hsplit-sim run`, yielded once it has written two rounds with (process, its
+    rounds.csv, its worker pids); whatever is still alive afterwards is killed."""
     data = json.loads(json.dumps(BASE))
     data["training"]["rounds"] = 30
     data["output"] = {"dir": str(tmp_path / "runs")}
@@ -308,28 +311,17 @@ def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path | None]:
     process = subprocess.Popen([sys.executable, "-m", "hsplit_sim.cli", "run", str(path)], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        found = list((tmp_path / "runs").glob("*/rounds.csv"))
-        if found and len(pd.read_csv(found[0])) >= 2:
-            return process, found[0]
-        time.sleep(0.1)
-    return process, None
-
-
-def test_a_killed_worker_ends_the_run_cleanly(tmp_path):
-    process, rounds_csv = start_long_run(tmp_path)
     workers: list[int] = []
     try:
+        deadline, rounds_csv = time.monotonic() + 120, None
+        while rounds_csv is None and time.monotonic() < deadline and process.poll() is None:
+            found = list((tmp_path / "runs").glob("*/rounds.csv"))
+            if found and len(pd.read_csv(found[0])) >= 2:
+                rounds_csv = found[0]
+            time.sleep(0.1)
         assert rounds_csv is not None, f"no two rounds before the deadline: {process.poll()}"
-        workers = children(process.pid)
-        client = [pid for pid in workers if "--name clients0" in cmdline(pid)]
-        assert len(workers) == 2 and len(client) == 1, [cmdline(pid) for pid in workers]
-        finished = len(pd.read_csv(rounds_csv))
-        os.kill(client[0], signal.SIGKILL)
-        killed_at = time.monotonic()
-        _, stderr = process.communicate(timeout=10)
-        assert time.monotonic() - killed_at < 10
+        workers.extend(children(process.pid))
+        yield process, rounds_csv, workers
     finally:
         if process.poll() is None:
             process.kill()
@@ -337,6 +329,17 @@ def test_a_killed_worker_ends_the_run_cleanly(tmp_path):
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_worker_ends_the_run_cleanly(tmp_path):
+    with long_run(tmp_path) as (process, rounds_csv, workers):
+        client = [pid for pid in workers if "--name clients0" in cmdline(pid)]
+        assert len(workers) == 2 and len(client) == 1, [cmdline(pid) for pid in workers]
+        finished = len(pd.read_csv(rounds_csv))
+        os.kill(client[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = process.communicate(timeout=10)
+        assert time.monotonic() - killed_at < 10
 
     assert process.returncode == 1
     err = stderr.decode()
@@ -359,24 +362,13 @@ def test_a_killed_worker_ends_the_run_cleanly(tmp_path):
 
 def test_sigterm_interrupts_the_run_like_ctrl_c(tmp_path):
     """A scheduler's kill must not leave a run directory that says "running", nor worker processes."""
-    process, rounds_csv = start_long_run(tmp_path)
-    workers: list[int] = []
-    try:
-        assert rounds_csv is not None, f"no two rounds before the deadline: {process.poll()}"
-        workers = children(process.pid)
+    with long_run(tmp_path) as (process, rounds_csv, workers):
         process.terminate()
         _, stderr = process.communicate(timeout=20)
         deadline = time.monotonic() + 10
         while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [pid for pid in workers if alive(pid)]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-        for pid in workers:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
 
     assert process.returncode == 130, stderr.decode()
     assert "Traceback" not in stderr.decode()
