@@ -166,8 +166,8 @@ class HSplitLoRA(SplitProtocol):
                 self.ctx.server.call("configure", args=dict(
                     self.adapter_args, adapter=self.server_adapter(client.index),
                     ranks=ranks_to_wire(plan.server_ranks), split=plan.split))
-        ranks = merged_ranks(p.server_ranks for p in self.plans)
-        if self.shared and ranks:
+        ranks = merged_ranks(p.server_ranks for p in self.plans) if self.shared else {}
+        if ranks:
             self.ctx.server.call("configure", args=dict(self.adapter_args, adapter="server",
                                                         ranks=ranks_to_wire(ranks),
                                                         split=min(p.split for p in self.plans)))
