@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="first rebuild a sweep's table from its points' run directories (after an upgrade "
                              "adds columns, or a point rerun by hand); runs nothing")
     report.set_defaults(handler=_report)
+
+    examples = commands.add_parser("examples", help="list the example scenarios and sweeps that ship with the package")
+    examples.add_argument("--copy", metavar="DIR", default=None, help="write every example into DIR for editing")
+    examples.set_defaults(handler=_examples)
     return parser
 
 
@@ -91,7 +95,7 @@ def _positive(text: str) -> int:
 
 
 def _scenario_arguments(parser: argparse.ArgumentParser, what: str = "scenario YAML file") -> None:
-    parser.add_argument("file", help=what)
+    parser.add_argument("file", help=f"{what}, or the name of a shipped example (see hsplit-sim examples)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -103,9 +107,9 @@ def _scenario_arguments(parser: argparse.ArgumentParser, what: str = "scenario Y
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from hsplit_sim.scenario import expanded_clients, load_scenario
+    from hsplit_sim.scenario import expanded_clients, load_scenario, scenario_path
 
-    scenario = load_scenario(args.file, args.overrides)
+    scenario = load_scenario(scenario_path(args.file), args.overrides)
     from hsplit_sim.experiment.preflight import preflight
 
     preflight(scenario)
@@ -119,14 +123,14 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hsplit_sim.scenario import load_scenario
+    from hsplit_sim.scenario import load_scenario, scenario_path
 
     overrides = list(args.overrides)
     if args.timing_only:
         overrides.append("runtime.timing_only=true")
     if args.replay:
         overrides.append(f"runtime.replay_from={args.replay}")
-    scenario = load_scenario(args.file, overrides)
+    scenario = load_scenario(scenario_path(args.file), overrides)
     from hsplit_sim.experiment.run import run_scenario
 
     run_dir = run_scenario(scenario)
@@ -136,9 +140,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from hsplit_sim.experiment.sweep import load_sweep_file, run_sweep
+    from hsplit_sim.scenario import scenario_path
 
     overrides = list(args.overrides) + (["runtime.timing_only=true"] if args.timing_only else [])
-    sweep = load_sweep_file(args.file, overrides)
+    sweep = load_sweep_file(scenario_path(args.file), overrides)
     sweep_dir = run_sweep(sweep, resume=args.resume, processes=args.processes, reuse=not args.no_reuse,
                           executor=args.executor)
     print(sweep_dir)
@@ -186,6 +191,23 @@ def _devices(args: argparse.Namespace) -> int:
     console.print("Sources", style="bold")
     for spec in [*DEVICES.values(), *LINKS.values()]:
         console.print(f"{spec.name}: {spec.source}", markup=False)
+    return 0
+
+
+def _examples(args: argparse.Namespace) -> int:
+    from hsplit_sim.scenario.examples import EXAMPLES_DIR, copy_examples, examples
+
+    if args.copy:
+        written = copy_examples(args.copy)
+        print(f"{len(written)} files written below {args.copy}")
+        return 0
+    shipped = examples()
+    width = max(len(example.name) for example in shipped)
+    print(f"Examples shipped in {EXAMPLES_DIR.resolve()}:")
+    for example in shipped:
+        print(f"  {example.name:<{width}}  {example.kind:<8}  {example.description}")
+    print("Run one by name (hsplit-sim run tiny; hsplit-sim sweep whatif/bandwidth), or copy them all for editing "
+          "(hsplit-sim examples --copy DIR).")
     return 0
 
 

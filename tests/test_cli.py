@@ -95,6 +95,23 @@ def test_schema_prints_json(capsys):
     assert {"model", "data", "algorithm", "clients"} <= set(schema["properties"])
 
 
+def test_examples_list_copy_and_run_by_name(capsys, tmp_path):
+    assert main(["examples"]) == 0
+    listing = capsys.readouterr().out
+    for name, what in (("quickstart", "SmolLM2-135M fine-tuned with split LoRA"), ("whatif/bandwidth", "sweep")):
+        assert name in listing and what in listing
+    assert main(["examples", "--copy", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "whatif" / "bandwidth.yaml").read_text() == (
+        Path(QUICKSTART).parent / "whatif" / "bandwidth.yaml").read_text()
+    capsys.readouterr()
+    assert main(["examples", "--copy", str(tmp_path / "mine")]) == 2
+    assert_one_error_line(capsys, "exists already")
+    assert main(["validate", "paper/tiny-heterogeneous"]) == 0
+    assert capsys.readouterr().out.startswith("paper-tiny-heterogeneous: model tiny-llama")
+    assert main(["validate", "no-such-example"]) == 2
+    assert_one_error_line(capsys, "no-such-example", "hsplit-sim examples")
+
+
 def test_usage_errors_return_2(capsys):
     assert main(["frobnicate"]) == 2
     assert "Traceback" not in capsys.readouterr().err

@@ -1,16 +1,17 @@
 """Data pipeline: synthetic and real E2E data, encoding to fixed shapes, client partitions, batches, tokenizer."""
 
+import gzip
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from hsplit_sim.data import BUNDLED_E2E_DIR, e2e_dir
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.training.data import (
     Example,
     attribute_value,
-    e2e_dir,
     encode_examples,
     load_dataset,
     load_e2e,
@@ -19,8 +20,6 @@ from hsplit_sim.training.data import (
     synthetic_e2e,
 )
 from hsplit_sim.training.tokenizer import WordTokenizer
-
-E2E_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 
 
 def tokenizer_for(examples):
@@ -47,26 +46,38 @@ def test_synthetic_eval_shares_no_mr_with_train():
     assert not {e.mr for e in train} & {e.mr for e in evaluation}
 
 
-def test_e2e_dev_split_by_mr():
-    splits = load_e2e(E2E_DIR)
-    assert splits["train"] and splits["validation"] and splits["test"]
+def test_shipped_e2e_splits_by_mr_and_counts_the_release():
+    splits = load_e2e(BUNDLED_E2E_DIR)
     assert not {e.mr for e in splits["train"]} & {e.mr for e in splits["validation"]}
     assert len(splits["train"]) + len(splits["validation"]) == 4672
-    train, evaluation = load_dataset("e2e", str(E2E_DIR), 100, 30, seed=1)
+    assert len({e.mr for e in splits["train"] + splits["validation"]}) == 547
+    assert len(splits["test"]) == 4693 and len({e.mr for e in splits["test"]}) == 630
+    train, evaluation = load_dataset("e2e", None, 100, 30, seed=1)
     assert len(train) == 100 and len(evaluation) == 30
-    assert train == load_dataset("e2e", str(E2E_DIR), 100, 30, seed=1)[0]
+    assert train == load_dataset("e2e", str(BUNDLED_E2E_DIR), 100, 30, seed=1)[0]
 
 
-def test_e2e_missing_directory_is_a_scenario_error(tmp_path, monkeypatch):
+def test_plain_and_gzipped_csv_read_the_same(tmp_path):
+    rows = "mr,ref\n\"name[A], area[riverside]\",A is by the river.\n\"name[B], food[Thai]\",B serves Thai food.\n"
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    plain.mkdir(), packed.mkdir()
+    (plain / "devset.csv").write_text(rows, encoding="utf-8")
+    with gzip.open(packed / "devset.csv.gz", "wt", encoding="utf-8") as f:
+        f.write(rows)
+    assert load_e2e(plain) == load_e2e(packed)
+    assert len(load_e2e(plain)["train"] + load_e2e(plain)["validation"]) == 2
+
+
+def test_e2e_directory_choice_and_missing_files(tmp_path, monkeypatch):
     with pytest.raises(ScenarioError, match="devset.csv"):
         load_e2e(tmp_path)
     with pytest.raises(ScenarioError, match="not found"):
         load_e2e(tmp_path / "absent")
     monkeypatch.delenv("HSPLIT_SIM_E2E_DIR", raising=False)
-    with pytest.raises(ScenarioError, match="HSPLIT_SIM_E2E_DIR"):
-        e2e_dir(None)
+    assert e2e_dir(None) == BUNDLED_E2E_DIR
     monkeypatch.setenv("HSPLIT_SIM_E2E_DIR", str(tmp_path))
     assert e2e_dir(None) == tmp_path
+    assert e2e_dir("elsewhere") == Path("elsewhere")
 
 
 def test_encode_masks_prompt_and_pads_exactly():

@@ -153,12 +153,16 @@ def test_missing_field_is_named():
         scenario_from_dict(data)
 
 
-def test_e2e_needs_a_directory(monkeypatch, tmp_path):
+def test_e2e_directory_defaults_to_the_shipped_copy(monkeypatch, tmp_path):
     monkeypatch.delenv("HSPLIT_SIM_E2E_DIR", raising=False)
-    with pytest.raises(ScenarioError, match=r"^data\.dir: .*data\.dir or the HSPLIT_SIM_E2E_DIR"):
-        scenario_from_dict(quickstart_data(), ["data.name=e2e"])
+    assert scenario_from_dict(quickstart_data(), ["data.name=e2e"]).data.dir is None
     monkeypatch.setenv("HSPLIT_SIM_E2E_DIR", str(tmp_path))
+    with pytest.raises(ScenarioError, match=r"^data\.dir: .* has no devset\.csv \(or devset\.csv\.gz\)$"):
+        scenario_from_dict(quickstart_data(), ["data.name=e2e"])
+    (tmp_path / "devset.csv").write_text("mr,ref\n")
     assert scenario_from_dict(quickstart_data(), ["data.name=e2e"]).data.dir == str(tmp_path)
+    with pytest.raises(ScenarioError, match=r"^data\.dir: .* has no testset_w_refs\.csv"):
+        scenario_from_dict(quickstart_data(), ["data.name=e2e", "data.test_examples=4"])
     with pytest.raises(ScenarioError, match=r"^data\.dir: .* is not a directory"):
         scenario_from_dict(quickstart_data(), ["data.name=e2e", f"data.dir={tmp_path / 'none'}"])
 
@@ -203,11 +207,13 @@ def test_json_schema_is_serialisable():
 
 
 @pytest.mark.parametrize("path", sorted(SCENARIOS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(SCENARIOS)))
-def test_every_shipped_scenario_and_sweep_file_loads(path, monkeypatch):
-    """A shipped file that no longer validates (a renamed key, a new constraint) fails here, not for a user."""
+def test_every_shipped_scenario_and_sweep_file_loads(path, monkeypatch, tmp_path):
+    """A shipped file that no longer validates (a renamed key, a new constraint) fails here, not for a user;
+    from any working directory, since examples run by name wherever the user is."""
     from hsplit_sim.experiment.sweep import load_sweep_file
 
-    monkeypatch.chdir(SCENARIOS.parent)  # data paths are relative to the repository root
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HSPLIT_SIM_E2E_DIR", raising=False)
     if "base" in yaml.safe_load(path.read_text()):
         assert load_sweep_file(path).points
     else:

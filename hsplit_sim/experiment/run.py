@@ -8,12 +8,11 @@ import time
 from datetime import datetime, timezone
 
 import numpy as np
-from rich.console import Console
-
 from hsplit_sim import costs
 from hsplit_sim.algorithms import ALGORITHMS, RunContext
 from hsplit_sim.errors import RunError
 from hsplit_sim.experiment.preflight import preflight
+from hsplit_sim.experiment.progress import ProgressLine
 from hsplit_sim.experiment.rundir import RunWriter
 from hsplit_sim.experiment.trajectory import Replay, ReplayMismatch, timing_partition_sizes, training_key
 from hsplit_sim.runtime.launcher import WorkerPool
@@ -41,22 +40,6 @@ def start_workers(pool: WorkerPool, scenario: Scenario, n_clients: int) -> list[
         if reply.header["result"]["partition_sizes"] != replies[0].header["result"]["partition_sizes"]:
             raise RunError(f"worker {connection.name} built a different data partition than the server")
     return partitions
-
-
-class Progress:
-    """One line per round on stderr: readable in a terminal and in CI logs alike."""
-
-    def __init__(self, scenario: Scenario, enabled: bool):
-        self.console = Console(stderr=True) if enabled else None
-        self.rounds = scenario.training.rounds
-
-    def round(self, row: dict) -> None:
-        if self.console is None:
-            return
-        ppl = "" if math.isnan(row["eval_ppl"]) else f"  eval ppl {row['eval_ppl']:.2f}"
-        loss = "" if math.isnan(row["train_loss"]) else f"  train loss {row['train_loss']:.3f}"
-        self.console.print(f"round {row['round']}/{self.rounds}  sim {row['sim_time_s']:.1f} s  "
-                           f"wall {row['wall_time_s']:.0f} s{loss}{ppl}", highlight=False)
 
 
 def run_scenario(scenario: Scenario, progress: bool = True, plots: bool = True):
@@ -102,6 +85,8 @@ def _run_scenario(scenario: Scenario, progress: bool, plots: bool, replay: Repla
     rounds: list[dict] = []
     try:
         with contextlib.ExitStack() as stack:
+            progress_line = stack.enter_context(ProgressLine(f"{scenario.name}: round", scenario.training.rounds,
+                                                             enabled=progress))
             if timing_only:
                 ctx = RunContext(scenario, spec, clients, resolve_device(scenario.server.device), sim, None, [], None,
                                  partition_sizes=timing_partition_sizes(scenario, len(clients)), replay=replay)
@@ -116,7 +101,7 @@ def _run_scenario(scenario: Scenario, progress: bool, plots: bool, replay: Repla
             algorithm = ALGORITHMS[scenario.algorithm.name](ctx)
             algorithm.setup()
             simulated = time.monotonic()
-            sim.run(_rounds(ctx, algorithm, writer, rounds, started, Progress(scenario, progress)))
+            sim.run(_rounds(ctx, algorithm, writer, rounds, started, progress_line))
             summary["simulation_wall_s"] = time.monotonic() - simulated
             if replay is not None:
                 replay.copy_tables(writer)
@@ -157,7 +142,7 @@ def _simpy_events(sim: Simulation) -> int | None:
     return next(counter) if counter is not None else None
 
 
-def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], started: float, progress: Progress):
+def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], started: float, progress: ProgressLine):
     """The run as one SimPy process: evaluate, then rounds, writing every table after each round (events and
     clients as one more part each, the small tables rewritten whole)."""
     training = ctx.scenario.training
@@ -188,7 +173,13 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
         for name, table in algorithm.tables().items():
             writer.write_table(name, table)
         log.info("round %d: %s", round_index, rows[-1])
-        progress.round(rows[-1])
+        progress.update(round_index, _round_status(row), keep=True)
+
+
+def _round_status(row: dict) -> str:
+    loss = "" if math.isnan(row["train_loss"]) else f"  train loss {row['train_loss']:.3f}"
+    ppl = "" if math.isnan(row["eval_ppl"]) else f"  eval ppl {row['eval_ppl']:.2f}"
+    return f"sim {row['sim_time_s']:.1f} s{loss}{ppl}"
 
 
 def _generation(algorithm, writer: RunWriter) -> dict:

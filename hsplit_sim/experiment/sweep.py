@@ -32,10 +32,10 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from rich.console import Console
 
 from analysis.metrics import GENERATION_METRICS, time_to_target, utilisation
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.experiment.progress import ProgressLine
 from hsplit_sim.scenario import apply_override, scenario_from_dict
 from hsplit_sim.scenario.load import _yaml_problem
 
@@ -152,7 +152,7 @@ def run_sweep(sweep: Sweep, resume: str | Path | None = None, processes: int | N
     if resume and not sweep_dir.is_dir():
         raise ScenarioError(f"--resume {resume}: no such directory")
     sweep_dir = sweep_dir.resolve()
-    runner = _Runner(sweep, sweep_dir, processes, threads, Console(stderr=True, highlight=False) if progress else None)
+    runner = _Runner(sweep, sweep_dir, processes, threads, progress)
     runner.reuse = reuse
     runner.executor = executor
     runner.run()
@@ -172,7 +172,7 @@ def refresh_table(sweep_dir: str | Path) -> None:
     sweep = Sweep(resolved["name"], resolved["file"], resolved["axes"], resolved["zip_axes"], points,
                   resolved.get("target_ppl"), str(sweep_dir.parent), resolved.get("overrides", []),
                   resolved.get("reference"))
-    runner = _Runner(sweep, sweep_dir, resolved.get("processes", 1), resolved.get("torch_threads", 1), None)
+    runner = _Runner(sweep, sweep_dir, resolved.get("processes", 1), resolved.get("torch_threads", 1), False)
     for point in points:
         runner._record(point)
     runner._write_table()
@@ -181,14 +181,14 @@ def refresh_table(sweep_dir: str | Path) -> None:
 class _Runner:
     """Schedules point processes on a thread pool (threads only wait), tracks progress and writes the table."""
 
-    def __init__(self, sweep: Sweep, sweep_dir: Path, processes: int, threads: int, console: Console | None):
-        self.sweep, self.dir, self.processes, self.threads, self.console = sweep, sweep_dir, processes, threads, console
+    def __init__(self, sweep: Sweep, sweep_dir: Path, processes: int, threads: int, progress: bool):
+        self.sweep, self.dir, self.processes, self.threads, self.progress = sweep, sweep_dir, processes, threads, progress
+        self.line: ProgressLine | None = None
         self.lock = threading.Lock()
         self.running: dict[str, subprocess.Popen] = {}
         self.interrupted = False
         self.rows: dict[str, dict] = {}
         self.curves: dict[str, pd.DataFrame] = {}
-        self.durations: list[float] = []
         self.reuse = True
         self.executor = "local"
 
@@ -201,8 +201,15 @@ class _Runner:
                 todo.append(point)
         self._write_table()
         self.done, self.failed = len(self.sweep.points) - len(todo), 0
-        self._say(f"sweep {self.sweep.name}: {len(self.sweep.points)} points, {self.done} already completed, "
-                  f"{len(todo)} to run; {self.processes} at a time x {self.threads} torch threads; {self.dir}")
+        with ProgressLine(f"sweep {self.sweep.name}: point", len(self.sweep.points), self.done,
+                          self.progress) as self.line:
+            self._say(f"sweep {self.sweep.name}: {len(self.sweep.points)} points, {self.done} already completed, "
+                      f"{len(todo)} to run; {self.processes} at a time x {self.threads} torch threads; {self.dir}")
+            self._run_points(todo)
+        self._say(f"sweep {self.sweep.name}: {self.done} completed, {self.failed} failed; "
+                  f"table {self.dir / (TABLE + '.parquet')}")
+
+    def _run_points(self, todo: list[Point]) -> None:
         groups = training_groups(self.sweep.points) if self.reuse else {}
         with ThreadPoolExecutor(self.processes) as pool:
             try:
@@ -213,15 +220,12 @@ class _Runner:
                         point, seconds = futures[future], future.result()
                         self._record(point)
                         self._write_table()
-                        self.durations.append(seconds)
-                        self._progress(point, seconds, len(todo))
+                        self._progress(point, seconds)
             except KeyboardInterrupt:
                 self._interrupt(pool)
                 raise
             finally:
                 self._write_table()
-        self._say(f"sweep {self.sweep.name}: {self.done} completed, {self.failed} failed; "
-                  f"table {self.dir / (TABLE + '.parquet')}")
 
     def _run_point(self, point: Point, replay: Path | None = None) -> float:
         """One `hsplit-sim run` in its own session, so the terminal's Ctrl-C reaches it only through us; with
@@ -318,7 +322,7 @@ class _Runner:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "sweep.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
-    def _progress(self, point: Point, seconds: float, n_todo: int) -> None:
+    def _progress(self, point: Point, seconds: float) -> None:
         row = self.rows[point.id]
         if row["status"] == "completed":
             self.done += 1
@@ -326,23 +330,18 @@ class _Runner:
         else:
             self.failed += 1
             outcome = f"{row['status']}: {row['error']}"
-        self._progress_line(f"{point.id} {outcome}")
+        self._progress_line(f"{point.id} {outcome}", keep=True)
 
-    def _progress_line(self, what: str) -> None:
+    def _progress_line(self, what: str, keep: bool = False) -> None:
         with self.lock:
             running = len(self.running)
-        finished = self.done + self.failed
-        left = len(self.sweep.points) - finished
-        eta = "?"
-        if self.durations:
-            eta_s = sum(self.durations) / len(self.durations) * left / self.processes
-            eta = f"{int(eta_s // 60)}:{int(eta_s % 60):02d}"
-        self._say(f"[{finished}/{len(self.sweep.points)}] done {self.done}  running {running}  failed {self.failed}"
-                  f"  ETA {eta}  | {what}")
+        if self.line is not None:
+            self.line.update(self.done + self.failed,
+                             f"done {self.done}  running {running}  failed {self.failed}  | {what}", keep)
 
     def _say(self, line: str) -> None:
-        if self.console is not None:
-            self.console.print(line, markup=False, soft_wrap=True)
+        if self.line is not None:
+            self.line.say(line)
 
 
 def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:

@@ -1,6 +1,7 @@
 """Scenarios: the schema, YAML loading with overrides, and the built-in device and link catalog."""
 
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.examples import scenario_path
 from hsplit_sim.scenario.catalog import DEVICES, LINKS, DeviceSpec, LinkSpec, resolve_device, resolve_link
 from hsplit_sim.scenario.load import (
     apply_override,
@@ -29,4 +30,5 @@ __all__ = [
     "resolve_link",
     "resolved_dict",
     "scenario_from_dict",
+    "scenario_path",
 ]

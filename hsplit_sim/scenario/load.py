@@ -14,12 +14,11 @@ import yaml
 from pydantic import ValidationError
 
 import hsplit_sim
+from hsplit_sim.data import E2E_DIR_ENV, e2e_file
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario.catalog import resolve_device, resolve_link
 from hsplit_sim.scenario.models import model_config
 from hsplit_sim.scenario.schema import ClientSpec, Scenario
-
-E2E_DIR_ENV = "HSPLIT_SIM_E2E_DIR"
 
 # Distributions whose versions go into scenario.resolved.yaml.
 _VERSIONED = ("torch", "transformers", "peft", "simpy", "pyzmq", "pandas")
@@ -168,12 +167,7 @@ def _check(scenario: Scenario) -> None:
         raise ScenarioError(f"data.max_length: {scenario.data.max_length} exceeds the {positions} positions of {what}")
 
     if scenario.data.name == "e2e":
-        if scenario.data.dir is None:
-            scenario.data.dir = os.environ.get(E2E_DIR_ENV)
-        if scenario.data.dir is None:
-            raise ScenarioError(f"data.dir: the e2e data set needs data.dir or the {E2E_DIR_ENV} environment variable")
-        if not Path(scenario.data.dir).is_dir():
-            raise ScenarioError(f"data.dir: {scenario.data.dir} is not a directory")
+        _check_e2e_dir(scenario)
 
     for i, group in enumerate(scenario.clients):
         memory = resolve_device(group.device).memory_gb
@@ -181,6 +175,23 @@ def _check(scenario: Scenario) -> None:
             raise ScenarioError(
                 f"clients.{i}.memory_budget_gb: {group.memory_budget_gb:g} GB exceeds the device's {memory:g} GB"
             )
+
+
+def _check_e2e_dir(scenario: Scenario) -> None:
+    """A directory named by the scenario or the environment must hold the files a run reads (no dir: the copy
+    shipped with the package). The environment's choice is written into the scenario, so the resolved file says
+    which data a run used."""
+    if scenario.data.dir is None:
+        scenario.data.dir = os.environ.get(E2E_DIR_ENV) or None
+    if scenario.data.dir is None:
+        return
+    directory = Path(scenario.data.dir)
+    if not directory.is_dir():
+        raise ScenarioError(f"data.dir: {directory} is not a directory")
+    needed = ["devset"] + (["testset_w_refs"] if scenario.data.test_examples else [])
+    for stem in needed:
+        if e2e_file(directory, stem) is None:
+            raise ScenarioError(f"data.dir: {directory} has no {stem}.csv (or {stem}.csv.gz)")
 
 
 def _target_widths(config: dict) -> dict[str, int]:

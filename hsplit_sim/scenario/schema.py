@@ -85,7 +85,9 @@ Partition = Annotated[Union[IidPartition, DirichletPartition], Field(discriminat
 
 class DataSpec(_Strict):
     name: Literal["e2e-synthetic", "e2e"]
-    dir: str | None = Field(None, description="E2E CSV directory; defaults to $HSPLIT_SIM_E2E_DIR")
+    dir: str | None = Field(None, description="E2E CSV directory (devset.csv, testset_w_refs.csv, optionally "
+                            "trainset.csv; plain or .gz); defaults to $HSPLIT_SIM_E2E_DIR, else the development and "
+                            "test splits shipped with the package")
     max_length: int = Field(64, gt=0)
     train_examples: int | None = Field(None, gt=0, description="cap on training examples; none means all")
     eval_examples: int | None = Field(None, gt=0, description="cap on evaluation examples; none means all")

@@ -1,8 +1,8 @@
 """E2E-style data: a synthetic generator, the real E2E files, encoding to fixed shapes, client partitions and batches."""
 
 import csv
+import gzip
 import hashlib
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from hsplit_sim.data import e2e_dir, e2e_file
 from hsplit_sim.errors import ScenarioError
 
-E2E_DIR_ENV = "HSPLIT_SIM_E2E_DIR"
 VALIDATION_PERCENT = 10
 MIN_TARGET_TOKENS = 8
 
@@ -87,10 +87,13 @@ def synthetic_e2e(n: int, seed: int) -> list[Example]:
     return [_synthetic_example(rng) for _ in range(n)]
 
 
-def _read_csv(path: Path) -> list[Example]:
-    if not path.is_file():
-        raise ScenarioError(f"E2E data: missing file {path}")
-    with path.open(newline="", encoding="utf-8-sig") as f:
+def _read_csv(directory: Path, stem: str) -> list[Example]:
+    """Rows of `stem.csv` or `stem.csv.gz` in directory."""
+    path = e2e_file(directory, stem)
+    if path is None:
+        raise ScenarioError(f"E2E data: missing file {directory / stem}.csv (or .csv.gz)")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not {"mr", "ref"} <= set(reader.fieldnames or []):
             raise ScenarioError(f"E2E data: {path} needs the columns mr and ref")
@@ -107,24 +110,14 @@ def load_e2e(directory: str | Path) -> dict[str, list[Example]]:
     directory = Path(directory)
     if not directory.is_dir():
         raise ScenarioError(f"E2E data: directory not found: {directory}")
-    dev = _read_csv(directory / "devset.csv")
-    if (directory / "trainset.csv").is_file():
-        train, validation = _read_csv(directory / "trainset.csv"), dev
+    dev = _read_csv(directory, "devset")
+    if e2e_file(directory, "trainset") is not None:
+        train, validation = _read_csv(directory, "trainset"), dev
     else:
         train = [example for example in dev if not _is_validation(example.mr)]
         validation = [example for example in dev if _is_validation(example.mr)]
-    test_file = directory / "testset_w_refs.csv"
-    test = _read_csv(test_file) if test_file.is_file() else []
+    test = _read_csv(directory, "testset_w_refs") if e2e_file(directory, "testset_w_refs") is not None else []
     return {"train": train, "validation": validation, "test": test}
-
-
-def e2e_dir(configured: str | None) -> Path:
-    """The E2E directory from the scenario, else from the environment."""
-    if configured:
-        return Path(configured)
-    if os.environ.get(E2E_DIR_ENV):
-        return Path(os.environ[E2E_DIR_ENV])
-    raise ScenarioError(f"E2E data: no directory given; set it in the scenario or in the environment variable {E2E_DIR_ENV}")
 
 
 def load_dataset(
