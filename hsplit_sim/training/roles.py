@@ -203,6 +203,9 @@ class Role:
         if adapters:
             self.activate(*adapters)
         pad, eos = self.tokenizer.pad_id, self.tokenizer.eos_id
+        # Embedding rows past the tokenizer's vocabulary (a tiny model's word list built from few examples) were
+        # never a target: they must not be generated, and could not be decoded.
+        unused = list(range(self.tokenizer.vocab_size, self.model.config.vocab_size)) or None
         prompts = [self.tokenizer.encode(prompt_text(mr)) for mr, _ in self.test]
         texts = []
         with torch.no_grad(), self._adapters_off(not adapters):
@@ -216,7 +219,7 @@ class Role:
                     mask[row, width - len(prompt):] = 1
                 out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                                           max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
-                                          pad_token_id=pad, eos_token_id=eos)
+                                          pad_token_id=pad, eos_token_id=eos, suppress_tokens=unused)
                 for row in out[:, width:].tolist():
                     texts.append(self.tokenizer.decode(row[:row.index(eos)] if eos in row else row).strip())
         return {"mrs": [mr for mr, _ in self.test], "references": [refs for _, refs in self.test],
