@@ -2,6 +2,7 @@
 the example scenarios by name, the E2E data, the runtime (workers start from the installed package)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,8 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 def installed(tmp_path_factory):
     """A venv holding only the wheel; its dependencies come from this interpreter's environment (no network)."""
     root = tmp_path_factory.mktemp("installed")
+    # Built from a copy: a build in the checkout would leave build/, whose stale files a later wheel could carry.
+    source = root / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(root / "dist"), str(REPO)], check=True, capture_output=True)
+                    "--wheel-dir", str(root / "dist"), str(source)], check=True, capture_output=True)
     wheel = next((root / "dist").glob("hsplit_sim-*.whl"))
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
