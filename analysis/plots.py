@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed, works headless and on laptops
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatter  # noqa: E402
@@ -42,6 +43,8 @@ SPARE_COLORS = ["#7f7f7f", "#bcbd22", "#c5b0d5", "#f7b6d2", "#c49c94", "#dbdb8d"
 # Waiting is not work: drawn thin so it does not hide the work sharing its row.
 WAIT_KINDS = {"server_queue"}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+SMALL_FLEET = 8  # a timeline shows every client of a fleet this small
+MAX_LANES = 36  # beyond a few dozen rows a timeline stops being readable (and cheap to draw)
 
 
 def _time_unit(max_s: float) -> tuple[float, str]:
@@ -56,11 +59,15 @@ def _time_unit(max_s: float) -> tuple[float, str]:
 
 
 def _save(fig: plt.Figure, out_base: Path) -> list[Path]:
+    """PNG and SVG, cropped to what is drawn. The layout is done and the crop measured once for both: left to
+    savefig, each file would lay out every text again first, which costs as much as drawing it."""
     out_base = Path(out_base)
     out_base.parent.mkdir(parents=True, exist_ok=True)
     paths = [out_base.with_name(f"{out_base.name}.{ext}") for ext in ("png", "svg")]
+    crop = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.1)  # 0.1 in: savefig's own pad_inches
+    fig.set_layout_engine(None)  # tight_layout leaves a placeholder engine that makes savefig lay out again
     for path in paths:
-        fig.savefig(path, dpi=150, bbox_inches="tight")
+        fig.savefig(path, dpi=150, bbox_inches=crop)
     plt.close(fig)
     return paths
 
@@ -137,48 +144,137 @@ def _kind_colors(kinds: list[str]) -> dict[str, str]:
     return {k: KIND_COLORS.get(k) or spare[k] for k in kinds}
 
 
-def _first_rounds(events: pd.DataFrame, rounds: int) -> pd.DataFrame:
-    """Events of the first `rounds` training rounds (round 0, the initial evaluation, is skipped
-    when training rounds exist)."""
-    numbers = sorted(events["round"].unique())
+def _first_rounds(numbers: list[int], rounds: int) -> list[int]:
+    """The first `rounds` training rounds (round 0, the initial evaluation, is skipped when training rounds
+    exist)."""
     if len(numbers) > 1 and numbers[0] == 0:
         numbers = numbers[1:]
-    return events[events["round"].isin(numbers[:rounds])]
+    return numbers[:rounds]
+
+
+def client_classes(run: Run) -> pd.DataFrame:
+    """Per client (the index): its device and class, "device / link" (clients alike in both run alike); empty
+    when the run has no clients table. Only the table's first round is read: a client's device never changes."""
+    columns = ["client", "device", "link"]
+    clients = run.read("clients", columns, rounds=run.round_numbers("clients")[:1] or None)
+    if clients.empty or "device" not in clients:
+        return pd.DataFrame(columns=["device", "class"])
+    clients = clients.drop_duplicates("client").set_index("client").sort_index()
+    device = clients["device"].astype(str)
+    return pd.DataFrame({"device": device, "class": device + " / " + clients["link"].astype(str)
+                         if "link" in clients else device})
+
+
+def _busy_seconds(events: pd.DataFrame) -> pd.Series:
+    """Per client, the seconds its own events took (work, transfers, waiting for the server): how long its local
+    steps keep it from the round's barrier, which is what makes it slow."""
+    mine = events["client"].to_numpy() >= 0
+    return (events["end_s"] - events["start_s"])[mine].groupby(events["client"][mine]).sum()
+
+
+def _pick_clients(busy: pd.Series, classes: pd.Series, most: int) -> tuple[list[tuple[int, str]], str]:
+    """(client, role) pairs: the slowest and the fastest client of each class, in fleet order; only the
+    slowest when that does not fit in `most` clients, and then only the slowest classes. Also what they are."""
+    table = pd.DataFrame({"busy": busy, "cls": classes.reindex(busy.index).fillna("unknown device")})
+    by_class = table.groupby("cls", sort=False)["busy"]
+    slowest, fastest, sizes = by_class.idxmax(), by_class.idxmin(), by_class.size()
+    n_classes = len(slowest)
+    if 2 * n_classes <= most:
+        picks = []
+        for cls, k in slowest.items():
+            if sizes[cls] == 1:
+                picks.append((k, f"the only {cls}"))
+            elif table.at[k, "busy"] == table.at[fastest[cls], "busy"]:
+                picks.append((k, f"one of {sizes[cls]:,} alike {cls}"))
+            else:
+                picks += [(k, f"slowest of {sizes[cls]:,} {cls}"), (fastest[cls], f"fastest of {sizes[cls]:,} {cls}")]
+        what = "the slowest and fastest of each device class"
+    else:
+        shown = set(table.loc[slowest, "busy"].nlargest(most).index)
+        picks = [(k, f"slowest of {sizes[cls]:,} {cls}") for cls, k in slowest.items() if k in shown]
+        what = ("the slowest of each device class" if len(picks) == n_classes
+                else f"the slowest of the {len(picks)} slowest of {n_classes} device classes")
+    return picks, what
+
+
+def _lanes(run: Run, events: pd.DataFrame) -> tuple[list[str], list[str], str]:
+    """Rows of the timeline (resources), their labels, and which clients they show. Every client of a small
+    fleet; of a larger one the server and the slowest and fastest client of each device class, with links."""
+    names = pd.Series([str(r) for r in events["resource"].unique()])
+    owner = names.str.extract(r"^client(\d+)(?:\.up|\.down)?$", expand=False).astype(float)  # NaN: not a client's
+    per_client = owner.value_counts()
+    n_clients = max(run.summary.get("n_clients") or 0, len(per_client))
+    if len(per_client) <= SMALL_FLEET:
+        resources = sorted(names, key=_resource_key)
+        return resources, resources, _clients_text(len(per_client), n_clients)
+    others = sorted(names[owner.isna()], key=_resource_key)
+    picks, why = _pick_clients(_busy_seconds(events), client_classes(run)["class"],
+                               max(1, (MAX_LANES - len(others)) // int(per_client.max())))
+    chosen = owner.isin([k for k, _ in picks])
+    own = {int(k): sorted(group, key=_resource_key) for k, group in names[chosen].groupby(owner[chosen])}
+    servers = [r for r in others if r.startswith("server")]
+    lanes, labels = list(servers), list(servers)
+    for k, role in picks:
+        lanes += own.get(k, [])
+        labels += [f"{r} ({role})" if r == f"client{k}" else r for r in own.get(k, [])]
+    rest = [r for r in others if not r.startswith("server")]
+    return lanes + rest, labels + rest, f"{_clients_text(len(picks), n_clients)}: {why}"
+
+
+def _clients_text(shown: int, n_clients: int) -> str:
+    if shown == n_clients:
+        return "the only client" if shown == 1 else f"all {shown} clients"
+    return f"{shown} of {n_clients:,} clients" if shown else "no client events"
+
+
+def _bars(starts: np.ndarray, ends: np.ndarray, min_width: float) -> list[tuple[float, float]]:
+    """(start, width) bars at least `min_width` wide, those that would overlap as drawn joined into one: a lane
+    shared by a thousand clients (the server) then draws as a few bars, not thousands of overlapping slivers,
+    while bars that merely touch stay apart."""
+    order = np.argsort(starts, kind="stable")
+    starts = starts[order]
+    reach = np.maximum.accumulate(np.maximum(ends[order], starts + min_width))
+    first = np.flatnonzero(np.r_[True, starts[1:] >= reach[:-1]])
+    last = np.r_[first[1:] - 1, len(starts) - 1]
+    return list(zip(starts[first], reach[last] - starts[first]))
 
 
 def plot_timeline(run: Run, out_base: Path, rounds: int = 2) -> list[Path]:
-    """Gantt chart of the first rounds, one row per device or link; [] when there are no events."""
-    if run.events.empty:
+    """Gantt chart of the first rounds, one row per device or link (of every client, or of a few chosen ones in
+    a large fleet, as the title says); [] when there are no events. Only the rounds drawn are read."""
+    numbers = _first_rounds(run.round_numbers("events"), rounds)
+    if not numbers:
         return []
-    events = _first_rounds(run.events, rounds)
-    resources = sorted(events["resource"].astype(str).unique(), key=_resource_key)
-    row_of = {resource: i for i, resource in enumerate(resources)}
-    drawn = events[events["end_s"] > events["start_s"]]
-    order = list(KIND_COLORS) + sorted(set(drawn["kind"]) - set(KIND_COLORS))
-    kinds = [k for k in order if k in set(drawn["kind"])]
-    colors = _kind_colors(kinds)
-
+    events = run.read("events", ["round", "client", "kind", "resource", "start_s", "end_s"], rounds=numbers)
+    if events.empty:
+        return []
+    lanes, labels, what = _lanes(run, events)
+    row_of = {resource: i for i, resource in enumerate(lanes)}
+    round_ends = events.groupby("round")["end_s"].max().sort_index()
     scale, unit = _time_unit(events["end_s"].max())
     t_min, t_max = events["start_s"].min() / scale, events["end_s"].max() / scale
+    events = events[events["resource"].isin(lanes) & (events["end_s"] > events["start_s"])]
+    present = set(events["kind"].unique())
+    kinds = [k for k in KIND_COLORS if k in present] + sorted(present - set(KIND_COLORS))
+    colors = _kind_colors(kinds)
+
     # Brief events (aggregation, small transfers) get a hairline width so they stay visible.
     min_width = (t_max - t_min) * 0.004
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(7.0, max(2.4, 0.8 + 0.3 * len(resources))))
-        for (resource, kind), group in drawn.groupby(["resource", "kind"]):
+        # Long lane labels (a chosen client's role) get their own width rather than squeezing the axes.
+        width = 7.0 + 0.06 * max(0, max(map(len, labels)) - 15)
+        fig, ax = plt.subplots(figsize=(width, max(2.4, 0.8 + 0.3 * len(lanes))))
+        for (resource, kind), group in events.groupby(["resource", "kind"], observed=True):
             wait = kind in WAIT_KINDS
             height = 0.3 if wait else 0.7
             ax.broken_barh(
-                list(zip(
-                    group["start_s"] / scale,
-                    ((group["end_s"] - group["start_s"]) / scale).clip(lower=min_width),
-                )),
+                _bars(group["start_s"].to_numpy() / scale, group["end_s"].to_numpy() / scale, min_width),
                 (row_of[str(resource)] - height / 2, height),
                 facecolors=colors[kind],
                 edgecolor="white" if not wait else "none",
                 linewidth=0.3,
                 zorder=1 if wait else 2,
             )
-        round_ends = events.groupby("round")["end_s"].max().sort_index()
         for number, end in round_ends.items():
             ax.axvline(end / scale, color="black", linestyle="--", linewidth=0.7, zorder=3)
             ax.annotate(
@@ -191,11 +287,12 @@ def plot_timeline(run: Run, out_base: Path, rounds: int = 2) -> list[Path]:
                 va="bottom",
                 fontsize=9,
             )
-        ax.set_yticks(range(len(resources)), resources)
-        ax.set_ylim(len(resources) - 0.5, -0.5)  # server at the top
+        ax.set_yticks(range(len(lanes)), labels)
+        ax.set_ylim(len(lanes) - 0.5, -0.5)  # server at the top
         margin = (t_max - t_min) * 0.01
         ax.set_xlim(t_min - margin, t_max + margin)
         ax.set_xlabel(f"Simulated time ({unit})")
+        ax.set_title(f"{_rounds_text(numbers)}, {what}", loc="left", pad=16)
         ax.grid(True, axis="x", alpha=0.3)
         ax.legend(
             handles=[Patch(facecolor=colors[k], label=k) for k in kinds],
@@ -207,9 +304,13 @@ def plot_timeline(run: Run, out_base: Path, rounds: int = 2) -> list[Path]:
         return _save(fig, out_base)
 
 
+def _rounds_text(numbers: list[int]) -> str:
+    return f"Round {numbers[0]}" if len(numbers) == 1 else f"Rounds {numbers[0]}–{numbers[-1]}"
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Write perplexity and timeline figures into RUN/plots/; a figure without data is skipped,
     so a missing path in the result means there was nothing to plot."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, lazy=True)  # the timeline reads the few rounds it draws
     plots = run.path / "plots"
     return plot_perplexity(run, plots / "perplexity") + plot_timeline(run, plots / "timeline")

@@ -17,10 +17,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatter  # noqa: E402
 
 from analysis.load import Run, load_run  # noqa: E402
-from analysis.metrics import BREAKDOWN, GENERATION_METRICS, bytes_per_round, time_breakdown  # noqa: E402
-from analysis.plots import STYLE, _save, _time_unit, plot_perplexity, plot_timeline  # noqa: E402
+from analysis.metrics import (  # noqa: E402
+    BREAKDOWN, BREAKDOWN_COLUMNS, GENERATION_METRICS, bytes_per_round, time_breakdown)
+from analysis.plots import (  # noqa: E402
+    SMALL_FLEET, STYLE, _save, _time_unit, client_classes, plot_perplexity, plot_timeline)
 
 BREAKDOWN_COLORS = {"compute": "#1f77b4", "upload": "#ff7f0e", "server queue": "#bdbdbd", "server": "#d62728",
                     "download": "#ffbb78", "idle": "#f0f0f0"}
@@ -62,7 +65,7 @@ def report(path: str | Path) -> Path:
     if (directory / "sweep.parquet").is_file() or (directory / "sweep.csv").is_file():
         title, sections = _sweep_sections(load_sweep(directory), out)
     else:
-        run = load_run(directory)
+        run = load_run(directory, lazy=True)  # events and clients: only the columns each figure needs
         title, sections = f"Run {run.name}", _run_sections(run, out)
     page = out / "index.html"
     page.write_text(_html(title, sections))
@@ -79,7 +82,7 @@ def _sweep_sections(table: pd.DataFrame, out: Path) -> tuple[str, list]:
     for row, label in zip(table.itertuples(index=False), labels):
         run_dir = getattr(row, "run_dir")
         if isinstance(run_dir, str) and (sweep_dir / run_dir).is_dir():
-            runs[label] = load_run(sweep_dir / run_dir)
+            runs[label] = load_run(sweep_dir / run_dir, lazy=True)
     target = table.attrs["target_ppl"]
     metrics = METRICS if table["final_eval_ppl"].notna().any() else TIMING_METRICS
     if metrics is METRICS:
@@ -111,8 +114,7 @@ def _sweep_sections(table: pd.DataFrame, out: Path) -> tuple[str, list]:
          _bytes_lines(runs, out / "bytes_per_round")),
         ("Time breakdown", "Mean over clients of each client's simulated time.",
          _breakdown_bars({label: _mean_breakdown(run) for label, run in runs.items()}, out / "time_breakdown")),
-        ("Memory against budget", "Peak memory per client over the run (bars) and its budget (black marks).",
-         _memory_bars(runs, out / "memory")),
+        ("Memory against budget", *_memory_bars(runs, out / "memory")),
         ("Sweep table", None, _table_html(table)),
     ]
     return f"Sweep {table.attrs['name']}", sections
@@ -328,9 +330,14 @@ def _sim_time(run: Run) -> float:
     return run.summary.get("sim_time_s") or (float(run.rounds["sim_time_s"].max()) if not run.rounds.empty else 0.0)
 
 
+def _client_breakdown(run: Run) -> pd.DataFrame:
+    """time_breakdown of every client with events, summed a row group of events at a time."""
+    return time_breakdown(run.batches("events", list(BREAKDOWN_COLUMNS)), _sim_time(run))
+
+
 def _mean_breakdown(run: Run) -> pd.Series:
     """Mean over all clients; clients with no events of their own (central training) were idle throughout."""
-    table = time_breakdown(run.events, _sim_time(run)) if not run.events.empty else pd.DataFrame()
+    table = _client_breakdown(run)
     n = run.summary.get("n_clients") or len(table)
     if not n:
         return pd.Series(dtype=float)
@@ -339,8 +346,10 @@ def _mean_breakdown(run: Run) -> pd.Series:
     return totals / n
 
 
-def _breakdown_bars(parts: dict[str, pd.Series], out_base: Path, what: str = "") -> list[Path]:
-    """Stacked horizontal bars of compute, upload, server queue, server, download and idle time."""
+def _breakdown_bars(parts: dict[str, pd.Series], out_base: Path, what: str = "",
+                    spread: pd.DataFrame | None = None) -> list[Path]:
+    """Stacked horizontal bars of compute, upload, server queue, server, download and idle time; `spread`
+    (columns low and high, by bar) draws whiskers over where busy time ends."""
     parts = {k: v for k, v in parts.items() if not v.empty}
     if not parts:
         return []
@@ -355,6 +364,11 @@ def _breakdown_bars(parts: dict[str, pd.Series], out_base: Path, what: str = "")
             ax.barh(y, width, left=left, height=0.65, color=BREAKDOWN_COLORS[category], label=category,
                     edgecolor="#999999" if category == "idle" else "white", linewidth=0.4)
             left += width
+        if spread is not None:
+            busy = frame.drop(columns="idle").sum(axis=1).to_numpy()
+            low, high = spread["low"].reindex(frame.index).to_numpy(), spread["high"].reindex(frame.index).to_numpy()
+            ax.errorbar(busy / scale, y, xerr=[(busy - low) / scale, (high - busy) / scale], fmt="none",
+                        ecolor="black", elinewidth=0.8, capsize=3, label="least to most busy client")
         ax.set_yticks(y, frame.index)
         ax.invert_yaxis()
         ax.set_ylabel(what)
@@ -363,6 +377,30 @@ def _breakdown_bars(parts: dict[str, pd.Series], out_base: Path, what: str = "")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.tight_layout()
         return _save(fig, out_base)
+
+
+def _client_breakdown_bars(run: Run, out_base: Path) -> tuple[str, list[Path]]:
+    """A bar per client of a small fleet; of a larger one the mean of each device class, with whiskers from
+    its least to its most busy client (a thousand bars would be unreadable). Returns the note and the files."""
+    table, classes = _client_breakdown(run), client_classes(run)
+    if len(table) <= SMALL_FLEET:
+        parts = {f"{c} ({classes.at[c, 'device']})" if c in classes.index else str(c): row
+                 for c, row in table.iterrows()}
+        return "Each client's simulated time by activity.", _breakdown_bars(parts, out_base, "Client (device)")
+    # Clients without events of their own were idle throughout: they count in their class's mean.
+    table = table.reindex(table.index.union(classes.index))
+    table["idle"] = table["idle"].fillna(_sim_time(run))
+    table = table.fillna(0.0)
+    group = classes["class"].reindex(table.index).fillna("unknown device")
+    busy = table.drop(columns="idle").sum(axis=1)
+    sizes = group.value_counts()
+    label = {c: f"{c} ({sizes[c]:,})" for c in sizes.index}
+    means = table.groupby(group, sort=False).mean().rename(index=label)
+    spread = busy.groupby(group, sort=False).agg(low="min", high="max").rename(index=label)
+    note = (f"Mean simulated time by activity of the clients of each device class (device / link; how many "
+            f"clients in brackets), {len(table):,} clients in {len(means)} classes; whiskers run from the least "
+            "to the most busy client of the class.")
+    return note, _breakdown_bars(dict(means.iterrows()), out_base, "Device class (clients)", spread)
 
 
 def _bytes_lines(runs: dict[str, Run], out_base: Path) -> list[Path]:
@@ -387,60 +425,86 @@ def _bytes_lines(runs: dict[str, Run], out_base: Path) -> list[Path]:
         return _save(fig, out_base)
 
 
-def _peak_memory(clients: pd.DataFrame) -> pd.DataFrame:
+def _peak_memory(run: Run) -> pd.DataFrame:
+    """Per client: peak memory and budget over the run, device and class; empty without memory figures."""
+    clients = run.read("clients", ["client", "memory_bytes", "memory_budget_bytes"])
     if clients.empty or "memory_bytes" not in clients:
         return pd.DataFrame()
-    return clients.groupby("client").agg(memory=("memory_bytes", "max"), budget=("memory_budget_bytes", "max"),
-                                         device=("device", "first"))
+    peaks = clients.groupby("client").agg(memory=("memory_bytes", "max"), budget=("memory_budget_bytes", "max"))
+    return peaks.join(client_classes(run))
 
 
-def _memory_bars(runs: dict[str, Run], out_base: Path) -> list[Path]:
-    """Grouped bars: per client, one bar per run, with the budget marked; log scale when they differ a lot."""
-    peaks = {label: _peak_memory(run.clients) for label, run in runs.items()}
+def _memory_units(peaks: pd.DataFrame, by_class: bool) -> pd.DataFrame:
+    """One row per bar: a client (named with its device), or a device class (named with its size): mean peak
+    memory, its least and most (whiskers), and the budget (the smallest in the class)."""
+    if not by_class:
+        names = [f"{c}\n{d}" if isinstance(d, str) else str(c) for c, d in zip(peaks.index, peaks["device"])]
+        return peaks.assign(low=peaks["memory"], high=peaks["memory"], name=names)
+    table = peaks.groupby(peaks["class"].fillna("unknown device"), sort=False).agg(
+        memory=("memory", "mean"), low=("memory", "min"), high=("memory", "max"), budget=("budget", "min"),
+        clients=("memory", "size"))
+    table["name"] = [c.replace(" / ", "\n") + f"\n({n:,} clients)" for c, n in zip(table.index, table["clients"])]
+    return table
+
+
+def _memory_bars(runs: dict[str, Run], out_base: Path) -> tuple[str, list[Path]]:
+    """Grouped bars: per client (per device class in a large fleet), one bar per run, with the budget marked;
+    log scale when they differ a lot. Returns the note and the files."""
+    peaks = {label: _peak_memory(run) for label, run in runs.items()}
     peaks = {k: v for k, v in peaks.items() if not v.empty}
+    by_class = any(len(p) > SMALL_FLEET for p in peaks.values())
+    note = ("Mean peak memory over the run of the clients of each device class (bars; whiskers from the least to "
+            "the most), and the smallest budget in the class (black marks)." if by_class else
+            "Peak memory per client over the run (bars) and its budget (black marks).")
     if not peaks:
-        return []
-    clients = sorted(set().union(*(p.index for p in peaks.values())))
-    first = next(iter(peaks.values()))
-    names = [f"{c}\n{first.loc[c, 'device']}" if c in first.index else str(c) for c in clients]
+        return note, []
+    peaks = {k: _memory_units(v, by_class) for k, v in peaks.items()}
+    names = {}
+    for peak in peaks.values():
+        for unit, name in peak["name"].items():
+            names.setdefault(unit, name)  # the first run to have the bar names it
+    units = list(names) if by_class else sorted(names)
     width = 0.8 / len(peaks)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(max(7.5, 4.5 + 0.9 * len(clients)), 3.2))
+        fig, ax = plt.subplots(figsize=(max(7.5, 3.0 + 1.2 * len(units) if by_class else 4.5 + 0.9 * len(units)),
+                                        3.2))
         everything = []
         for i, (label, peak) in enumerate(peaks.items()):
-            peak = peak.reindex(clients)
-            x = np.arange(len(clients)) - 0.4 + width * (i + 0.5)
+            peak = peak.reindex(units)
+            x = np.arange(len(units)) - 0.4 + width * (i + 0.5)
             ax.bar(x, peak["memory"] / 1e9, width=width * 0.9, label=label)
+            if by_class:
+                ax.errorbar(x, peak["memory"] / 1e9, yerr=[(peak["memory"] - peak["low"]) / 1e9,
+                                                           (peak["high"] - peak["memory"]) / 1e9],
+                            fmt="none", ecolor="#444444", elinewidth=0.8, capsize=2)
             ax.scatter(x, peak["budget"] / 1e9, marker="_", s=300 * width, color="black", zorder=3,
                        label="budget" if i == 0 else None)
             everything += list(peak["memory"].dropna()) + list(peak["budget"].dropna())
         if max(everything) > 100 * min(v for v in everything if v > 0):
             ax.set_yscale("log")
-        ax.set_xticks(range(len(clients)), names)
-        ax.set_xlabel("Client (device)")
+            # Plain numbers (0.01, 10) read better than 10^-2 as GB, and need no mathtext (slow to start).
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.set_xticks(range(len(units)), [names[u] for u in units])
+        ax.set_xlabel("Device class" if by_class else "Client (device)")
         ax.set_ylabel("Memory (GB)")
         ax.grid(True, axis="y", alpha=0.3)
         _legend_and_layout(fig, ax, list(peaks))
-        return _save(fig, out_base)
+        return note, _save(fig, out_base)
 
 
 # --- single runs ------------------------------------------------------------------------------------------------
 
 def _run_sections(run: Run, out: Path) -> list:
-    breakdown = time_breakdown(run.events, _sim_time(run)) if not run.events.empty else pd.DataFrame()
-    devices = _peak_memory(run.clients)["device"] if not run.clients.empty and "device" in run.clients else {}
-    per_client = {f"{c} ({devices[c]})" if c in devices else str(c): row for c, row in breakdown.iterrows()}
     summary = pd.DataFrame({"value": {k: v for k, v in run.summary.items() if not isinstance(v, (dict, list))}})
     return [
         ("Summary", None, summary.to_html(border=0, float_format=lambda v: f"{v:.6g}")),
         ("Perplexity against simulated time", None, plot_perplexity(run, out / "perplexity")),
-        ("Timeline", "The first two training rounds, one row per device and link.",
-         plot_timeline(run, out / "timeline")),
-        ("Time breakdown", "Each client's simulated time by activity.",
-         _breakdown_bars(per_client, out / "time_breakdown", "Client (device)")),
+        ("Timeline", "The first two training rounds, one row per device and link: of every client in a small "
+         "fleet, else of the few clients the figure's title names.", plot_timeline(run, out / "timeline")),
+        ("Time breakdown", *_client_breakdown_bars(run, out / "time_breakdown")),
         ("Bytes per round", "Sum over all clients.", _bytes_lines({run.algorithm: run}, out / "bytes_per_round")),
-        ("Memory against budget", "Peak memory per client (bars) and its budget (black marks).",
-         _memory_bars({run.algorithm: run}, out / "memory")),
+        ("Memory against budget", *_memory_bars({run.algorithm: run}, out / "memory")),
         ("Rounds", None, run.rounds.to_html(index=False, border=0, float_format=lambda v: f"{v:.6g}")),
     ]
 

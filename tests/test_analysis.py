@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from analysis import load_run, plot_perplexity, plot_run, plot_timeline
@@ -164,3 +166,107 @@ def test_timeline_rows_and_time_units():
     assert _time_unit(300) == (1.0, "s")
     assert _time_unit(3000) == (60.0, "min")
     assert _time_unit(50_000) == (3600.0, "h")
+
+
+def make_fleet_run(run_dir: Path, n_clients: int, n_classes: int = 4, n_rounds: int = 2) -> Path:
+    """A timing-only run of `n_clients` in `n_classes` device classes (contiguous blocks of clients; class i is
+    i + 1 times slower, and within a class a higher id is slower), written as the run writes it: a row group
+    per round."""
+    run_dir.mkdir(parents=True)
+    cls = [k * n_classes // n_clients for k in range(n_clients)]
+    events, t = [(0, -1, "eval", "server", 0.0, 1.0)], 1.0
+    for rnd in range(1, n_rounds + 1):
+        for k in range(n_clients):
+            now, d = t, (cls[k] + 1) * (1 + k / n_clients)
+            for kind, resource, seconds in (("client_fwd", f"client{k}", d), ("upload", f"client{k}.up", d),
+                                            ("server_step", "server", 0.01), ("download", f"client{k}.down", d),
+                                            ("client_bwd", f"client{k}", d)):
+                events.append((rnd, k, kind, resource, now, now + seconds))
+                now += seconds
+        t = max(e[5] for e in events)
+    events = pd.DataFrame(events, columns=["round", "client", "kind", "resource", "start_s", "end_s"])
+    events = events.assign(bytes=0, flops=0.0)
+    with pq.ParquetWriter(run_dir / "events.parquet", pa.Schema.from_pandas(events, preserve_index=False)) as out:
+        for _, rows in events.groupby("round"):
+            out.write_table(pa.Table.from_pandas(rows, preserve_index=False))
+    clients = pd.DataFrame([dict(round=r, client=k, device=f"device-{cls[k]}", link=["wifi-5", "lte"][cls[k] % 2],
+                                 memory_bytes=(cls[k] + 1) * 10**8 + k, memory_budget_bytes=4 * 10**9)
+                            for r in range(n_rounds + 1) for k in range(n_clients)])
+    clients.to_parquet(run_dir / "clients.parquet", index=False)
+    round_end = events.groupby("round")["end_s"].max()
+    pd.DataFrame(dict(round=round_end.index, sim_time_s=round_end.to_numpy(), eval_ppl=math.nan,
+                      bytes_up=0, bytes_down=0, algorithm="splitlora")).to_parquet(run_dir / "rounds.parquet")
+    (run_dir / "summary.json").write_text(json.dumps(dict(
+        name=run_dir.name, algorithm="splitlora", status="completed", n_clients=n_clients,
+        rounds_completed=n_rounds, sim_time_s=float(round_end.max()))))
+    return run_dir
+
+
+def _drawn_timeline(run_dir: Path, monkeypatch) -> tuple[list[str], str]:
+    """The lane labels and title of the timeline plot_run draws."""
+    import analysis.plots
+
+    drawn, save = [], analysis.plots._save
+
+    def spy(fig, out_base):
+        ax = fig.axes[0]
+        drawn.append(([t.get_text() for t in ax.get_yticklabels()], ax.get_title(loc="left")))
+        return save(fig, out_base)
+
+    monkeypatch.setattr(analysis.plots, "_save", spy)
+    plot_run(run_dir)
+    return drawn[-1]
+
+
+def test_timeline_of_a_large_fleet_shows_the_slowest_and_fastest_of_each_class(tmp_path, monkeypatch):
+    from analysis.plots import MAX_LANES
+
+    lanes, title = _drawn_timeline(make_fleet_run(tmp_path / "run", 200), monkeypatch)
+    assert title == "Rounds 1–2, 8 of 200 clients: the slowest and fastest of each device class"
+    assert len(lanes) <= MAX_LANES and lanes[0] == "server"
+    devices = [lane for lane in lanes if lane.endswith(")")]
+    assert devices[:2] == ["client49 (slowest of 50 device-0 / wifi-5)", "client0 (fastest of 50 device-0 / wifi-5)"]
+    assert devices[-1] == "client150 (fastest of 50 device-3 / lte)"
+    assert {"client49.up", "client49.down"} <= set(lanes)
+    assert (tmp_path / "run" / "plots" / "timeline.svg").stat().st_size < 1_000_000
+
+
+def test_timeline_of_many_classes_keeps_to_the_lane_cap(tmp_path, monkeypatch):
+    from analysis.plots import MAX_LANES
+
+    lanes, title = _drawn_timeline(make_fleet_run(tmp_path / "run", 200, n_classes=20), monkeypatch)
+    assert len(lanes) <= MAX_LANES
+    assert title == "Rounds 1–2, 11 of 200 clients: the slowest of the 11 slowest of 20 device classes"
+    assert lanes[1] == "client99 (slowest of 10 device-9 / lte)"  # classes 9 to 19 are the slowest, in fleet order
+
+
+def test_timeline_of_a_small_fleet_shows_every_client(tmp_path, monkeypatch):
+    lanes, title = _drawn_timeline(make_fleet_run(tmp_path / "run", 5), monkeypatch)
+    assert title == "Rounds 1–2, all 5 clients"
+    assert lanes == ["server"] + [f"client{k}{link}" for k in range(5) for link in ("", ".up", ".down")]
+
+
+def test_lazy_run_reads_only_the_rounds_asked_for(tmp_path):
+    run = load_run(make_fleet_run(tmp_path / "run", 10, n_rounds=3), lazy=True)
+    assert run.events is None and run.clients is None
+    assert run.round_numbers("events") == [0, 1, 2, 3]  # from the row groups' statistics
+    events = run.read("events", ["round", "client", "end_s", "no_such_column"], rounds=[2])
+    everything = load_run(tmp_path / "run").events
+    expected = everything.loc[everything["round"] == 2, ["round", "client", "end_s"]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(events, expected)
+
+
+def test_killed_run_is_drawn_from_its_parts(tmp_path, monkeypatch):
+    """A run killed outright left per-round parts of events and clients, never combined."""
+    run_dir = make_fleet_run(tmp_path / "run", 20)
+    for name in ("events", "clients"):
+        table = pd.read_parquet(run_dir / f"{name}.parquet")
+        (run_dir / f".{name}.parts").mkdir()
+        for number, rows in table.groupby("round"):
+            rows.to_parquet(run_dir / f".{name}.parts" / f"{number:06d}.parquet", index=False)
+        (run_dir / f"{name}.parquet").unlink()
+    lanes, title = _drawn_timeline(run_dir, monkeypatch)
+    assert title == "Rounds 1–2, 8 of 20 clients: the slowest and fastest of each device class"
+    from analysis.report import report
+
+    assert "20 clients in 4 classes" in report(run_dir).read_text()

@@ -1,5 +1,6 @@
 """The report reads result files only: check it on a synthetic sweep and a synthetic run directory."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pandas as pd
 import yaml
 
 from analysis import load_sweep, report
+from test_analysis import make_fleet_run
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FIGURES = {"perplexity", "timeline", "time_breakdown", "bytes_per_round", "memory"}
@@ -113,6 +115,57 @@ def test_run_report_draws_every_figure(tmp_path):
     page = report(tmp_path / "run")
     assert figures(page) == RUN_FIGURES
     assert page.read_text().count("<svg") == len(RUN_FIGURES)
+
+
+def _drawn(monkeypatch) -> dict:
+    """Figures the report draws, by file name: their y and x tick labels."""
+    import analysis.plots
+
+    module = importlib.import_module("analysis.report")  # `analysis.report` is also the function's name
+    drawn = {}
+
+    def spy(fig, out_base):
+        ax = fig.axes[0]
+        drawn[out_base.name] = ([t.get_text() for t in ax.get_yticklabels()],
+                                [t.get_text() for t in ax.get_xticklabels()])
+        return analysis.plots._save(fig, out_base)
+
+    monkeypatch.setattr(module, "_save", spy)
+    return drawn
+
+
+def test_run_report_of_a_large_fleet_shows_device_classes(tmp_path, monkeypatch):
+    drawn = _drawn(monkeypatch)
+    text = report(make_fleet_run(tmp_path / "run", 200)).read_text()
+    classes = [f"device-{i} / {['wifi-5', 'lte'][i % 2]}" for i in range(4)]
+    assert drawn["time_breakdown"][0] == [f"{c} (50)" for c in classes]
+    assert drawn["memory"][1] == [c.replace(" / ", "\n") + "\n(50 clients)" for c in classes]
+    assert "200 clients in 4 classes" in text and "of each device class" in text
+    assert figures(tmp_path / "run" / "report" / "index.html") == RUN_FIGURES - {"perplexity"}
+
+
+def test_run_report_of_a_small_fleet_shows_every_client(tmp_path, monkeypatch):
+    drawn = _drawn(monkeypatch)
+    report(make_fleet_run(tmp_path / "run", 3, n_classes=2))
+    assert drawn["time_breakdown"][0] == ["0 (device-0)", "1 (device-0)", "2 (device-1)"]
+    assert drawn["memory"][1] == ["0\ndevice-0", "1\ndevice-0", "2\ndevice-1"]
+
+
+def test_sweep_report_of_large_fleets_shows_device_classes(tmp_path, monkeypatch):
+    drawn = _drawn(monkeypatch)
+    rows = []
+    for up in (1, 8):
+        make_fleet_run(tmp_path / "points" / f"up{up}", 200)
+        rows.append({"point": f"up{up}", "seed": 0, "clients.0.link.up_mbps": up, "status": "completed",
+                     "final_eval_ppl": None, "time_to_target_s": None, "sim_time_s": 400.0 / up,
+                     "run_dir": f"points/up{up}"})
+    pd.DataFrame(rows).to_parquet(tmp_path / "sweep.parquet", index=False)
+    (tmp_path / "sweep.resolved.yaml").write_text(yaml.safe_dump(
+        {"name": "fleet", "axes": ["clients.0.link.up_mbps"], "zip_axes": [], "target_ppl": None}))
+    text = report(tmp_path).read_text()
+    assert drawn["memory"][1] == [f"device-{i}\n{['wifi-5', 'lte'][i % 2]}\n(50 clients)" for i in range(4)]
+    assert drawn["time_breakdown"][0] == ["up_mbps=1", "up_mbps=8"]  # a bar per point: the mean over its clients
+    assert "of each device class" in text
 
 
 def test_analysis_imports_no_training_stack():
