@@ -24,7 +24,7 @@ from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state
 
 from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import data_weights, fedavg
-from hsplit_sim.algorithms.base import batch_indices
+from hsplit_sim.backends.real import batch_indices
 from hsplit_sim.experiment.run import run_scenario
 from hsplit_sim.scenario import load_scenario
 from hsplit_sim.training.data import encode_examples, load_dataset, partition, prompt_text

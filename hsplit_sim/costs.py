@@ -296,13 +296,3 @@ def training_memory_bytes(
 def _clip(ranks: Ranks, start: int, stop: int) -> Ranks:
     """The adapters that live in blocks start..stop-1."""
     return {layer: r for layer, r in ranks.items() if start <= layer < stop}
-
-
-def compute_seconds(flops: float, tflops: float, efficiency: float) -> float:
-    """Time of a compute step at a device's peak rate times the fraction of it reached."""
-    return flops / (tflops * 1e12 * efficiency)
-
-
-def transfer_seconds(nbytes: float, mbps: float, latency_ms: float) -> float:
-    """Time of one message over a link: latency plus serialisation at the link rate."""
-    return latency_ms / 1000 + nbytes * 8 / (mbps * 1e6)

@@ -12,7 +12,7 @@ from hsplit_sim.algorithms.aggregation import (
     lora_pairs,
     relative_error,
 )
-from hsplit_sim.algorithms.base import batch_indices
+from hsplit_sim.backends.real import batch_indices
 from hsplit_sim.scenario.schema import KNOWN_ALGORITHMS
 
 

@@ -199,13 +199,6 @@ def test_uniform_ranks_and_shapes():
         costs.module_shape(llama, "attn.c_attn")
 
 
-def test_seconds_hand_worked():
-    # 2 TFLOP on a 10 TFLOP/s device at 50 %: 0.4 s.
-    assert costs.compute_seconds(2e12, 10.0, 0.5) == pytest.approx(0.4)
-    # 1 MB over 8 Mbit/s with 20 ms latency: 0.02 + 8e6 / 8e6 = 1.02 s.
-    assert costs.transfer_seconds(1_000_000, 8.0, 20.0) == pytest.approx(1.02)
-
-
 def test_costs_do_not_import_torch():
     code = "import sys, hsplit_sim.costs; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

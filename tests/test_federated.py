@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from durations import seconds, transfer
 from hsplit_sim import costs
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.experiment.preflight import preflight
@@ -36,6 +37,7 @@ BASE = {
     "runtime": {"client_workers": 1, "torch_device": "cpu"},
 }
 NAMES = list(EXPECTED_RANKS)
+
 
 
 def scenario(out: Path, name: str, *overrides: str):
@@ -103,14 +105,13 @@ def test_durations_and_bytes_come_from_the_cost_model(runs, name):
             flops = (costs.forward_flops(spec, 0, n, b, seq, layout(rank), head=True)
                      + costs.backward_flops(spec, 0, n, b, seq, layout(rank), head=True, input_requires_grad=False))
             assert e.flops == flops
-            assert duration == pytest.approx(costs.compute_seconds(flops, client.device.tflops,
-                                                                   client.device.efficiency), rel=1e-9)
+            assert duration == pytest.approx(seconds(flops, client.device), rel=1e-9)
         elif e.kind in ("adapter_upload", "broadcast"):
             expected = merge_bytes if (name == "flora" and e.kind == "broadcast") else \
                 costs.adapter_bytes(spec, layout(rank))
             rate = client.link.up_mbps if e.kind == "adapter_upload" else client.link.down_mbps
             assert e.bytes == expected, e
-            assert duration == pytest.approx(costs.transfer_seconds(expected, rate, client.link.latency_ms), rel=1e-9)
+            assert duration == pytest.approx(transfer(expected, rate, client.link.latency_ms), rel=1e-9)
             up, down = up + e.bytes * (e.kind == "adapter_upload"), down + e.bytes * (e.kind == "broadcast")
         else:
             assert (name, e.kind) == ("flora", "merge"), e

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from durations import seconds
 from hsplit_sim import costs
 from hsplit_sim.algorithms import importance as iwi
 from hsplit_sim.algorithms.aggregation import exact_update, factors_update, relative_error, stack
@@ -21,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROUNDS, LOCAL_STEPS, BATCH, SEQ = 3, 2, 2, 32
 Q = [0, 4, 8, 16]
+
 
 
 def spec_of(name: str) -> costs.ModelSpec:
@@ -213,9 +215,9 @@ def test_every_compute_duration_comes_from_the_cost_model(runs, key):
             assert st.flops == server_step, (r, k, i)
             device = clients[k].device
             assert b.end_s - b.start_s == pytest.approx(
-                costs.compute_seconds(client_bwd, device.tflops, device.efficiency), rel=1e-9)
+                seconds(client_bwd, device), rel=1e-9)
             assert st.end_s - st.start_s == pytest.approx(
-                costs.compute_seconds(server_step, server.tflops, server.efficiency), rel=1e-9)
+                seconds(server_step, server), rel=1e-9)
         if probing:  # the probe really costs more than a plain step
             assert bwd["flops"].iloc[0] > bwd["flops"].iloc[1] and step["flops"].iloc[0] > step["flops"].iloc[1]
 

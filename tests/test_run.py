@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from durations import seconds, transfer
 from hsplit_sim import costs
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.experiment.preflight import preflight
@@ -47,6 +48,7 @@ MODULES = {
     "gpt2": {"q": "attn.c_attn", "v": "attn.c_attn", "o": "attn.c_proj"},
     "llama": {"q": "self_attn.q_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"},
 }
+
 
 
 def scenario(tmp_path: Path, *overrides: str):
@@ -163,7 +165,7 @@ def test_every_duration_comes_from_the_cost_model(runs, which):
         if e.kind in ("client_fwd", "client_bwd", "server_step", "central_step", "aggregate"):
             device = clients[e.client].device if e.kind in ("client_fwd", "client_bwd") else server
             assert e.flops == flops[e.kind], e
-            assert duration == pytest.approx(costs.compute_seconds(flops[e.kind], device.tflops, device.efficiency),
+            assert duration == pytest.approx(seconds(flops[e.kind], device),
                                              rel=1e-9), e
             assert e.bytes == 0
             checked += 1
@@ -171,7 +173,7 @@ def test_every_duration_comes_from_the_cost_model(runs, which):
             link = clients[e.client].link
             rate = link.up_mbps if e.kind in ("upload", "adapter_upload") else link.down_mbps
             assert e.bytes == nbytes[e.kind], e
-            assert duration == pytest.approx(costs.transfer_seconds(nbytes[e.kind], rate, link.latency_ms),
+            assert duration == pytest.approx(transfer(nbytes[e.kind], rate, link.latency_ms),
                                              rel=1e-9), e
             checked += 1
         else:

@@ -11,7 +11,8 @@ import yaml
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.experiment.run import run_scenario
 from hsplit_sim.experiment.sweep import load_sweep_file, run_sweep
-from hsplit_sim.experiment.trajectory import ReplayMismatch, training_key
+from hsplit_sim.backends.replay import ReplayMismatch
+from hsplit_sim.experiment.trajectory import training_key
 from hsplit_sim.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]

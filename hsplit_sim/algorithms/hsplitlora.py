@@ -1,4 +1,4 @@
-"""HSplitLoRA = IWI + ARMSC + NAA (Lin et al., arXiv 2505.02795; formulas and choices in ALGORITHMS.md).
+"""HSplitLoRA = IWI + ARMSC + NAA (Lin et al., arXiv 2505.02795; formulas and choices in docs/algorithms.md).
 
 Each round: every client trains its own client-side adapters and, on the server, its own server-side
 adapters (algorithm.server_adapters: per_client, the default) or one server-side adapter that all clients
@@ -24,21 +24,15 @@ import numpy as np
 
 from hsplit_sim import costs
 from hsplit_sim.algorithms import importance as iwi
-from hsplit_sim.algorithms.aggregation import (
-    data_weights,
-    exact_update,
-    factors_update,
-    relative_error,
-    stack,
-    zero_pad_average,
-)
-from hsplit_sim.algorithms.base import check_equal, ranks_to_wire
-from hsplit_sim.algorithms.split_protocol import ClientPlan, SplitProtocol
+from hsplit_sim.algorithms.aggregation import exact_update, factors_update, stack, zero_pad_average
+from hsplit_sim.algorithms.base import Outcome, Planned
+from hsplit_sim.algorithms.plans import ClientPlan
+from hsplit_sim.algorithms.protocols.split import SplitProtocol
 from hsplit_sim.algorithms.splitlora import fitting_configuration
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.sim.timemodel import flops_within
 
 GB = 1e9
-FP32 = 4
 LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 
@@ -80,9 +74,7 @@ class HSplitLoRA(SplitProtocol):
               splits: list[int]) -> ClientPlan | None:
         """A client's plan: ARMSC on the client side, importance quantiles on the server side."""
         algo = scenario.algorithm
-        budget_flops = None
-        if algo.time_budget_s is not None:
-            budget_flops = algo.time_budget_s * client.device.tflops * 1e12 * client.device.efficiency
+        budget_flops = None if algo.time_budget_s is None else flops_within(algo.time_budget_s, client.device)
         found = iwi.configure_client(spec, importance, cost, client.memory_budget_gb * GB, algo.rank_set,
                                      scenario.training.batch_size, scenario.data.max_length, splits, budget_flops)
         if found is None or not found[1]:
@@ -148,44 +140,48 @@ class HSplitLoRA(SplitProtocol):
         ctx = self.ctx
         self.cost = self.weight_costs(ctx.scenario, ctx.spec)
         self.importance: dict[str, float] | None = None
-        self.measured: dict[str, list[float]] = {}
+        self.measured: dict[str, dict[int, float]] = {}
         self.importance_rows: list[dict] = []
         self.plans = self.initial_plans(ctx.scenario, ctx.spec, ctx.clients)
+        self.previous = self.plans
         self.shares = [iwi.client_side_share({k: 1.0 for k in self.cost}, p.split) for p in self.plans]
         self.plan_rows(1)
         self.configure_all()
 
     def configure_all(self) -> None:
         """Fresh adapters (A random, B zero) for every client, on its worker and on the server."""
-        if not self.ctx.real:
-            return
+        backend = self.ctx.backend
         for client in self.ctx.clients:
             plan = self.plans[client.index]
             self.configure_client(client.index)
             if plan.server_ranks and not self.shared:
-                self.ctx.server.call("configure", args=dict(
-                    self.adapter_args, adapter=self.server_adapter(client.index),
-                    ranks=ranks_to_wire(plan.server_ranks), split=plan.split))
+                backend.configure(None, self.server_adapter(client.index), plan.server_ranks, split=plan.split,
+                                  **self.adapter_config())
         ranks = merged_ranks(p.server_ranks for p in self.plans) if self.shared else {}
         if ranks:
-            self.ctx.server.call("configure", args=dict(self.adapter_args, adapter="server",
-                                                        ranks=ranks_to_wire(ranks),
-                                                        split=min(p.split for p in self.plans)))
+            backend.configure(None, "server", ranks, split=min(p.split for p in self.plans), **self.adapter_config())
 
     @property
     def shared(self) -> bool:
-        return self.ctx.scenario.algorithm.server_adapters == "shared"  # none: per_client
+        return self.config.server_adapters == "shared"  # none: per_client
 
     @property
     def order_sensitive(self) -> bool:
         """A shared server-side adapter is trained in the order of the server steps: timing can change training."""
         return self.shared
 
+    @property
+    def importance_measure(self) -> str:
+        return self.config.importance
+
     def server_adapter(self, client: int) -> str:
         return "server" if self.shared else f"s{client}"
 
     def probes(self, round_index: int, step: int) -> bool:
-        return self.ctx.scenario.algorithm.iwi and step == 0
+        return self.config.iwi and step == 0
+
+    def start_round(self, round_index: int) -> None:
+        self.measured = {}
 
     def record_importance(self, client: int, scores: dict[str, float]) -> None:
         """Kept per client and averaged in client order, so importance (and the plans) cannot depend on the
@@ -209,77 +205,78 @@ class HSplitLoRA(SplitProtocol):
             shapes[layer, module] = (d_out, rank, d_in)
         return shapes
 
-    def round(self, round_index: int):
-        ctx, algo = self.ctx, self.ctx.scenario.algorithm
-        self.measured = {}
-        yield self.train_clients(round_index)
-        uploaded = {}
-        yield self.upload_adapters(round_index, uploaded)
-        previous = self.plans
-        shapes = self.factor_shapes(previous)
-        if not algo.naa:  # zero-padded averages have each module's largest rank
-            shapes = {key: (d_out, self.max_rank(previous, key), d_in) for key, (d_out, _, d_in) in shapes.items()}
-        if ctx.real:
-            adapters = []
-            weights = data_weights(ctx.partition_sizes)
-            for client in ctx.clients:
-                adapter = dict(uploaded[client.index])
-                if self.plans[client.index].server_ranks and not self.shared:
-                    adapter.update(ctx.server.call("get_adapter",
-                                                   args={"adapter": self.server_adapter(client.index)}).tensors)
-                adapters.append(adapter)
-            if self.shared and any(p.server_ranks for p in previous):
-                server = ctx.server.call("get_adapter", args={"adapter": "server"}).tensors
-                pieces, piece_weights = server_pieces(server, [p.split for p in previous], weights)
-                adapters, weights = adapters + pieces, np.concatenate([weights, piece_weights])
-            rule = stack if algo.naa else zero_pad_average
-            factors = rule(adapters, weights, algo.alpha, algo.contributors)
-            exact = exact_update(adapters, weights, algo.alpha, algo.contributors)
-            ctx.stats.agg_error = relative_error(factors_update(factors), exact)
-            real = {}
-            for path, (b, a) in factors.items():
-                layer = module_layer(path)
-                real[layer, path.split(f".{layer}.", 1)[1]] = (b.shape[0], b.shape[1], a.shape[1])
-            check_equal(real, shapes, "shapes of the aggregated adapters")
+    def server_side_adapters(self, clients) -> list[str]:
+        if self.shared:
+            return ["server"] if any(p.server_ranks for p in self.plans) else []
+        return [self.server_adapter(c.index) for c in clients if self.plans[c.index].server_ranks]
+
+    def planned(self, clients) -> Planned:
+        shapes = self.factor_shapes(self.plans)
+        if not self.config.naa:  # zero-padded averages have each module's largest rank
+            shapes = {key: (d_out, self.max_rank(self.plans, key), d_in) for key, (d_out, _, d_in) in shapes.items()}
         flops = sum(rank * d_in for _, rank, d_in in shapes.values())  # folding p_k s_k into the stacked A
-        yield from ctx.sim.hold(round_index, -1, "aggregate", "server",
-                                self.compute_seconds(flops, ctx.server_device), flops=flops)
-        if ctx.replay is not None:
-            self.plans = ctx.replay.plans_for(round_index + 1, previous)
-        else:
-            self.update_importance(round_index)
-            self.plans = self.shared_server_side(ctx.scenario, ctx.spec, self.next_plans(previous),
-                                                 self.importance or {k: 1.0 for k in self.cost}, self.cost)
+        return Planned(flops, {"shapes of the aggregated adapters": shapes})
+
+    def aggregate(self, contributions) -> Outcome:
+        """NAA: every client's adapters on both sides stacked with its weight and scaling (a shared server-side
+        adapter counts block by block for the clients whose server side holds the block); without NAA,
+        zero-padded A and B averaged apart."""
+        algo, plans = self.config, self.plans
+        weights = contributions.weights
+        adapters = []
+        for k in contributions.clients:
+            adapter = dict(contributions.client_side[k])
+            if plans[k].server_ranks and not self.shared:
+                adapter.update(contributions.server_side[self.server_adapter(k)])
+            adapters.append(adapter)
+        if "server" in contributions.server_side and self.shared:
+            pieces, piece_weights = server_pieces(contributions.server_side["server"],
+                                                  [plans[k].split for k in contributions.clients], weights)
+            adapters, weights = adapters + pieces, np.concatenate([weights, piece_weights])
+        rule = stack if algo.naa else zero_pad_average
+        factors = rule(adapters, weights, algo.alpha, algo.contributors)
+        shapes = {}
+        for path, (b, a) in factors.items():
+            layer = module_layer(path)
+            shapes[layer, path.split(f".{layer}.", 1)[1]] = (b.shape[0], b.shape[1], a.shape[1])
+        return Outcome(used=factors_update(factors), exact=exact_update(adapters, weights, algo.alpha, algo.contributors),
+                       measured={"shapes of the aggregated adapters": shapes}, merge=factors)
+
+    def after_aggregation(self, round_index: int) -> None:
+        """New importance and plans (ARMSC); the backend may impose a trained run's plans (replay)."""
+        ctx = self.ctx
+        self.previous = self.plans
+        self.update_importance(round_index)
+        proposed = self.shared_server_side(ctx.scenario, ctx.spec, self.next_plans(self.previous),
+                                           self.importance or {k: 1.0 for k in self.cost}, self.cost)
+        self.plans = ctx.backend.plans(round_index + 1, proposed, self.previous)
         self.plan_rows(round_index + 1)
-        if ctx.real:
-            flat = {}
-            for path, (b, a) in factors.items():
-                flat[f"{path}.B"], flat[f"{path}.A"] = b, a
-            ctx.server.call("merge", tensors=flat)
-            for worker in ctx.client_workers:
-                worker.call("merge", tensors=flat)
-        yield ctx.sim.all_of(self.send_update(round_index, c, shapes, previous[c.index]) for c in ctx.clients)
+
+    def deliver(self, round_index: int, client, planned: Planned):
+        """The merged update of the client's side goes down (stacked factors or dense, whichever is smaller)
+        and is added to its weights; then come the blocks it newly holds if its split moved deeper."""
+        node = self.ctx.fleet.clients[client.index]
+        plan, previous = self.plans[client.index], self.previous[client.index]
+        shapes = planned.predicted["shapes of the aggregated adapters"]
+        mine = [shape for (layer, _), shape in shapes.items() if layer < plan.split]
+        nbytes = sum(min((d_out + d_in) * rank * costs.FP32, d_out * d_in * costs.FP32) for d_out, rank, d_in in mine)
+        yield from node.download(round_index, "broadcast", nbytes)
+        yield from node.compute(round_index, "merge", sum(2 * d_out * rank * d_in for d_out, rank, d_in in mine))
+        if plan.split > previous.split:
+            moved = costs.weights_bytes(self.ctx.spec, previous.split, plan.split, embeddings=False, head=False)
+            yield from node.download(round_index, "resplit", moved)
+
+    def after_round(self, round_index: int) -> None:
         self.configure_all()
+
+    def receivers(self, clients) -> list:
+        return self.ctx.clients
 
     @staticmethod
     def max_rank(plans: list[ClientPlan], key: tuple[int, str]) -> int:
         layer, module = key
         return max(max(p.client_ranks.get(layer, {}).get(module, 0), p.server_ranks.get(layer, {}).get(module, 0))
                    for p in plans)
-
-    def send_update(self, round_index: int, client, shapes: dict, previous: ClientPlan):
-        """The merged update of the client's side goes down (stacked factors or dense, whichever is smaller)
-        and is added to its weights; then come the blocks it newly holds if its split moved deeper."""
-        plan = self.plans[client.index]
-        mine = [shape for (layer, _), shape in shapes.items() if layer < plan.split]
-        nbytes = sum(min((d_out + d_in) * rank * FP32, d_out * d_in * FP32) for d_out, rank, d_in in mine)
-        yield from self.download(round_index, client, nbytes)
-        flops = sum(2 * d_out * rank * d_in for d_out, rank, d_in in mine)
-        yield from self.ctx.sim.hold(round_index, client.index, "merge", f"client{client.index}",
-                                     self.compute_seconds(flops, client.device), flops=flops)
-        if plan.split > previous.split:
-            moved = costs.weights_bytes(self.ctx.spec, previous.split, plan.split, embeddings=False, head=False)
-            yield from self.download(round_index, client, moved, kind="resplit")
 
     def update_importance(self, round_index: int) -> None:
         if not self.measured:
@@ -294,7 +291,7 @@ class HSplitLoRA(SplitProtocol):
 
     def next_plans(self, previous: list[ClientPlan]) -> list[ClientPlan]:
         """Re-solve ranks each round; move a split only when the client side's share of importance moved."""
-        ctx, algo = self.ctx, self.ctx.scenario.algorithm
+        ctx, algo = self.ctx, self.config
         if not algo.armsc or self.importance is None:
             return previous
         plans = []
@@ -302,8 +299,7 @@ class HSplitLoRA(SplitProtocol):
             share = iwi.client_side_share(self.importance, plan.split)
             resplit = abs(share - self.shares[client.index]) > algo.resplit_threshold
             splits = list(range(1, ctx.spec.n_layers)) if resplit else [plan.split]
-            solved = self.solve(ctx.scenario, ctx.spec, client, self.importance, self.cost,
-                                splits) or plan
+            solved = self.solve(ctx.scenario, ctx.spec, client, self.importance, self.cost, splits) or plan
             if solved.split != plan.split:
                 self.shares[client.index] = iwi.client_side_share(self.importance, solved.split)
             plans.append(solved)

@@ -10,9 +10,10 @@ it are dropped (drop); the clients table records which.
 """
 
 from hsplit_sim import costs
-from hsplit_sim.algorithms.aggregation import adapter_update, data_weights, exact_update, fedavg, relative_error
-from hsplit_sim.algorithms.base import check_equal, ranks_to_wire
-from hsplit_sim.algorithms.split_protocol import ClientPlan, SplitProtocol
+from hsplit_sim.algorithms.aggregation import adapter_update, exact_update, fedavg
+from hsplit_sim.algorithms.base import Outcome, Planned
+from hsplit_sim.algorithms.plans import ClientPlan
+from hsplit_sim.algorithms.protocols.split import SplitProtocol
 from hsplit_sim.errors import ScenarioError
 
 GB = 1e9
@@ -69,28 +70,23 @@ class SplitLoRA(SplitProtocol):
                                 f"{server_device.memory_gb:g} GB")
 
     def setup(self) -> None:
-        ctx, targets = self.ctx, self.ctx.scenario.algorithm.targets
+        ctx, targets = self.ctx, self.config.targets
         self.split, self.rank, active = self.configuration(ctx.scenario, ctx.spec, ctx.clients)
-        client_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split), self.rank)
-        server_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split, ctx.spec.n_layers), self.rank)
-        self.plans = [ClientPlan(self.split, client_ranks, server_ranks, a) for a in active]
-        self.scaling = ctx.scenario.algorithm.alpha / self.rank
+        self.client_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split), self.rank)
+        self.server_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split, ctx.spec.n_layers), self.rank)
+        self.plans = [ClientPlan(self.split, self.client_ranks, self.server_ranks, a) for a in active]
         self.plan_rows(1)
-        if not ctx.real:
-            return
         server_adapters = ["server"] + ([self.server_adapter(c.index) for c in self.active_clients()]
                                         if self.per_client else [])
         for adapter in server_adapters:
-            ctx.server.call("configure", args=dict(self.adapter_args, adapter=adapter, split=self.split,
-                                                   ranks=ranks_to_wire(server_ranks)))
-        ctx.server.call("configure", args={"adapter": "global_client", "alpha": ctx.scenario.algorithm.alpha,
-                                           "ranks": ranks_to_wire(client_ranks)})
+            ctx.backend.configure(None, adapter, self.server_ranks, split=self.split, **self.adapter_config())
+        ctx.backend.configure(None, "global_client", self.client_ranks, self.config.alpha)
         for client in self.active_clients():
             self.configure_client(client.index)
 
     @property
     def per_client(self) -> bool:
-        return self.ctx.scenario.algorithm.server_adapters == "per_client"  # none: shared
+        return self.config.server_adapters == "per_client"  # none: shared
 
     def server_adapter(self, client: int) -> str:
         return f"s{client}" if self.per_client else "server"
@@ -100,44 +96,41 @@ class SplitLoRA(SplitProtocol):
         """Clients taking turns on one server-side adapter in simulated-time order: timing can change training."""
         return not self.per_client
 
-    def round(self, round_index: int):
-        ctx = self.ctx
-        yield self.train_clients(round_index)
-        adapters = {}
-        yield self.upload_adapters(round_index, adapters)
-        clients = self.active_clients()
-        client_ranks = self.plans[clients[0].index].client_ranks
-        averaged = costs.adapter_params(ctx.spec, client_ranks)
+    def server_side_adapters(self, clients) -> list[str]:
+        return [self.server_adapter(c.index) for c in clients] if self.per_client else []
+
+    def planned(self, clients) -> Planned:
+        spec = self.ctx.spec
+        averaged = costs.adapter_params(spec, self.client_ranks)
         if self.per_client:
-            averaged += costs.adapter_params(ctx.spec, self.plans[clients[0].index].server_ranks)
-        flops = 2 * len(clients) * averaged
-        nbytes = costs.adapter_bytes(ctx.spec, client_ranks)
-        if ctx.real:
-            ordered = [adapters[c.index] for c in clients]
-            weights = data_weights([ctx.partition_sizes[c.index] for c in clients])
-            merged = fedavg(ordered, weights)
-            check_equal(sum(t.nbytes for t in merged.values()), nbytes, "broadcast of the averaged adapter")
-            server_merged = {}
-            if self.per_client:  # the server side is averaged too, on the server (no traffic)
-                servers = [ctx.server.call("get_adapter", args={"adapter": self.server_adapter(c.index)}).tensors
-                           for c in clients]
-                server_merged = fedavg(servers, weights)
-                for adapter, server in zip(ordered, servers):
-                    adapter.update(server)  # so the aggregation error covers both sides
-            exact = exact_update(ordered, weights, ctx.scenario.algorithm.alpha)
-            ctx.stats.agg_error = relative_error(
-                adapter_update({**merged, **server_merged}, ctx.scenario.algorithm.alpha), exact)
-        yield from ctx.sim.hold(round_index, -1, "aggregate", "server",
-                                self.compute_seconds(flops, ctx.server_device), flops=flops)
-        yield ctx.sim.all_of(self.download(round_index, c, nbytes) for c in clients)
-        if ctx.real:
-            for c in clients:
-                ctx.worker_of(c.index).call("set_adapter", client=c.index,
-                                            args={"adapter": self.client_adapter(c.index)}, tensors=merged)
-            ctx.server.call("set_adapter", args={"adapter": "global_client"}, tensors=merged)
-            if self.per_client:
-                for adapter in ["server"] + [self.server_adapter(c.index) for c in clients]:
-                    ctx.server.call("set_adapter", args={"adapter": adapter}, tensors=server_merged)
+            averaged += costs.adapter_params(spec, self.server_ranks)
+        return Planned(2 * len(clients) * averaged,
+                       {"bytes of the averaged adapter": costs.adapter_bytes(spec, self.client_ranks)})
+
+    def aggregate(self, contributions) -> Outcome:
+        """FedAvg of the client side; with per-client server sides, of those too (on the server: no traffic),
+        and then the aggregation error covers both sides."""
+        weights, clients = contributions.weights, contributions.clients
+        adapters = [dict(contributions.client_side[k]) for k in clients]
+        merged = fedavg(adapters, weights)
+        server_merged = {}
+        if self.per_client:
+            servers = [contributions.server_side[self.server_adapter(k)] for k in clients]
+            server_merged = fedavg(servers, weights)
+            for adapter, server in zip(adapters, servers):
+                adapter.update(server)
+        alpha = self.config.alpha
+        server_adapters = {"global_client": merged}
+        if self.per_client:
+            server_adapters.update({name: server_merged for name in ["server"] + self.server_side_adapters(
+                [self.ctx.clients[k] for k in clients])})
+        return Outcome(used=adapter_update({**merged, **server_merged}, alpha), exact=exact_update(adapters, weights, alpha),
+                       measured={"bytes of the averaged adapter": sum(t.nbytes for t in merged.values())},
+                       client_adapters={k: merged for k in clients}, server_adapters=server_adapters)
+
+    def deliver(self, round_index: int, client, planned: Planned):
+        yield from self.ctx.fleet.clients[client.index].download(
+            round_index, "broadcast", planned.predicted["bytes of the averaged adapter"])
 
     def eval_adapters(self) -> list[str]:
         return ["global_client", "server"]

@@ -10,15 +10,20 @@ from datetime import datetime, timezone
 import numpy as np
 from hsplit_sim import costs
 from hsplit_sim.algorithms import ALGORITHMS, RunContext
+from hsplit_sim.algorithms.base import RoundStats
+from hsplit_sim.backends import TimingBackend
+from hsplit_sim.backends.real import RealBackend
+from hsplit_sim.backends.replay import ReplayBackend, ReplayMismatch
 from hsplit_sim.errors import RunError
 from hsplit_sim.experiment.preflight import preflight
 from hsplit_sim.experiment.progress import ProgressLine
 from hsplit_sim.experiment.rundir import RunWriter
-from hsplit_sim.experiment.trajectory import Replay, ReplayMismatch, timing_partition_sizes, training_key
+from hsplit_sim.experiment.trajectory import timing_partition_sizes, training_key
+from hsplit_sim.results import RESULTS_VERSION
 from hsplit_sim.runtime.launcher import WorkerPool
 from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, resolved_dict
 from hsplit_sim.scenario.schema import Scenario
-from hsplit_sim.sim import Simulation
+from hsplit_sim.sim import Fleet, Simulation
 
 log = logging.getLogger("hsplit_sim")
 
@@ -45,10 +50,12 @@ def start_workers(pool: WorkerPool, scenario: Scenario, n_clients: int) -> list[
 def run_scenario(scenario: Scenario, progress: bool = True, plots: bool = True):
     """Run one scenario; returns the run directory. Finished rounds stay on disk whatever happens.
 
-    runtime.timing_only runs the same SimPy processes without workers (costs and bytes from the cost model,
-    accuracy columns NaN); runtime.replay_from re-times a trained run of the same training key (trajectory.py).
+    The backend is chosen here, once: real workers; runtime.timing_only runs the same SimPy processes without
+    workers (costs and bytes from the cost model, accuracy columns NaN); runtime.replay_from re-times a trained
+    run of the same training key (trajectory.py, backends/replay.py).
     """
-    replay = Replay(scenario.runtime.replay_from, scenario) if scenario.runtime.replay_from else None
+    replay = (ReplayBackend(scenario.runtime.replay_from, training_key(scenario))
+              if scenario.runtime.replay_from else None)
     try:
         return _run_scenario(scenario, progress, plots, replay)
     except ReplayMismatch as mismatch:
@@ -62,7 +69,8 @@ def run_scenario(scenario: Scenario, progress: bool = True, plots: bool = True):
                              {"replay_rejected": str(mismatch)})
 
 
-def _run_scenario(scenario: Scenario, progress: bool, plots: bool, replay: Replay | None, note: dict | None = None):
+def _run_scenario(scenario: Scenario, progress: bool, plots: bool, replay: ReplayBackend | None,
+                  note: dict | None = None):
     preflight(scenario)
     spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
     clients = expanded_clients(scenario)
@@ -79,35 +87,39 @@ def _run_scenario(scenario: Scenario, progress: bool, plots: bool, replay: Repla
                "n_clients": len(clients), "rounds_planned": scenario.training.rounds,
                "timing_only": timing_only, "training_key": training_key(scenario),
                "trajectory": "retimed" if replay else "timing-only" if timing_only else "trained",
-               "replayed_from": str(replay.run_dir) if replay else None, **(note or {})}
+               "replayed_from": str(replay.run_dir) if replay else None, "results_version": RESULTS_VERSION,
+               **(note or {})}
     writer.write_summary(summary)
     sim = Simulation(scenario.server.accelerators)
+    fleet = Fleet(sim, clients, resolve_device(scenario.server.device), scenario.server.accelerators)
+    writer.write_table("resources", fleet.resources())
+    stats = RoundStats()
     rounds: list[dict] = []
     try:
         with contextlib.ExitStack() as stack:
             progress_line = stack.enter_context(ProgressLine(f"{scenario.name}: round", scenario.training.rounds,
                                                              enabled=progress))
             if timing_only:
-                ctx = RunContext(scenario, spec, clients, resolve_device(scenario.server.device), sim, None, [], None,
-                                 partition_sizes=timing_partition_sizes(scenario, len(clients)), replay=replay)
+                backend = replay or TimingBackend()
+                partition_sizes = timing_partition_sizes(scenario, len(clients))
             else:
                 pool = stack.enter_context(WorkerPool(
                     scenario.runtime.client_workers, scenario.runtime.transport, scenario.runtime.host,
                     writer.path / "log.txt", scenario.runtime.request_timeout_s))
                 log.info("workers started: %s", pool.pids())
                 partitions = start_workers(pool, scenario, len(clients))
-                ctx = RunContext(scenario, spec, clients, resolve_device(scenario.server.device), sim, pool.server,
-                                 pool.client_workers, partitions)
+                backend = RealBackend(scenario, pool.server, pool.client_workers, partitions, stats)
+                partition_sizes = [len(p) for p in partitions]
+            ctx = RunContext(scenario, spec, clients, fleet, backend, partition_sizes, stats)
             algorithm = ALGORITHMS[scenario.algorithm.name](ctx)
             algorithm.setup()
             simulated = time.monotonic()
             sim.run(_rounds(ctx, algorithm, writer, rounds, started, progress_line))
             summary["simulation_wall_s"] = time.monotonic() - simulated
-            if replay is not None:
-                replay.copy_tables(writer)
-                summary.update(replay.generation())
-            elif scenario.data.test_examples and ctx.real:
-                summary.update(_generation(algorithm, writer))
+            tables, fields = backend.outputs(algorithm.eval_adapters())
+            for name, table in tables.items():
+                writer.write_table(name, table)
+            summary.update(fields)
         summary["status"] = "completed"
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="interrupted by the user")
@@ -145,31 +157,28 @@ def _simpy_events(sim: Simulation) -> int | None:
 def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], started: float, progress: ProgressLine):
     """The run as one SimPy process: evaluate, then rounds, writing every table after each round (events and
     clients as one more part each, the small tables rewritten whole)."""
-    training = ctx.scenario.training
+    training, fleet, sim = ctx.scenario.training, ctx.fleet, ctx.fleet.sim
     for round_index in range(training.rounds + 1):
         ctx.stats.losses, ctx.stats.agg_error = [], float("nan")
         clients = algorithm.client_rows(round_index)  # before the round: the plans it trains with
         if round_index > 0:
-            yield ctx.sim.env.process(algorithm.round(round_index))
+            yield sim.env.process(algorithm.round(round_index))
         evaluated = round_index % training.eval_every == 0 or round_index == training.rounds
-        eval_loss = algorithm.evaluate() if evaluated else float("nan")
+        eval_loss = ctx.backend.evaluate(algorithm.eval_adapters()) if evaluated else float("nan")
         if evaluated:
-            ctx.sim.record(round_index, -1, "eval", "server", ctx.sim.now, ctx.sim.now)
+            fleet.server.mark(round_index, "eval")
         losses = ctx.stats.losses
-        row = {"round": round_index, "sim_time_s": ctx.sim.now, "wall_time_s": time.monotonic() - started,
+        row = {"round": round_index, "sim_time_s": sim.now, "wall_time_s": time.monotonic() - started,
                # fsum: exact, so the mean cannot depend on the order losses arrived in simulated time
                "train_loss": math.fsum(losses) / len(losses) if losses else float("nan"),
-               "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss), "bytes_up": ctx.stats.bytes_up,
-               "bytes_down": ctx.stats.bytes_down, "agg_error": ctx.stats.agg_error,
+               "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss), "bytes_up": fleet.bytes_up,
+               "bytes_down": fleet.bytes_down, "agg_error": ctx.stats.agg_error,
                "algorithm": algorithm.name}
-        if ctx.replay is not None:
-            if algorithm.order_sensitive:
-                ctx.replay.check_order(round_index, ctx.sim.events)
-            row.update(ctx.replay.accuracy(round_index))
+        row.update(ctx.backend.round_done(round_index, sim.events, algorithm.order_sensitive))
         rows.append(row)
         writer.append_rows("clients", clients)
         writer.write_rounds(rows)
-        writer.append_events(ctx.sim.take_events())
+        writer.append_events(sim.take_events())
         for name, table in algorithm.tables().items():
             writer.write_table(name, table)
         log.info("round %d: %s", round_index, rows[-1])
@@ -180,19 +189,6 @@ def _round_status(row: dict) -> str:
     loss = "" if math.isnan(row["train_loss"]) else f"  train loss {row['train_loss']:.3f}"
     ppl = "" if math.isnan(row["eval_ppl"]) else f"  eval ppl {row['eval_ppl']:.2f}"
     return f"sim {row['sim_time_s']:.1f} s{loss}{ppl}"
-
-
-def _generation(algorithm, writer: RunWriter) -> dict:
-    """Decode the test MRs with the final global model and score them against all their references."""
-    from analysis.textmetrics import score_corpus, unavailable_metrics
-
-    result = algorithm.generate()
-    writer.write_table("generations", [
-        {"mr": mr, "hypothesis": hypothesis, "references": "\n".join(refs)}
-        for mr, hypothesis, refs in zip(result["mrs"], result["hypotheses"], result["references"])])
-    scores = score_corpus(result["hypotheses"], result["references"])
-    log.info("generation scores: %s", scores)
-    return {"generation": scores, "generation_unavailable": unavailable_metrics()}
 
 
 def _finish(summary: dict, rounds: list[dict], started: float) -> None:

@@ -1,0 +1,36 @@
+"""FlexLoRA (Bai et al., arXiv 2402.11505): each client gets the rank-r_k truncated SVD of the dense weighted
+sum of the clients' updates. The server evaluates (and the error is that of) the rank-r_max truncation."""
+
+from hsplit_sim import costs
+from hsplit_sim.algorithms.aggregation import adapter_update, flexlora_aggregate, lora_pairs
+from hsplit_sim.algorithms.base import Outcome, Planned
+from hsplit_sim.algorithms.protocols.federated import FederatedProtocol, products_flops
+
+
+def svd_flops(m: int, n: int) -> int:
+    """Thin SVD with U and V of an m x n matrix: Golub & Van Loan's R-SVD count 6 M N^2 + 20 N^3, M >= N."""
+    big, small = max(m, n), min(m, n)
+    return 6 * big * small ** 2 + 20 * small ** 3
+
+
+class FlexLoRA(FederatedProtocol):
+    name = "flexlora"
+
+    def planned(self, clients) -> Planned:
+        spec = self.ctx.spec
+        flops = self.products_flops(clients) + sum(svd_flops(d_out, d_in) for d_in, d_out in self.module_shapes())
+        return Planned(flops, {"FLOPs": flops, "broadcast bytes": {
+            c.index: costs.adapter_bytes(spec, self.rank_layout(self.ranks[c.index])) for c in clients}})
+
+    def aggregate(self, contributions) -> Outcome:
+        algo, clients = self.config, contributions.clients
+        adapters = [contributions.client_side[k] for k in clients]
+        ranks = [self.ranks[k] for k in clients]
+        *per_client, global_adapter = flexlora_aggregate(adapters, contributions.weights, algo.alpha,
+                                                         ranks + [self.r_max], algo.contributors)
+        flops = products_flops(adapters) + sum(svd_flops(b.shape[0], a.shape[1])
+                                               for a, b in lora_pairs(global_adapter).values())
+        return Outcome(used=adapter_update(global_adapter, algo.alpha), exact=self.exact(contributions),
+                       measured={"FLOPs": flops, "broadcast bytes": {
+                           k: sum(t.nbytes for t in adapter.values()) for k, adapter in zip(clients, per_client)}},
+                       client_adapters=dict(zip(clients, per_client)), server_adapters={"global": global_adapter})

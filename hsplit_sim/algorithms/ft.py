@@ -1,0 +1,17 @@
+"""FT: full fine-tuning of every weight on the server on pooled data."""
+
+from hsplit_sim import costs
+from hsplit_sim.algorithms.protocols.centralised import CentralisedProtocol
+
+
+class FT(CentralisedProtocol):
+    name = "ft"
+    full_finetune = True
+    adapter = None
+
+    @classmethod
+    def ranks(cls, scenario, spec) -> costs.Ranks:
+        return {}
+
+    def configure(self, ranks: costs.Ranks) -> None:
+        self.ctx.backend.setup_full(self.optimizer())

@@ -1,0 +1,60 @@
+"""Centralised baselines: the server trains on the data of every client pooled.
+
+Simulated time is the server's compute only. Each round takes as many steps as all clients together take in a
+split round, so rounds see the same number of examples.
+"""
+
+from hsplit_sim import costs
+from hsplit_sim.algorithms.base import Algorithm
+from hsplit_sim.errors import ScenarioError
+
+GB = 1e9
+
+
+class CentralisedProtocol(Algorithm):
+    """Subclasses say which weights train: adapters of one rank (`ranks`), or every weight (full_finetune)."""
+
+    family = "centralised"
+    full_finetune = False
+    adapter: str | None  # the adapter that trains (None: every weight)
+
+    @classmethod
+    def ranks(cls, scenario, spec) -> costs.Ranks:
+        raise NotImplementedError
+
+    @classmethod
+    def check_memory(cls, scenario, spec, clients, server_device) -> None:
+        need = costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
+                                           scenario.data.max_length, cls.ranks(scenario, spec), embeddings=True,
+                                           head=True, full_finetune=cls.full_finetune)
+        if need > server_device.memory_gb * GB:
+            raise ScenarioError(f"server.device: {server_device.name} needs {need / GB:.2f} GB for {cls.name} but "
+                                f"has {server_device.memory_gb:g} GB")
+
+    def setup(self) -> None:
+        ctx, spec = self.ctx, self.ctx.spec
+        ranks = self.ranks(ctx.scenario, spec)
+        self.step_flops = (costs.forward_flops(spec, 0, spec.n_layers, ctx.batch, ctx.seq, ranks, head=True)
+                           + costs.backward_flops(spec, 0, spec.n_layers, ctx.batch, ctx.seq, ranks, head=True,
+                                                  input_requires_grad=False, full_finetune=self.full_finetune))
+        self.configure(ranks)
+
+    def configure(self, ranks: costs.Ranks) -> None:
+        raise NotImplementedError
+
+    def round(self, round_index: int):
+        ctx = self.ctx
+        steps = ctx.scenario.training.local_steps * len(ctx.clients)
+        work = ctx.backend.step_work(round_index, None, self.adapter, steps)
+        yield from ctx.fleet.server_steps(round_index, self.step_flops, steps, work)
+
+    def eval_adapters(self) -> list[str]:
+        return [self.adapter] if self.adapter else []
+
+    def client_rows(self, round_index: int) -> list[dict]:
+        """Clients only own data here: it is pooled at the server, and they train nothing."""
+        ctx = self.ctx
+        return [{"round": round_index, "client": c.index, "device": c.device.name, "link": c.link.name,
+                 "split_layer": 0, "rank": 0, "adapted_weights": 0, "adapter_params": 0, "memory_bytes": 0,
+                 "memory_budget_bytes": int(c.memory_budget_gb * 1e9), "n_examples": ctx.partition_sizes[c.index],
+                 "status": "data-only"} for c in ctx.clients]

@@ -1,0 +1,117 @@
+"""The split protocol of SplitLoRA and HSplitLoRA.
+
+Per client and local iteration: client forward, upload of activations, labels and mask, a queue for one of
+the server's accelerators, the server step, download of the activation gradient, client backward (the fleet
+times them, sim/fleet.py). Costs come from the cost model for each client's own plan; in real runs the bytes
+are the real frames, checked against it.
+"""
+
+from hsplit_sim import costs
+from hsplit_sim.algorithms.plans import ClientPlan, ranks_key
+from hsplit_sim.algorithms.protocols.collaborative import Collaborative
+from hsplit_sim.sim.fleet import IterationCosts
+
+
+class PlanCosts:
+    """FLOPs and bytes of one iteration under a plan (probe: weight gradients of the frozen projections), the
+    adapter a client uploads, and the plan's columns of the clients table."""
+
+    def __init__(self, spec: costs.ModelSpec, plan: ClientPlan, batch: int, seq: int):
+        s, n = plan.split, spec.n_layers
+        client_fwd = costs.forward_flops(spec, 0, s, batch, seq, plan.client_ranks, head=False)
+        server_fwd = costs.forward_flops(spec, s, n, batch, seq, plan.server_ranks, head=True)
+        client_bwd = tuple(costs.backward_flops(spec, 0, s, batch, seq, plan.client_ranks, head=False,
+                                                input_requires_grad=False, weight_grads=probe)
+                           for probe in (False, True))
+        server_bwd = tuple(costs.backward_flops(spec, s, n, batch, seq, plan.server_ranks, head=True,
+                                                input_requires_grad=True, weight_grads=probe)
+                           for probe in (False, True))
+        self.iteration = IterationCosts(client_fwd, client_bwd, tuple(server_fwd + b for b in server_bwd),
+                                        costs.smashed_bytes(spec, batch, seq), costs.gradient_bytes(spec, batch, seq))
+        self.adapter = costs.adapter_bytes(spec, plan.client_ranks)
+        ranks = [r for layer in plan.client_ranks.values() for r in layer.values()]
+        self.row = {"split_layer": s, "rank": max(ranks, default=0), "adapted_weights": len(ranks),
+                    "adapter_params": costs.adapter_params(spec, plan.client_ranks),
+                    "memory_bytes": costs.training_memory_bytes(spec, 0, s, batch, seq, plan.client_ranks,
+                                                                embeddings=True, head=False)}
+
+
+class SplitProtocol(Collaborative):
+    """Algorithms set self.plans (one ClientPlan per client) and name the server-side adapter each client uses."""
+
+    family = "split"
+    plans: list[ClientPlan]
+
+    def server_adapter(self, client: int) -> str:
+        raise NotImplementedError
+
+    def probes(self, round_index: int, step: int) -> bool:
+        """Whether this iteration also measures weight importance (HSplitLoRA's IWI)."""
+        return False
+
+    def record_importance(self, client: int, scores: dict[str, float]) -> None:
+        """Receives a probe's gradient-weight products (HSplitLoRA's IWI)."""
+
+    @property
+    def importance_measure(self) -> str:
+        return "abs_sum"
+
+    def plan_costs(self, client: int) -> PlanCosts:
+        """Costs of the client's current plan, shared by every client with the same plan."""
+        plan = self.plans[client]
+        key = (plan.split, ranks_key(plan.client_ranks), ranks_key(plan.server_ranks))
+        cache = self.__dict__.setdefault("_plan_costs", {})
+        if key not in cache:
+            cache[key] = PlanCosts(self.ctx.spec, plan, self.ctx.batch, self.ctx.seq)
+        return cache[key]
+
+    def plan_rows(self, round_index: int) -> list[dict]:
+        """Rows of the plans table for plans in force from round_index on: only clients whose plan changed."""
+        last = self.__dict__.setdefault("_recorded_plans", {})
+        rows = []
+        for c in self.ctx.clients:
+            plan = self.plans[c.index]
+            if last.get(c.index) == plan:
+                continue
+            last[c.index] = plan
+            rows.append(plan.row(round_index, c.index))
+        self.__dict__.setdefault("_plan_rows", []).extend(rows)
+        return rows
+
+    def tables(self) -> dict[str, list[dict]]:
+        return {"plans": self.__dict__.get("_plan_rows", [])}
+
+    def adapter_config(self) -> dict:
+        return {"alpha": self.config.alpha, "optimizer": self.optimizer()}
+
+    def configure_client(self, client: int) -> None:
+        plan = self.plans[client]
+        self.ctx.backend.configure(client, self.client_adapter(client), plan.client_ranks, split=plan.split,
+                                   **self.adapter_config())
+
+    def active_clients(self):
+        return [c for c in self.ctx.clients if self.plans[c.index].active]
+
+    def train(self, round_index: int, client):
+        ctx, k = self.ctx, client.index
+        plan, iteration = self.plans[k], self.plan_costs(k).iteration
+        work = ctx.backend.split_work(round_index, k, self.client_adapter(k), self.server_adapter(k), plan.split,
+                                      iteration, self.importance_measure, self.record_importance)
+        yield from ctx.fleet.split_iterations(round_index, ctx.fleet.clients[k], iteration,
+                                              ctx.scenario.training.local_steps,
+                                              lambda step: self.probes(round_index, step), work)
+
+    def adapter_bytes(self, client: int) -> int:
+        return self.plan_costs(client).adapter
+
+    def client_rows(self, round_index: int) -> list[dict]:
+        ctx = self.ctx
+        rows = []
+        for c in ctx.clients:
+            plan = self.plans[c.index]
+            rows.append({
+                "round": round_index, "client": c.index, "device": c.device.name, "link": c.link.name,
+                **self.plan_costs(c.index).row,
+                "memory_budget_bytes": int(c.memory_budget_gb * 1e9), "n_examples": ctx.partition_sizes[c.index],
+                "status": "active" if plan.active else "dropped"})
+        return rows

@@ -1,0 +1,102 @@
+"""Where a run's training happens, behind one interface chosen once per run: real workers (real.py), nowhere
+(timing-only: this module's TimingBackend), or a trained run's record (replay.py). The protocols call the same
+methods whatever the backend, so no algorithm asks which one it has.
+"""
+
+from hsplit_sim.sim.fleet import SplitWork, StepWork
+
+NO_SPLIT_WORK = SplitWork()
+NO_STEP_WORK = StepWork()
+
+
+class Backend:
+    """The operations of training that protocols ask for. Durations never come from here: the fleet charges
+    them from the cost model whatever the backend does."""
+
+    def configure(self, client: int | None, adapter: str, ranks, alpha: float, split: int | None = None,
+                  optimizer: dict | None = None) -> None:
+        """A fresh adapter (A from the run's seed, B zero) on a client (None: on the server), with an optimiser
+        when it trains."""
+        raise NotImplementedError
+
+    def setup_full(self, optimizer: dict) -> None:
+        """Full fine-tuning of every weight on the server."""
+        raise NotImplementedError
+
+    def split_work(self, round_index: int, client: int, adapter: str, server_adapter: str, split: int, costs,
+                   measure: str, on_importance) -> SplitWork:
+        """A client's split iterations of one round; probing iterations measure importance with `measure`
+        (abs_sum or sum_abs) and hand it to `on_importance(client, scores)`."""
+        raise NotImplementedError
+
+    def step_work(self, round_index: int, client: int | None, adapter: str | None, steps: int) -> StepWork:
+        """Whole-model steps of one round on a client (None: the server, on the pooled data)."""
+        raise NotImplementedError
+
+    def contributions(self, clients: list[int], weights, uploads: list[tuple[int, str, int]], server_side: list[str]):
+        """algorithms.base.Contributions of the reporting clients: their uploads (client, adapter, predicted
+        bytes) and the server-side adapters named; None when nothing trains."""
+        raise NotImplementedError
+
+    def aggregate(self, algorithm, contributions, planned):
+        """The algorithm's rule on the contributions (None when nothing trains), checked against `planned`."""
+        raise NotImplementedError
+
+    def apply(self, outcome) -> None:
+        """The aggregation's changes on the workers."""
+        raise NotImplementedError
+
+    def evaluate(self, adapters: list[str]) -> float:
+        raise NotImplementedError
+
+    def outputs(self, adapters: list[str]) -> tuple[dict, dict]:
+        """What the run directory gets once the rounds are done: (tables by name, summary fields): the final
+        model's decodings of the test MRs and their scores, where anything trained."""
+        raise NotImplementedError
+
+    def plans(self, round_index: int, proposed: list, previous: list) -> list:
+        """The plans in force from round_index: the algorithm's proposal, or (a replay) the previous plans
+        changed where the trained run changed them."""
+        raise NotImplementedError
+
+    def round_done(self, round_index: int, events: list[tuple], order_sensitive: bool) -> dict:
+        """Columns of the round's row that come from elsewhere (a replay's accuracy); {} otherwise."""
+        raise NotImplementedError
+
+
+class TimingBackend(Backend):
+    """Timing-only: nothing trains; every operation is free and returns nothing."""
+
+    def configure(self, client, adapter, ranks, alpha, split=None, optimizer=None) -> None:
+        pass
+
+    def setup_full(self, optimizer) -> None:
+        pass
+
+    def split_work(self, round_index, client, adapter, server_adapter, split, costs, measure,
+                   on_importance) -> SplitWork:
+        return NO_SPLIT_WORK
+
+    def step_work(self, round_index, client, adapter, steps) -> StepWork:
+        return NO_STEP_WORK
+
+    def contributions(self, clients, weights, uploads, server_side):
+        return None
+
+    def aggregate(self, algorithm, contributions, planned):
+        return None
+
+    def apply(self, outcome) -> None:
+        pass
+
+    def evaluate(self, adapters) -> float:
+        return float("nan")
+
+    def outputs(self, adapters) -> tuple[dict, dict]:
+        return {}, {}
+
+    def plans(self, round_index, proposed, previous) -> list:
+        return proposed
+
+    def round_done(self, round_index, events, order_sensitive) -> dict:
+        return {}

@@ -1,0 +1,183 @@
+"""Real training: every operation is a request to the run's workers over ZeroMQ, and every quantity the cost
+model predicted (frame bytes, an aggregation's FLOPs and shapes) is checked against the real tensors."""
+
+import logging
+
+import numpy as np
+
+from hsplit_sim.algorithms.aggregation import relative_error
+from hsplit_sim.algorithms.base import Contributions, RoundStats
+from hsplit_sim.algorithms.plans import ranks_to_wire
+from hsplit_sim.backends import Backend
+from hsplit_sim.errors import RunError
+from hsplit_sim.runtime.connection import WorkerConnection
+from hsplit_sim.runtime.wire import Message
+from hsplit_sim.sim.fleet import SplitWork, StepWork
+
+log = logging.getLogger("hsplit_sim")
+
+
+def batch_indices(client_indices: np.ndarray, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """The batch of a client's global step: consecutive slices of a fresh permutation each epoch."""
+    n = len(client_indices)
+    if n == 0:
+        raise ValueError("batch_indices: the client has no examples")
+    positions = np.arange(step * batch_size, (step + 1) * batch_size)
+    epochs, offsets = positions // n, positions % n
+    batch = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        batch[epochs == epoch] = np.asarray(client_indices)[order[offsets[epochs == epoch]]]
+    return batch
+
+
+def check_equal(real, predicted, what: str) -> None:
+    """A quantity of real tensors must equal the cost model's: a mismatch is a bug."""
+    if real != predicted:
+        raise RunError(f"{what}: the cost model predicted {predicted} but the real tensors gave {real}")
+
+
+def checked_bytes(message: Message, predicted: int, what: str) -> int:
+    """The real frame bytes, which must equal the cost model's prediction."""
+    if message.payload_bytes != predicted:
+        raise RunError(f"{what}: the cost model predicted {predicted} bytes but the real frames carried "
+                       f"{message.payload_bytes}")
+    return message.payload_bytes
+
+
+class RealBackend(Backend):
+    def __init__(self, scenario, server: WorkerConnection, client_workers: list[WorkerConnection],
+                 partitions: list[np.ndarray], stats: RoundStats):
+        self.scenario, self.server, self.client_workers = scenario, server, client_workers
+        self.partitions, self.stats = partitions, stats
+
+    def worker_of(self, client: int) -> WorkerConnection:
+        """Clients are dealt to client workers in turn."""
+        return self.client_workers[client % len(self.client_workers)]
+
+    def batch(self, client_indices: np.ndarray, round_index: int, steps: int, step: int) -> np.ndarray:
+        training = self.scenario.training
+        return batch_indices(client_indices, training.batch_size, (round_index - 1) * steps + step,
+                             self.scenario.seed)
+
+    def configure(self, client, adapter, ranks, alpha, split=None, optimizer=None) -> None:
+        args = {"adapter": adapter, "alpha": alpha, "ranks": ranks_to_wire(ranks), **(optimizer or {})}
+        if split is not None:
+            args["split"] = split
+        if client is None:
+            self.server.call("configure", args=args)
+        else:
+            self.worker_of(client).call("configure", client=client, args=args)
+
+    def setup_full(self, optimizer) -> None:
+        self.server.call("setup_full", args=optimizer)
+
+    def split_work(self, round_index, client, adapter, server_adapter, split, costs, measure,
+                   on_importance) -> SplitWork:
+        return _RealSplitWork(self, round_index, client, adapter, server_adapter, split, costs, measure,
+                              on_importance)
+
+    def step_work(self, round_index, client, adapter, steps) -> StepWork:
+        return _RealStepWork(self, round_index, client, adapter, steps)
+
+    def contributions(self, clients, weights, uploads, server_side):
+        client_side = {}
+        for k, adapter, nbytes in uploads:
+            reply = self.worker_of(k).call("get_adapter", client=k, args={"adapter": adapter})
+            checked_bytes(reply, nbytes, "adapter upload")
+            client_side[k] = dict(reply.tensors)
+        servers = {name: dict(self.server.call("get_adapter", args={"adapter": name}).tensors) for name in server_side}
+        return Contributions(clients, weights, client_side, servers)
+
+    def aggregate(self, algorithm, contributions, planned):
+        outcome = algorithm.aggregate(contributions)
+        for what, value in outcome.measured.items():
+            check_equal(value, planned.predicted[what], f"{what} of {algorithm.name}'s aggregation")
+        self.stats.agg_error = relative_error(outcome.used, outcome.exact)
+        return outcome
+
+    def apply(self, outcome) -> None:
+        for k, tensors in outcome.client_adapters.items():
+            self.worker_of(k).call("set_adapter", client=k, args={"adapter": f"c{k}"}, tensors=tensors)
+        for name, tensors in outcome.server_adapters.items():
+            self.server.call("set_adapter", args={"adapter": name}, tensors=tensors)
+        if outcome.merge is not None:
+            flat = {}
+            for path, (b, a) in outcome.merge.items():
+                flat[f"{path}.B"], flat[f"{path}.A"] = b, a
+            for worker in [self.server, *self.client_workers]:
+                worker.call("merge", tensors=flat)
+
+    def evaluate(self, adapters) -> float:
+        reply = self.server.call("evaluate", args={"adapters": adapters,
+                                                   "batch_size": self.scenario.training.batch_size})
+        return reply.header["result"]["loss"]
+
+    def outputs(self, adapters) -> tuple[dict, dict]:
+        """The test MRs decoded greedily by the final global model, scored against all their references."""
+        if not self.scenario.data.test_examples:
+            return {}, {}
+        from analysis.textmetrics import score_corpus, unavailable_metrics
+
+        result = self.server.call("generate", args={"adapters": adapters, "batch_size": 16}).header["result"]
+        rows = [{"mr": mr, "hypothesis": hypothesis, "references": "\n".join(refs)}
+                for mr, hypothesis, refs in zip(result["mrs"], result["hypotheses"], result["references"])]
+        scores = score_corpus(result["hypotheses"], result["references"])
+        log.info("generation scores: %s", scores)
+        return {"generations": rows}, {"generation": scores, "generation_unavailable": unavailable_metrics()}
+
+    def plans(self, round_index, proposed, previous) -> list:
+        return proposed
+
+    def round_done(self, round_index, events, order_sensitive) -> dict:
+        return {}
+
+
+class _RealSplitWork(SplitWork):
+    """Forward on the client's worker, the step on the server worker, backward on the client's worker."""
+
+    def __init__(self, backend: RealBackend, round_index, client, adapter, server_adapter, split, costs, measure,
+                 on_importance):
+        self.backend, self.round, self.client = backend, round_index, client
+        self.adapter, self.server_adapter, self.split, self.costs = adapter, server_adapter, split, costs
+        self.measure, self.on_importance = measure, on_importance
+        self.worker = backend.worker_of(client)
+        self.steps = backend.scenario.training.local_steps
+        self.smashed = self.reply = None
+
+    def forward(self, step, probe) -> None:
+        batch = self.backend.batch(self.backend.partitions[self.client], self.round, self.steps, step)
+        self.smashed = self.worker.call("forward", client=self.client, args={"adapter": self.adapter, "probe": probe},
+                                        tensors={"batch": batch})
+        checked_bytes(self.smashed, self.costs.up, "upload of activations")
+
+    def server(self, step, probe) -> None:
+        self.reply = self.backend.server.call("step", client=self.client, tensors=self.smashed.tensors, args={
+            "adapter": self.server_adapter, "split": self.split, "probe": probe, "measure": self.measure})
+        self.backend.stats.losses.append(self.reply.header["result"]["loss"])
+        checked_bytes(self.reply, self.costs.down, "download of gradients")
+
+    def backward(self, step, probe) -> None:
+        backward = self.worker.call("backward", client=self.client, args={"adapter": self.adapter,
+                                                                           "measure": self.measure},
+                                    tensors={"grad": self.reply.tensors["grad"]})
+        if probe:
+            self.on_importance(self.client, {**backward.header["result"]["importance"],
+                                             **self.reply.header["result"]["importance"]})
+
+
+class _RealStepWork(StepWork):
+    """Whole-model steps: on a client's worker with its adapter, or on the server over the pooled data."""
+
+    def __init__(self, backend: RealBackend, round_index, client, adapter, steps):
+        self.backend, self.round, self.client, self.adapter, self.steps = backend, round_index, client, adapter, steps
+        if client is None:
+            self.worker, self.indices = backend.server, np.sort(np.concatenate(backend.partitions))
+        else:
+            self.worker, self.indices = backend.worker_of(client), backend.partitions[client]
+
+    def step(self, step) -> None:
+        batch = self.backend.batch(self.indices, self.round, self.steps, step)
+        reply = self.worker.call("full_step", client=self.client, args={"adapter": self.adapter},
+                                 tensors={"batch": batch})
+        self.backend.stats.losses.append(reply.header["result"]["loss"])

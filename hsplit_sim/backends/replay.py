@@ -1,0 +1,91 @@
+"""Replay: a trained run's trajectory re-timed under another system. Nothing trains (as in timing-only); the
+accuracy columns, generation scores and HSplitLoRA's plans come from the trained run's directory.
+
+Whether the two runs share a training key is checked by the caller (experiment/trajectory.py), which knows what
+can change training. What the key cannot see: clients taking turns on one shared server-side adapter train in
+the order their server steps happen in simulated time, so a system change that reorders them changes
+training. For such algorithms every round's server order is compared with the trained run's events, and a
+difference stops the replay (ReplayMismatch).
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from hsplit_sim.algorithms.plans import ClientPlan
+from hsplit_sim.backends import TimingBackend
+from hsplit_sim.errors import RunError, ScenarioError
+
+ACCURACY_COLUMNS = ("train_loss", "eval_loss", "eval_ppl", "agg_error")
+COPIED_TABLES = ("generations", "importance")  # what training wrote besides the rounds' accuracy
+
+
+class ReplayMismatch(RunError):
+    """The re-timed run would not train as the trained run did (the server order differs)."""
+
+    def __init__(self, message: str, run_dir: Path | None = None):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+class ReplayBackend(TimingBackend):
+    """A trained run's record, read from its run directory."""
+
+    def __init__(self, run_dir: str | Path, training_key: str):
+        self.run_dir = run_dir = Path(run_dir)
+        summary_file = run_dir / "summary.json"
+        if not summary_file.is_file():
+            raise ScenarioError(f"runtime.replay_from: {run_dir} is not a run directory (no summary.json)")
+        self.summary = json.loads(summary_file.read_text())
+        if self.summary.get("status") != "completed" or self.summary.get("trajectory") != "trained":
+            raise ScenarioError(f"runtime.replay_from: {run_dir} is not a completed trained run "
+                                f"(status {self.summary.get('status')}, trajectory {self.summary.get('trajectory')})")
+        if self.summary.get("training_key") != training_key:
+            raise ScenarioError(f"runtime.replay_from: {run_dir} trained under training key "
+                                f"{self.summary.get('training_key')}, this scenario's is {training_key}: something "
+                                f"that can change training differs, so it must train")
+        rounds = pd.read_parquet(run_dir / "rounds.parquet")
+        self.rounds = {int(r["round"]): {c: float(r[c]) for c in ACCURACY_COLUMNS} for _, r in rounds.iterrows()}
+        self.plans_by_round: dict[int, list[dict]] = {}
+        if (run_dir / "plans.parquet").is_file():
+            for row in pd.read_parquet(run_dir / "plans.parquet").to_dict("records"):
+                self.plans_by_round.setdefault(int(row["round"]), []).append(row)
+        self._order: dict[int, list[int]] | None = None
+
+    def plans(self, round_index: int, proposed: list, previous: list) -> list:
+        """The plans in force from round_index: the previous ones, changed where the trained run changed them."""
+        plans = list(previous)
+        for row in self.plans_by_round.get(round_index, []):
+            plans[int(row["client"])] = ClientPlan.from_row(row)
+        return plans
+
+    def round_done(self, round_index: int, events: list[tuple], order_sensitive: bool) -> dict:
+        if order_sensitive:
+            self.check_order(round_index, events)
+        if round_index not in self.rounds:
+            raise ReplayMismatch(f"replay: {self.run_dir} has no round {round_index}")
+        return dict(self.rounds[round_index])
+
+    def server_order(self, round_index: int) -> list[int]:
+        """Clients in the order they took the server in the trained run (server_queue rows in record order)."""
+        if self._order is None:
+            events = pd.read_parquet(self.run_dir / "events.parquet", columns=["round", "client", "kind"])
+            queue = events[events["kind"] == "server_queue"]
+            self._order = {int(r): group["client"].tolist() for r, group in queue.groupby("round", sort=False)}
+        return self._order.get(round_index, [])
+
+    def check_order(self, round_index: int, events: list[tuple]) -> None:
+        mine = [e[1] for e in events if e[0] == round_index and e[2] == "server_queue"]
+        theirs = self.server_order(round_index)
+        if mine != theirs:
+            first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            raise ReplayMismatch(f"replay: round {round_index}: clients take the shared server adapter in another "
+                                 f"order than in {self.run_dir} (from server step {first} on), so training would "
+                                 f"differ")
+
+    def outputs(self, adapters) -> tuple[dict, dict]:
+        """What training wrote besides the rounds (generations, importance) and the generation scores."""
+        tables = {name: pd.read_parquet(self.run_dir / f"{name}.parquet") for name in COPIED_TABLES
+                  if (self.run_dir / f"{name}.parquet").is_file()}
+        return tables, {k: self.summary[k] for k in ("generation", "generation_unavailable") if k in self.summary}
