@@ -5,9 +5,6 @@ methods whatever the backend, so no algorithm asks which one it has.
 
 from hsplit_sim.sim.fleet import SplitWork, StepWork
 
-NO_SPLIT_WORK = SplitWork()
-NO_STEP_WORK = StepWork()
-
 
 class Backend:
     """The operations of training that protocols ask for. Durations never come from here: the fleet charges
@@ -24,13 +21,14 @@ class Backend:
         raise NotImplementedError
 
     def split_work(self, round_index: int, client: int, adapter: str, server_adapter: str, split: int, costs,
-                   measure: str, on_importance) -> SplitWork:
-        """A client's split iterations of one round; probing iterations measure importance with `measure`
-        (abs_sum or sum_abs) and hand it to `on_importance(client, scores)`."""
+                   measure: str, on_importance) -> SplitWork | None:
+        """A client's split iterations of one round (None: nothing but time); probing iterations measure
+        importance with `measure` (abs_sum or sum_abs) and hand it to `on_importance(client, scores)`."""
         raise NotImplementedError
 
-    def step_work(self, round_index: int, client: int | None, adapter: str | None, steps: int) -> StepWork:
-        """Whole-model steps of one round on a client (None: the server, on the pooled data)."""
+    def step_work(self, round_index: int, client: int | None, adapter: str | None, steps: int) -> StepWork | None:
+        """Whole-model steps of one round on a client (client None: the server, on the pooled data); None:
+        nothing but time."""
         raise NotImplementedError
 
     def contributions(self, clients: list[int], weights, uploads: list[tuple[int, str, int]], server_side: list[str]):
@@ -74,11 +72,11 @@ class TimingBackend(Backend):
         pass
 
     def split_work(self, round_index, client, adapter, server_adapter, split, costs, measure,
-                   on_importance) -> SplitWork:
-        return NO_SPLIT_WORK
+                   on_importance) -> None:
+        return None
 
-    def step_work(self, round_index, client, adapter, steps) -> StepWork:
-        return NO_STEP_WORK
+    def step_work(self, round_index, client, adapter, steps) -> None:
+        return None
 
     def contributions(self, clients, weights, uploads, server_side):
         return None

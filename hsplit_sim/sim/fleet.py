@@ -3,8 +3,8 @@
 Algorithms say what happens (FLOPs a device computes, bytes a link carries, which client talks to the
 server); the fleet's SimPy processes say how long it takes, through the time model, and record each activity
 as an event on a typed resource (results.RESOURCE_KINDS). Real work, where there is any, runs through the
-callbacks the protocols pass in (`SplitWork`, `StepWork`), at the point of the simulated protocol where it
-happens, so real operations on shared state follow simulated order.
+callbacks the protocols pass in (`SplitWork`, `StepWork`; None where only time passes), at the point of the
+simulated protocol where it happens, so real operations on shared state follow simulated order.
 """
 
 from dataclasses import dataclass
@@ -28,23 +28,27 @@ class IterationCosts:
 
 
 class SplitWork:
-    """What a split iteration does besides taking time; the base does nothing (timing-only runs)."""
+    """What a split iteration does besides taking time (real training)."""
 
     def forward(self, step: int, probe: bool) -> None:
         """The client's forward pass and the upload of what it sends."""
+        raise NotImplementedError
 
     def server(self, step: int, probe: bool) -> None:
         """The server's step on what arrived; called in the order the server serves steps."""
+        raise NotImplementedError
 
     def backward(self, step: int, probe: bool) -> None:
         """The client's backward pass on the gradient that came back."""
+        raise NotImplementedError
 
 
 class StepWork:
-    """What a whole-model training step does besides taking time; the base does nothing."""
+    """What a whole-model training step does besides taking time (real training)."""
 
     def step(self, step: int) -> None:
         """One optimiser step."""
+        raise NotImplementedError
 
 
 class ClientNode:
@@ -139,10 +143,11 @@ class Fleet:
         """The resources table: every resource events name, with its kind and owner."""
         return self.server.resources() + [row for c in self.clients for row in c.resources()]
 
-    def split_iterations(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int, probes,
-                         work: SplitWork):
+    def split_iterations(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
+                         probes: frozenset[int], work: SplitWork | None):
         """A client's local split iterations: forward, upload, queue for an accelerator, server step, download,
-        backward. `probes(step)` says whether an iteration measures importance.
+        backward. `probes` holds the steps that measure importance; `work` is None where nothing happens besides
+        time (timing-only runs).
 
         The hot path (timing-only runs make millions of these events), with one SimPy event per iteration:
         the server is booked on arrival, so one timeout covers the server queue and step, the download, the
@@ -162,8 +167,9 @@ class Fleet:
                                                             costs.up, costs.down)
         server_s, server_flops, down_s, down_bwd_s, bwd_flops = (timing.server_s, costs.server, timing.down_s,
                                                                  timing.down_bwd_s, costs.client_bwd)
-        probe = probes(0)
-        work.forward(0, probe)
+        probe = 0 in probes
+        if work is not None:
+            work.forward(0, probe)
         start = env.now
         yield timeout(fwd_up_s)
         last = steps - 1
@@ -175,10 +181,12 @@ class Fleet:
             seconds = server_s[probe]
             acquired = book(now, seconds)
             append((r, k, "server_queue", SERVER, now, acquired, 0, 0.0))
-            work.server(step, probe)
+            if work is not None:
+                work.server(step, probe)
             served = acquired + seconds
             append((r, k, "server_step", SERVER, acquired, served, 0, server_flops[probe]))
-            work.backward(step, probe)
+            if work is not None:
+                work.backward(step, probe)
             downloaded = served + down_s
             append((r, k, "download", down_res, served, downloaded, down_bytes, 0.0))
             if step == last:
@@ -187,20 +195,23 @@ class Fleet:
                 break
             start = served + down_bwd_s[probe]
             append((r, k, "client_bwd", device, downloaded, start, 0, bwd_flops[probe]))
-            probe = probes(step + 1)
-            work.forward(step + 1, probe)
+            probe = step + 1 in probes
+            if work is not None:
+                work.forward(step + 1, probe)
             yield timeout((start - now) + fwd_up_s)
         self.bytes_up += steps * up_bytes
         self.bytes_down += steps * down_bytes
 
-    def local_steps(self, round_index: int, client: ClientNode, flops: int, steps: int, work: StepWork):
+    def local_steps(self, round_index: int, client: ClientNode, flops: int, steps: int, work: StepWork | None):
         """Whole-model training steps on the client's own device (federated baselines)."""
         for step in range(steps):
-            work.step(step)
+            if work is not None:
+                work.step(step)
             yield from client.compute(round_index, "client_step", flops)
 
-    def server_steps(self, round_index: int, flops: int, steps: int, work: StepWork):
+    def server_steps(self, round_index: int, flops: int, steps: int, work: StepWork | None):
         """Training steps on the server (centralised baselines)."""
         for step in range(steps):
-            work.step(step)
+            if work is not None:
+                work.step(step)
             yield from self.server.compute(round_index, "central_step", flops)

@@ -57,13 +57,19 @@ class SplitProtocol(Collaborative):
         return "abs_sum"
 
     def plan_costs(self, client: int) -> PlanCosts:
-        """Costs of the client's current plan, shared by every client with the same plan."""
+        """Costs of the client's current plan, shared by every client with the same plan (looked up again only
+        when the client's plan changes: this is on every round's path for every client)."""
         plan = self.plans[client]
+        mine = self.__dict__.setdefault("_client_costs", {})
+        found = mine.get(client)
+        if found is not None and found[0] is plan:
+            return found[1]
         key = (plan.split, ranks_key(plan.client_ranks), ranks_key(plan.server_ranks))
-        cache = self.__dict__.setdefault("_plan_costs", {})
-        if key not in cache:
-            cache[key] = PlanCosts(self.ctx.spec, plan, self.ctx.batch, self.ctx.seq)
-        return cache[key]
+        shared = self.__dict__.setdefault("_plan_costs", {})
+        if key not in shared:
+            shared[key] = PlanCosts(self.ctx.spec, plan, self.ctx.batch, self.ctx.seq)
+        mine[client] = (plan, shared[key])
+        return shared[key]
 
     def plan_rows(self, round_index: int) -> list[dict]:
         """Rows of the plans table for plans in force from round_index on: only clients whose plan changed."""
@@ -97,9 +103,9 @@ class SplitProtocol(Collaborative):
         plan, iteration = self.plans[k], self.plan_costs(k).iteration
         work = ctx.backend.split_work(round_index, k, self.client_adapter(k), self.server_adapter(k), plan.split,
                                       iteration, self.importance_measure, self.record_importance)
-        yield from ctx.fleet.split_iterations(round_index, ctx.fleet.clients[k], iteration,
-                                              ctx.scenario.training.local_steps,
-                                              lambda step: self.probes(round_index, step), work)
+        steps = ctx.scenario.training.local_steps
+        probes = frozenset(step for step in range(steps) if self.probes(round_index, step))
+        yield from ctx.fleet.split_iterations(round_index, ctx.fleet.clients[k], iteration, steps, probes, work)
 
     def adapter_bytes(self, client: int) -> int:
         return self.plan_costs(client).adapter
