@@ -212,9 +212,9 @@ def _examples(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    from hsplit_sim.scenario import Scenario
+    from hsplit_sim.scenario.schema import scenario_json_schema
 
-    print(json.dumps(Scenario.model_json_schema(), indent=2))
+    print(json.dumps(scenario_json_schema(), indent=2))
     return 0
 
 

@@ -13,7 +13,7 @@ from hsplit_sim.algorithms.aggregation import (
     relative_error,
 )
 from hsplit_sim.backends.real import batch_indices
-from hsplit_sim.scenario.schema import KNOWN_ALGORITHMS
+from hsplit_sim.scenario import scenario_from_dict
 
 
 def random_adapter(rng, rank, modules=("m0", "m1"), d_in=6, d_out=5):
@@ -24,8 +24,12 @@ def random_adapter(rng, rank, modules=("m0", "m1"), d_in=6, d_out=5):
     return adapter
 
 
-def test_registry_matches_the_schema():
-    assert set(ALGORITHMS) == set(KNOWN_ALGORITHMS)
+def test_every_registered_algorithm_validates_with_its_own_config_class():
+    from test_scenario import quickstart_data
+
+    for name, cls in ALGORITHMS.items():
+        scenario = scenario_from_dict(quickstart_data(), [f"algorithm.name={name}"])
+        assert type(scenario.algorithm) is cls.Config and scenario.algorithm.name == name
 
 
 def test_exact_update_is_the_brute_force_sum():

@@ -56,7 +56,7 @@ def test_inline_base_and_set(tmp_path):
 
 
 @pytest.mark.parametrize("spec, fragments", [
-    ({"grid": {"algorithm.name": ["splitlora", "nope"]}}, ["algorithm.name=nope", "unknown algorithm"]),
+    ({"grid": {"algorithm.name": ["splitlora", "nope"]}}, ["algorithm.name=nope", "algorithm.name: Input should be"]),
     ({"grid": {"clients.7.count": [1]}}, ["clients.7.count=1", "clients.7"]),
     ({"grid": {"clients.0.link.up_mbps": [1]}}, ["clients.0.link"]),  # a catalog name, not a mapping
     ({"zip": {"clients.0.count": [1, 2], "clients.1.count": [1]}}, ["zip", "equal lengths"]),

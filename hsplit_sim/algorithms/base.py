@@ -92,6 +92,11 @@ class Algorithm:
         return self.ctx.scenario.algorithm
 
     @classmethod
+    def device_speeds_matter(cls, config) -> bool:
+        """Whether the devices' compute rates can change what this configuration learns (the training key)."""
+        return False
+
+    @classmethod
     def check_memory(cls, scenario: Scenario, spec: costs.ModelSpec, clients: list[ClientSpec], server_device) -> None:
         """Raise a ScenarioError if a device cannot hold what this algorithm asks of it (before the run)."""
         raise NotImplementedError

@@ -1,11 +1,19 @@
 """CenLoRA: LoRA of one rank on algorithm.targets of every block, trained on the server on pooled data."""
 
+from typing import Literal
+
 from hsplit_sim import costs
 from hsplit_sim.algorithms.protocols.centralised import CentralisedProtocol
+from hsplit_sim.algorithms.registry import register
+from hsplit_sim.scenario.schema import AlgorithmConfig
 
 
+@register
 class CenLoRA(CentralisedProtocol):
     name = "cenlora"
+
+    class Config(AlgorithmConfig):
+        name: Literal["cenlora"]
     adapter = "central"
 
     @classmethod

@@ -1,13 +1,21 @@
 """FedLoRA (FedIT-style): every client trains the whole model at one rank; A and B are averaged apart."""
 
+from typing import Literal
+
 from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import adapter_update, fedavg
 from hsplit_sim.algorithms.base import Outcome, Planned
 from hsplit_sim.algorithms.protocols.federated import FederatedProtocol
+from hsplit_sim.algorithms.registry import register
+from hsplit_sim.scenario.schema import AlgorithmConfig
 
 
+@register
 class FedLoRA(FederatedProtocol):
     name = "fedlora"
+
+    class Config(AlgorithmConfig):
+        name: Literal["fedlora"]
 
     @classmethod
     def candidate_ranks(cls, scenario) -> list[int]:

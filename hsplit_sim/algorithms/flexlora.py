@@ -1,10 +1,18 @@
 """FlexLoRA (Bai et al., arXiv 2402.11505): each client gets the rank-r_k truncated SVD of the dense weighted
 sum of the clients' updates. The server evaluates (and the error is that of) the rank-r_max truncation."""
 
+from typing import Literal
+
 from hsplit_sim import costs
-from hsplit_sim.algorithms.aggregation import adapter_update, flexlora_aggregate, lora_pairs
+from hsplit_sim.algorithms.aggregation import (
+    adapter_update,
+    flexlora_aggregate,
+    lora_pairs,
+)
 from hsplit_sim.algorithms.base import Outcome, Planned
 from hsplit_sim.algorithms.protocols.federated import FederatedProtocol, products_flops
+from hsplit_sim.algorithms.registry import register
+from hsplit_sim.scenario.schema import AlgorithmConfig
 
 
 def svd_flops(m: int, n: int) -> int:
@@ -13,8 +21,12 @@ def svd_flops(m: int, n: int) -> int:
     return 6 * big * small ** 2 + 20 * small ** 3
 
 
+@register
 class FlexLoRA(FederatedProtocol):
     name = "flexlora"
+
+    class Config(AlgorithmConfig):
+        name: Literal["flexlora"]
 
     def planned(self, clients) -> Planned:
         spec = self.ctx.spec

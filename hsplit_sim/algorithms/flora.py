@@ -8,14 +8,22 @@ smaller, and its device pays the merge's FLOPs. The server's "global" adapter is
 server's model the PEFT wrapping that the merged modules' paths name.
 """
 
+from typing import Literal
+
 from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import factors_update, stack
 from hsplit_sim.algorithms.base import Outcome, Planned
 from hsplit_sim.algorithms.protocols.federated import FederatedProtocol
+from hsplit_sim.algorithms.registry import register
+from hsplit_sim.scenario.schema import AlgorithmConfig
 
 
+@register
 class FLoRA(FederatedProtocol):
     name = "flora"
+
+    class Config(AlgorithmConfig):
+        name: Literal["flora"]
 
     def planned(self, clients) -> Planned:
         stacked = sum(self.ranks[c.index] for c in clients)  # every client adapts every target weight

@@ -3,14 +3,22 @@ algorithm.rank_set it can train the whole model at; adapters are zero-padded to 
 proportional to ||B_k A_k||_F, and truncated back to r_k for each client. The error is that of the global
 rank-r_max adapter, which the server evaluates."""
 
+from typing import Literal
+
 from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import hetlora_aggregate, truncate
 from hsplit_sim.algorithms.base import Outcome, Planned
 from hsplit_sim.algorithms.protocols.federated import FederatedProtocol, products_flops
+from hsplit_sim.algorithms.registry import register
+from hsplit_sim.scenario.schema import AlgorithmConfig
 
 
+@register
 class HetLoRA(FederatedProtocol):
     name = "hetlora"
+
+    class Config(AlgorithmConfig):
+        name: Literal["hetlora"]
 
     def planned(self, clients) -> Planned:
         spec = self.ctx.spec

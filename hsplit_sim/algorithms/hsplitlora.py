@@ -19,17 +19,26 @@ weakest client), naa off (zero-padded A and B averaged separately).
 """
 
 import re
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from hsplit_sim import costs
 from hsplit_sim.algorithms import importance as iwi
-from hsplit_sim.algorithms.aggregation import exact_update, factors_update, stack, zero_pad_average
+from hsplit_sim.algorithms.aggregation import (
+    exact_update,
+    factors_update,
+    stack,
+    zero_pad_average,
+)
 from hsplit_sim.algorithms.base import Outcome, Planned
 from hsplit_sim.algorithms.plans import ClientPlan
 from hsplit_sim.algorithms.protocols.split import SplitProtocol
+from hsplit_sim.algorithms.registry import register
 from hsplit_sim.algorithms.splitlora import fitting_configuration
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.schema import AlgorithmConfig
 from hsplit_sim.sim.timemodel import flops_within
 
 GB = 1e9
@@ -60,8 +69,26 @@ def merged_ranks(rank_maps) -> costs.Ranks:
     return merged
 
 
+@register
 class HSplitLoRA(SplitProtocol):
     name = "hsplitlora"
+
+    class Config(AlgorithmConfig):
+        name: Literal["hsplitlora"]
+        server_adapters: Literal["shared", "per_client"] = Field(
+            "per_client", description="one server-side adapter per client, or one the clients train in turn; "
+            "either way aggregated by NAA block by block with the weight of the clients it stands for")
+        importance: Literal["abs_sum", "sum_abs"] = Field(
+            "abs_sum", description="IWI's gradient-weight product: |sum w*g| or sum |w*g|")
+        resplit_threshold: float = Field(0.1, ge=0, description="re-split when the client side's share of "
+                                         "importance moves by more than this")
+        time_budget_s: float | None = Field(
+            None, gt=0, description="longest client compute per local iteration (forward and backward of its "
+            "segment on its device), seconds; none: memory alone bounds a client's plan")
+        iwi: bool = Field(True, description="ablation switch: important weight identification")
+        armsc: bool = Field(True, description="ablation switch: adaptive rank and split configuration")
+        naa: bool = Field(True, description="ablation switch: noise-free adapter aggregation")
+
 
     @classmethod
     def weight_costs(cls, scenario, spec) -> dict[str, float]:
@@ -161,6 +188,11 @@ class HSplitLoRA(SplitProtocol):
         if ranks:
             backend.configure(None, "server", ranks, split=min(p.split for p in self.plans), **self.adapter_config())
 
+    @classmethod
+    def device_speeds_matter(cls, config) -> bool:
+        """A compute budget bounds each client's plan by its device's speed."""
+        return config.time_budget_s is not None
+
     @property
     def shared(self) -> bool:
         return self.config.server_adapters == "shared"  # none: per_client
@@ -239,7 +271,8 @@ class HSplitLoRA(SplitProtocol):
         for path, (b, a) in factors.items():
             layer = module_layer(path)
             shapes[layer, path.split(f".{layer}.", 1)[1]] = (b.shape[0], b.shape[1], a.shape[1])
-        return Outcome(used=factors_update(factors), exact=exact_update(adapters, weights, algo.alpha, algo.contributors),
+        return Outcome(used=factors_update(factors),
+                       exact=exact_update(adapters, weights, algo.alpha, algo.contributors),
                        measured={"shapes of the aggregated adapters": shapes}, merge=factors)
 
     def after_aggregation(self, round_index: int) -> None:

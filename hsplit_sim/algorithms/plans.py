@@ -29,7 +29,8 @@ class ClientPlan:
 
 def ranks_to_wire(ranks: costs.Ranks) -> list:
     """[layer, module, rank] triples: JSON keys cannot be integers."""
-    return [[layer, module, rank] for layer, modules in sorted(ranks.items()) for module, rank in sorted(modules.items())]
+    return [[layer, module, rank] for layer, modules in sorted(ranks.items())
+            for module, rank in sorted(modules.items())]
 
 
 def ranks_from_wire(triples: list) -> costs.Ranks:

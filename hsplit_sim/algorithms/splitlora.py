@@ -9,12 +9,18 @@ With unequal memory budgets, either one configuration is shrunk until the weakes
 it are dropped (drop); the clients table records which.
 """
 
+from typing import Literal
+
+from pydantic import Field
+
 from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import adapter_update, exact_update, fedavg
 from hsplit_sim.algorithms.base import Outcome, Planned
 from hsplit_sim.algorithms.plans import ClientPlan
 from hsplit_sim.algorithms.protocols.split import SplitProtocol
+from hsplit_sim.algorithms.registry import register
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.schema import AlgorithmConfig
 
 GB = 1e9
 
@@ -36,8 +42,19 @@ def fitting_configuration(scenario, spec, budget_bytes: float) -> tuple[int, int
     return None
 
 
+@register
 class SplitLoRA(SplitProtocol):
     name = "splitlora"
+
+    class Config(AlgorithmConfig):
+        name: Literal["splitlora"]
+        heterogeneity: Literal["weakest", "drop"] = Field(
+            "weakest", description="unequal budgets: one configuration that fits the weakest client, or the "
+            "scenario's configuration with clients that cannot hold it dropped")
+        server_adapters: Literal["shared", "per_client"] = Field(
+            "shared", description="one server-side adapter the clients train in turn, in the order their server "
+            "steps happen (SplitLoRA's code), or one per client, averaged every round like the client side")
+
 
     @classmethod
     def configuration(cls, scenario, spec, clients) -> tuple[int, int, list[bool]]:
@@ -124,7 +141,8 @@ class SplitLoRA(SplitProtocol):
         if self.per_client:
             server_adapters.update({name: server_merged for name in ["server"] + self.server_side_adapters(
                 [self.ctx.clients[k] for k in clients])})
-        return Outcome(used=adapter_update({**merged, **server_merged}, alpha), exact=exact_update(adapters, weights, alpha),
+        return Outcome(used=adapter_update({**merged, **server_merged}, alpha),
+                       exact=exact_update(adapters, weights, alpha),
                        measured={"bytes of the averaged adapter": sum(t.nbytes for t in merged.values())},
                        client_adapters={k: merged for k in clients}, server_adapters=server_adapters)
 

@@ -36,6 +36,7 @@ import json
 
 import numpy as np
 
+from hsplit_sim.algorithms import ALGORITHMS
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario import expanded_clients
 from hsplit_sim.scenario.schema import Scenario
@@ -49,9 +50,8 @@ def training_inputs(scenario: Scenario) -> dict:
     return {"version": KEY_VERSION, "seed": data["seed"], "model": data["model"], "data": data["data"],
             "algorithm": data["algorithm"], "training": data["training"],
             "memory_budgets_gb": [c.memory_budget_gb for c in expanded_clients(scenario)],
-            # A time budget makes HSplitLoRA's plans depend on each client's compute rate.
-            "client_rates": None if scenario.algorithm.time_budget_s is None else
-            [c.device.tflops * c.device.efficiency for c in expanded_clients(scenario)],
+            "client_rates": [c.device.tflops * c.device.efficiency for c in expanded_clients(scenario)]
+            if ALGORITHMS[scenario.algorithm.name].device_speeds_matter(scenario.algorithm) else None,
             "torch_device": data["runtime"]["torch_device"]}
 
 

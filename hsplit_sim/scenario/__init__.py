@@ -1,8 +1,15 @@
 """Scenarios: the schema, YAML loading with overrides, and the built-in device and link catalog."""
 
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.catalog import (
+    DEVICES,
+    LINKS,
+    DeviceSpec,
+    LinkSpec,
+    resolve_device,
+    resolve_link,
+)
 from hsplit_sim.scenario.examples import scenario_path
-from hsplit_sim.scenario.catalog import DEVICES, LINKS, DeviceSpec, LinkSpec, resolve_device, resolve_link
 from hsplit_sim.scenario.load import (
     apply_override,
     expanded_clients,
@@ -11,11 +18,11 @@ from hsplit_sim.scenario.load import (
     resolved_dict,
     scenario_from_dict,
 )
-from hsplit_sim.scenario.schema import KNOWN_ALGORITHMS, ClientSpec, Scenario
+from hsplit_sim.scenario.schema import AlgorithmConfig, ClientSpec, Scenario
 
 __all__ = [
+    "AlgorithmConfig",
     "DEVICES",
-    "KNOWN_ALGORITHMS",
     "LINKS",
     "ClientSpec",
     "DeviceSpec",

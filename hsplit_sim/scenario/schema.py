@@ -1,14 +1,29 @@
 """The scenario file's schema: pydantic models that reject unknown keys, so typos never pass silently."""
 
+import functools
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializeAsAny,
+    Tag,
+    TypeAdapter,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from hsplit_sim.scenario.catalog import DeviceSpec, LinkSpec, resolve_device, resolve_link
-
-# Algorithms the scenario may name; the algorithms package keeps this in step with its registry.
-KNOWN_ALGORITHMS = ("hsplitlora", "splitlora", "cenlora", "ft", "fedlora", "hetlora", "flora", "flexlora")
+from hsplit_sim.scenario.catalog import (
+    DeviceSpec,
+    LinkSpec,
+    resolve_device,
+    resolve_link,
+)
 
 # Logical LoRA targets; each model family maps them onto its own module names.
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -97,12 +112,16 @@ class DataSpec(_Strict):
     max_new_tokens: int = Field(48, gt=0, description="longest generated reference")
 
 
-class AlgorithmSpec(_Strict):
+class AlgorithmConfig(_Strict):
+    """What every algorithm of a comparison is configured with (each reads the part it needs). An algorithm's
+    module adds its own fields in a subclass (hsplit_sim/algorithms/<name>.py: Config), and a scenario's
+    algorithm section is validated against the class of its `name`: a key of another algorithm is an error."""
+
     name: str
-    rank: int = Field(8, gt=0)
+    rank: int = Field(8, gt=0, description="LoRA rank of the algorithms with one rank")
     alpha: int = Field(16, gt=0)
     targets: list[Literal[TARGETS]] = Field(default_factory=lambda: ["q", "v"], min_length=1)
-    split_layer: int = Field(1, ge=1, description="number of blocks on the client side")
+    split_layer: int = Field(1, ge=1, description="number of blocks on the client side (split algorithms)")
     rank_set: list[int] = Field(
         default_factory=lambda: [0, 4, 8, 16], min_length=1,
         description="ranks Q that HSplitLoRA and the heterogeneous federated baselines choose from (0: no adapter)",
@@ -110,33 +129,6 @@ class AlgorithmSpec(_Strict):
     contributors: Literal["renormalised", "global"] = Field(
         "renormalised", description="aggregation weights p_k: over the clients that trained a weight, or over all"
     )
-    heterogeneity: Literal["weakest", "drop"] = Field(
-        "weakest", description="SplitLoRA with unequal budgets: one configuration that fits the weakest client, "
-        "or the scenario's configuration with clients that cannot hold it dropped",
-    )
-    server_adapters: Literal["shared", "per_client"] | None = Field(
-        None, description="split algorithms' server side: one adapter the clients train in turn, in the order their "
-        "server steps happen (shared; SplitLoRA's code), or one per client, aggregated every round like the client "
-        "side (per_client); none: the algorithm's default (SplitLoRA shared, HSplitLoRA per_client)",
-    )
-    importance: Literal["abs_sum", "sum_abs"] = Field(
-        "abs_sum", description="IWI's gradient-weight product: |sum w*g| or sum |w*g|"
-    )
-    resplit_threshold: float = Field(0.1, ge=0, description="HSplitLoRA re-splits when the client side's share "
-                                     "of importance moves by more than this")
-    time_budget_s: float | None = Field(
-        None, gt=0, description="HSplitLoRA: longest client compute per local iteration (forward and backward of "
-        "its segment on its device), seconds; none: memory alone bounds a client's plan")
-    iwi: bool = Field(True, description="HSplitLoRA ablation switch: important weight identification")
-    armsc: bool = Field(True, description="HSplitLoRA ablation switch: adaptive rank and split configuration")
-    naa: bool = Field(True, description="HSplitLoRA ablation switch: noise-free adapter aggregation")
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        if name not in KNOWN_ALGORITHMS:
-            raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(KNOWN_ALGORITHMS)}")
-        return name
 
     @field_validator("rank_set")
     @classmethod
@@ -151,6 +143,33 @@ class AlgorithmSpec(_Strict):
         if len(set(targets)) != len(targets):
             raise ValueError(f"targets repeat a name: {targets}")
         return targets
+
+
+def algorithm_config(data: dict) -> AlgorithmConfig:
+    """The algorithm section validated against the config class its name registers (hsplit_sim.algorithms)."""
+    from hsplit_sim.algorithms import ALGORITHMS  # the registry imports this module: looked up when validating
+
+    name = data.get("name")
+    if name not in ALGORITHMS:
+        _algorithm_names(tuple(sorted(ALGORITHMS))).model_validate(data)  # fails at algorithm.name, naming them
+    return ALGORITHMS[name].Config.model_validate(data)
+
+
+def scenario_json_schema() -> dict:
+    """JSON Schema of scenario files, with the algorithm section as the union of every registered config."""
+    from hsplit_sim.algorithms import ALGORITHMS
+
+    configs = tuple(ALGORITHMS[name].Config for name in sorted(ALGORITHMS))
+    union = TypeAdapter(Annotated[Union[configs], Field(discriminator="name")]).json_schema()
+    schema = Scenario.model_json_schema()
+    schema["$defs"].update(union.pop("$defs", {}))
+    schema["properties"]["algorithm"] = union
+    return schema
+
+
+@functools.cache
+def _algorithm_names(names: tuple[str, ...]) -> type[BaseModel]:
+    return create_model("AlgorithmName", __config__=ConfigDict(extra="allow"), name=(Literal[names], ...))
 
 
 class TrainingSpec(_Strict):
@@ -201,12 +220,17 @@ class Scenario(_Strict):
     seed: int = Field(0, ge=0)
     model: ModelRef
     data: DataSpec
-    algorithm: AlgorithmSpec
+    algorithm: SerializeAsAny[AlgorithmConfig]
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     server: ServerSpec
     clients: list[ClientGroup] = Field(min_length=1)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @field_validator("algorithm", mode="wrap")
+    @classmethod
+    def _by_name(cls, value, handler):
+        return algorithm_config(value) if isinstance(value, dict) else handler(value)
 
 
 @dataclass(frozen=True)
