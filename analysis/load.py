@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-TABLES = ("rounds", "events", "clients")
+from hsplit_sim.results import RESOURCE_COLUMNS
+
+TABLES = ("rounds", "events", "clients")  # the tables a Run holds in memory, unless loaded lazily
 CSV_CHUNK_ROWS = 1 << 17  # rows per chunk of a streamed CSV read: memory stays flat however long the run
 # Parquet is decoded on one thread: a row group or two decode as fast that way, and each decoding thread would keep
 # memory of its own (tens of MB, as much as the figures need).
@@ -22,7 +25,8 @@ READ_THREADS = False
 
 @dataclass
 class Run:
-    """One run directory: its summary and its three tables (empty when absent).
+    """One run directory: its summary, its three tables (empty when absent) and its resources (what each
+    resource events name is and who owns it; results.RESOURCE_COLUMNS).
 
     events and clients are None when loaded lazily: `read` and `batches` then take only the rows and columns
     asked for from disk, so figures of a run with millions of events need not hold them all.
@@ -33,6 +37,7 @@ class Run:
     rounds: pd.DataFrame = field(default_factory=pd.DataFrame)
     events: pd.DataFrame | None = field(default_factory=pd.DataFrame)
     clients: pd.DataFrame | None = field(default_factory=pd.DataFrame)
+    resources: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(RESOURCE_COLUMNS)))
 
     @property
     def name(self) -> str:
@@ -187,4 +192,28 @@ def load_run(path: str | Path, lazy: bool = False) -> Run:
         )
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     loaded = {name: None if lazy and name != "rounds" else read_table(run_dir, name) for name in TABLES}
-    return Run(path=run_dir, summary=summary, **loaded)
+    resources = read_table(run_dir, "resources") if _has_table(run_dir, "resources") else legacy_resources(run_dir)
+    return Run(path=run_dir, summary=summary, resources=resources, **loaded)
+
+
+_LEGACY_CLIENT = re.compile(r"client(\d+)(?:\.(up|down))?")
+_LEGACY_KINDS = {None: "device", "up": "uplink", "down": "downlink"}
+
+
+def legacy_resources(run_dir: Path) -> pd.DataFrame:
+    """The legacy path, the one place a resource's name says what it is: runs written before results version 2
+    have no resources table, so it is derived from the names those versions gave resources (`server`,
+    `client<k>`, `client<k>.up`, `client<k>.down`), as the events use them. Names of another form are left out;
+    catalog names and groups are unknown (None)."""
+    names = set()
+    for batch in table_batches(run_dir, "events", ["resource"]):
+        names.update(str(name) for name in pc.unique(batch["resource"]).to_pylist())
+    rows = []
+    for name in sorted(names):
+        match = _LEGACY_CLIENT.fullmatch(name)
+        if name.startswith("server"):
+            rows.append((name, "server", -1))
+        elif match:
+            rows.append((name, _LEGACY_KINDS[match.group(2)], int(match.group(1))))
+    table = pd.DataFrame(rows, columns=["resource", "kind", "client"])
+    return table.assign(name=None, group=None)[list(RESOURCE_COLUMNS)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +14,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatter  # noqa: E402
 
 from analysis.load import Run, load_run  # noqa: E402
+from hsplit_sim.results import RESOURCE_KINDS, WAIT_KINDS  # noqa: E402
 
 STYLE = {
     "font.size": 9,
@@ -40,8 +40,6 @@ KIND_COLORS = {
     "central_step": "#e377c2",
 }
 SPARE_COLORS = ["#7f7f7f", "#bcbd22", "#c5b0d5", "#f7b6d2", "#c49c94", "#dbdb8d", "#9edae5"]
-# Waiting is not work: drawn thin so it does not hide the work sharing its row.
-WAIT_KINDS = {"server_queue"}
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 SMALL_FLEET = 8  # a timeline shows every client of a fleet this small
 MAX_LANES = 36  # beyond a few dozen rows a timeline stops being readable (and cheap to draw)
@@ -126,15 +124,12 @@ def plot_perplexity(runs: list[Run] | Run, out_base: Path) -> list[Path]:
         return _save(fig, out_base)
 
 
-def _resource_key(resource: str) -> tuple:
-    """Server rows first, then each client with its links (device, up, down), then the rest."""
-    match = re.fullmatch(r"client(\d+)(?:\.(up|down))?", resource)
-    if resource.startswith("server"):
-        return (0, 0, 0, resource)
-    if match:
-        link_order = {None: 0, "up": 1, "down": 2}[match.group(2)]
-        return (1, int(match.group(1)), link_order, resource)
-    return (2, 0, 0, resource)
+def _lane_key(resource) -> tuple:
+    """A row of the resources table's place in the timeline: the server first, then each client's device,
+    uplink and downlink, then shared resources such as a wireless medium."""
+    section = 0 if resource.kind == "server" else 1 if resource.client >= 0 else 2
+    kind = RESOURCE_KINDS.index(resource.kind) if resource.kind in RESOURCE_KINDS else len(RESOURCE_KINDS)
+    return (section, resource.client, kind, resource.resource)
 
 
 def _kind_colors(kinds: list[str]) -> dict[str, str]:
@@ -198,27 +193,29 @@ def _pick_clients(busy: pd.Series, classes: pd.Series, most: int) -> tuple[list[
 
 
 def _lanes(run: Run, events: pd.DataFrame) -> tuple[list[str], list[str], str]:
-    """Rows of the timeline (resources), their labels, and which clients they show. Every client of a small
-    fleet; of a larger one the server and the slowest and fastest client of each device class, with links."""
-    names = pd.Series([str(r) for r in events["resource"].unique()])
-    owner = names.str.extract(r"^client(\d+)(?:\.up|\.down)?$", expand=False).astype(float)  # NaN: not a client's
-    per_client = owner.value_counts()
-    n_clients = max(run.summary.get("n_clients") or 0, len(per_client))
-    if len(per_client) <= SMALL_FLEET:
-        resources = sorted(names, key=_resource_key)
-        return resources, resources, _clients_text(len(per_client), n_clients)
-    others = sorted(names[owner.isna()], key=_resource_key)
+    """Rows of the timeline (resources the events use, as the resources table says what each is and who owns
+    it), their labels, and which clients they show. Every client of a small fleet; of a larger one the server
+    and the slowest and fastest client of each device class, with their links."""
+    used = run.resources[run.resources["resource"].isin({str(r) for r in events["resource"].unique()})]
+    rows = sorted(used.itertuples(index=False), key=_lane_key)
+    own: dict[int, list] = {}
+    for row in rows:
+        if row.client >= 0:
+            own.setdefault(int(row.client), []).append(row)
+    n_clients = max(run.summary.get("n_clients") or 0, len(own))
+    if len(own) <= SMALL_FLEET:
+        lanes = [row.resource for row in rows]
+        return lanes, lanes, _clients_text(len(own), n_clients)
+    servers = [row.resource for row in rows if row.kind == "server"]
+    shared = [row.resource for row in rows if row.client < 0 and row.kind != "server"]
     picks, why = _pick_clients(_busy_seconds(events), client_classes(run)["class"],
-                               max(1, (MAX_LANES - len(others)) // int(per_client.max())))
-    chosen = owner.isin([k for k, _ in picks])
-    own = {int(k): sorted(group, key=_resource_key) for k, group in names[chosen].groupby(owner[chosen])}
-    servers = [r for r in others if r.startswith("server")]
+                               max(1, (MAX_LANES - len(servers) - len(shared)) // max(map(len, own.values()))))
     lanes, labels = list(servers), list(servers)
     for k, role in picks:
-        lanes += own.get(k, [])
-        labels += [f"{r} ({role})" if r == f"client{k}" else r for r in own.get(k, [])]
-    rest = [r for r in others if not r.startswith("server")]
-    return lanes + rest, labels + rest, f"{_clients_text(len(picks), n_clients)}: {why}"
+        for row in own.get(k, []):
+            lanes.append(row.resource)
+            labels.append(f"{row.resource} ({role})" if row.kind == "device" else row.resource)
+    return lanes + shared, labels + shared, f"{_clients_text(len(picks), n_clients)}: {why}"
 
 
 def _clients_text(shown: int, n_clients: int) -> str:

@@ -20,13 +20,14 @@ import yaml  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatter  # noqa: E402
 
 from analysis.load import Run, load_run  # noqa: E402
-from analysis.metrics import (  # noqa: E402
-    BREAKDOWN, BREAKDOWN_COLUMNS, GENERATION_METRICS, bytes_per_round, time_breakdown)
+from analysis.metrics import BREAKDOWN, BREAKDOWN_COLUMNS, bytes_per_round, time_breakdown  # noqa: E402
 from analysis.plots import (  # noqa: E402
     SMALL_FLEET, STYLE, _save, _time_unit, client_classes, plot_perplexity, plot_timeline)
+from hsplit_sim.results import GENERATION_METRICS  # noqa: E402
 
-BREAKDOWN_COLORS = {"compute": "#1f77b4", "upload": "#ff7f0e", "server queue": "#bdbdbd", "server": "#d62728",
+BREAKDOWN_COLORS = {"compute": "#1f77b4", "upload": "#ff7f0e", "queue": "#bdbdbd", "server": "#d62728",
                     "download": "#ffbb78", "idle": "#f0f0f0"}
+BREAKDOWN_LABELS = {"queue": "server queue"}  # results.WAIT_KINDS: waiting for a server accelerator
 METRICS = {"final_eval_ppl": "Final evaluation perplexity", "time_to_target_s": "Time to target perplexity"}
 TIMING_METRICS = {"sim_time_s": "Simulated time"}  # a timing-only sweep trained nothing: no perplexity
 RESULT_COLUMNS = ("status", "final_eval_ppl", "time_to_target_s", "sim_time_s", "bytes_up", "bytes_down",
@@ -361,7 +362,8 @@ def _breakdown_bars(parts: dict[str, pd.Series], out_base: Path, what: str = "",
         y = np.arange(len(frame))
         for category in BREAKDOWN:
             width = frame[category].to_numpy() / scale
-            ax.barh(y, width, left=left, height=0.65, color=BREAKDOWN_COLORS[category], label=category,
+            ax.barh(y, width, left=left, height=0.65, color=BREAKDOWN_COLORS[category],
+                    label=BREAKDOWN_LABELS.get(category, category),
                     edgecolor="#999999" if category == "idle" else "white", linewidth=0.4)
             left += width
         if spread is not None:

@@ -1,9 +1,19 @@
 """The run directory's contract, shared by the code that writes runs (experiment/) and the code that reads them
-(analysis/): its tables and their columns, the event vocabulary, and its version.
+(analysis/): its tables and their columns, the event vocabulary, its version, and the few numbers both the sweep
+table and the report derive from a run, so they agree.
 
 `summary.json` carries `results_version`; directories written before it (version 1) have no resources table,
 and `analysis.load` derives one from the resource names those versions used.
+
+Only pandas and pyarrow are imported here: analysis reads runs without torch, SimPy or ZeroMQ.
 """
+
+import math
+from collections.abc import Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 RESULTS_VERSION = 2
 
@@ -11,7 +21,8 @@ RESULTS_VERSION = 2
 # what kind of activity, on which resource, when, and the bytes moved or FLOPs computed.
 EVENT_COLUMNS = ("round", "client", "kind", "resource", "start_s", "end_s", "bytes", "flops")
 
-# What each kind of event spends time on. "queue" is waiting, not work.
+# What each kind of event spends time on, in the order a split iteration spends it. "queue" is waiting, not work.
+EVENT_CATEGORIES = ("compute", "upload", "queue", "server", "download")
 EVENT_KINDS = {
     "client_fwd": "compute", "client_bwd": "compute", "client_step": "compute", "merge": "compute",
     "upload": "upload", "adapter_upload": "upload",
@@ -34,3 +45,43 @@ CLIENT_COLUMNS = ("round", "client", "device", "link", "split_layer", "rank", "a
 # Tables of a run directory: the small ones rewritten after every round, the large ones (events, clients)
 # written as parts per round and combined when the run ends.
 TABLES = ("rounds", "events", "clients", "resources", "plans", "importance", "generations")
+
+# The E2E challenge's scores of decoded test texts (summary.json's `generation`, hsplit_sim/textmetrics.py), in
+# the order tables show them.
+GENERATION_METRICS = ("bleu", "nist", "meteor", "rouge_l", "cider")
+
+# What `utilisation` reads of the events table.
+UTILISATION_COLUMNS = ("kind", "resource", "start_s", "end_s")
+
+
+def time_to_target(rounds: pd.DataFrame, target: float) -> float:
+    """First simulated time at which evaluation perplexity is at or below target; NaN if never (or no target)."""
+    if rounds.empty or target is None or math.isnan(target):
+        return math.nan
+    reached = rounds[rounds["eval_ppl"] <= target]
+    return float(reached["sim_time_s"].min()) if not reached.empty else math.nan
+
+
+def utilisation(events: Iterable[pa.Table], resources: pd.DataFrame, sim_time_s: float, accelerators: int = 1,
+                n_clients: int = 0) -> dict:
+    """Busy time / simulated time: the server over all its accelerators, and the mean over clients' devices
+    (clients without events count as idle, so a method that leaves devices unused shows it).
+
+    `events` are batches of UTILISATION_COLUMNS (a run's row groups: a fleet's millions of events are never held
+    at once); what each resource is comes from the resources table, so a shared medium is neither."""
+    busy: dict[str, float] = {}
+    waits = pa.array(sorted(WAIT_KINDS))
+    for table in events:
+        work = table.filter(pc.invert(pc.is_in(table["kind"], value_set=waits)))
+        seconds = pa.table({"resource": work["resource"], "s": pc.subtract(work["end_s"], work["start_s"])})
+        summed = seconds.group_by("resource").aggregate([("s", "sum")])
+        for resource, s in zip(summed["resource"].to_pylist(), summed["s_sum"].to_pylist()):
+            busy[resource] = busy.get(resource, 0.0) + s
+    if not busy or not sim_time_s:
+        return {"server": math.nan, "clients_mean": math.nan}
+    kinds = dict(zip(resources["resource"], resources["kind"]))
+    server = sum(s for resource, s in busy.items() if kinds.get(resource) == "server")
+    devices = [r for r, kind in kinds.items() if kind == "device"]
+    n = max(n_clients, len(devices))
+    clients = sum(busy.get(r, 0.0) for r in devices) / (n * sim_time_s) if n else math.nan
+    return {"server": server / (accelerators * sim_time_s), "clients_mean": clients}

@@ -148,20 +148,19 @@ def test_plot_perplexity_compares_runs(tmp_path):
 
 
 def test_analysis_imports_no_heavy_code():
-    heavy = ["torch", "transformers", "peft", "zmq", "simpy", "hsplit_sim"]
-    code = f"import sys, analysis; print([m for m in {heavy!r} if m in sys.modules])"
+    """Of hsplit_sim, analysis takes the results contract only (no torch, SimPy or ZeroMQ behind it)."""
+    heavy = ["torch", "transformers", "peft", "zmq", "simpy"]
+    code = (f"import sys, analysis; print([m for m in sys.modules if m in {heavy!r} "
+            "or m.startswith('hsplit_sim') and m not in ('hsplit_sim', 'hsplit_sim.results')])")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
-def test_timeline_rows_and_time_units():
-    from analysis.plots import _resource_key, _time_unit
+def test_time_units():
+    from analysis.plots import _time_unit
 
-    rows = ["client10", "client2.down", "server", "client2", "client2.up", "client0.up"]
-    assert sorted(rows, key=_resource_key) == [
-        "server", "client0.up", "client2", "client2.up", "client2.down", "client10"]
     assert _time_unit(0.5) == (1e-3, "ms")
     assert _time_unit(300) == (1.0, "s")
     assert _time_unit(3000) == (60.0, "min")
@@ -270,3 +269,67 @@ def test_killed_run_is_drawn_from_its_parts(tmp_path, monkeypatch):
     from analysis.report import report
 
     assert "20 clients in 4 classes" in report(run_dir).read_text()
+
+
+def make_named_run(run_dir: Path) -> Path:
+    """A run of the current results version whose resources have names that say nothing of what they are: a
+    phone and a laptop sharing a wireless medium `ap0` to a server `gpu-box`. Only the resources table tells."""
+    run_dir.mkdir(parents=True)
+    resources = pd.DataFrame([
+        ("gpu-box", "server", -1, "rtx-3090", -1), ("ap0", "medium", -1, "wifi-5", -1),
+        ("phone-7", "device", 0, "phone", 0), ("phone-7-uplink", "uplink", 0, "lte", 0),
+        ("phone-7-downlink", "downlink", 0, "lte", 0),
+        ("laptop", "device", 1, "laptop", 1), ("laptop-up", "uplink", 1, "wifi-5", 1),
+        ("laptop-down", "downlink", 1, "wifi-5", 1)], columns=["resource", "kind", "client", "name", "group"])
+    events = pd.DataFrame([  # round, client, kind, resource, start, end
+        (0, -1, "eval", "gpu-box", 0.0, 0.0),
+        (1, 0, "client_fwd", "phone-7", 0.0, 2.0), (1, 0, "upload", "phone-7-uplink", 2.0, 3.0),
+        (1, 0, "upload", "ap0", 3.0, 4.0), (1, 0, "server_queue", "gpu-box", 4.0, 5.0),
+        (1, 0, "server_step", "gpu-box", 5.0, 6.0), (1, 0, "download", "phone-7-downlink", 6.0, 7.0),
+        (1, 0, "client_bwd", "phone-7", 7.0, 9.0),
+        (1, 1, "client_fwd", "laptop", 0.0, 1.0), (1, 1, "upload", "laptop-up", 1.0, 2.0),
+        (1, 1, "server_step", "gpu-box", 2.0, 4.0), (1, 1, "download", "laptop-down", 4.0, 5.0),
+        (1, 1, "client_bwd", "laptop", 5.0, 6.0),
+        (1, -1, "aggregate", "gpu-box", 9.0, 10.0)],
+        columns=["round", "client", "kind", "resource", "start_s", "end_s"]).assign(bytes=0, flops=0.0)
+    rounds = pd.DataFrame(dict(round=[0, 1], sim_time_s=[0.0, 10.0], eval_ppl=[50.0, 40.0], bytes_up=0,
+                               bytes_down=0, algorithm="splitlora"))
+    clients = pd.DataFrame(dict(round=1, client=[0, 1], device=["phone", "laptop"], link=["lte", "wifi-5"],
+                                memory_bytes=10**8, memory_budget_bytes=10**9))
+    for name, table in (("resources", resources), ("events", events), ("rounds", rounds), ("clients", clients)):
+        table.to_parquet(run_dir / f"{name}.parquet", index=False)
+    (run_dir / "summary.json").write_text(json.dumps(dict(
+        name="named", algorithm="splitlora", status="completed", n_clients=2, sim_time_s=10.0, results_version=2)))
+    return run_dir
+
+
+def test_what_a_resource_is_comes_from_the_resources_table(tmp_path, monkeypatch):
+    from analysis.metrics import time_breakdown
+    from hsplit_sim.results import UTILISATION_COLUMNS, utilisation
+
+    run = load_run(make_named_run(tmp_path / "run"), lazy=True)
+    breakdown = time_breakdown(run.batches("events", ["client", "kind", "start_s", "end_s"]), 10.0)
+    assert breakdown.loc[0].to_dict() == {"compute": 4.0, "upload": 2.0, "queue": 1.0, "server": 1.0,
+                                          "download": 1.0, "idle": 1.0}  # the medium's upload is no compute
+    assert breakdown.loc[1, "compute"] == 2.0
+    use = utilisation(run.batches("events", list(UTILISATION_COLUMNS)), run.resources, 10.0, n_clients=2)
+    assert use == {"server": pytest.approx(0.4), "clients_mean": pytest.approx(0.3)}  # 4 s of 10; 6 s of 2 x 10
+    lanes, title = _drawn_timeline(run.path, monkeypatch)
+    assert lanes == ["gpu-box", "phone-7", "phone-7-uplink", "phone-7-downlink", "laptop", "laptop-up",
+                     "laptop-down", "ap0"]
+    assert title == "Round 1, all 2 clients"
+
+
+def test_a_run_without_a_resources_table_derives_it_from_the_old_names(tmp_path):
+    """The legacy path: results version 1 had no resources table; its resource names said what each was."""
+    from analysis.report import report
+
+    run_dir = make_run(tmp_path / "run")
+    assert not (run_dir / "resources.parquet").exists()
+    resources = load_run(run_dir, lazy=True).resources
+    assert sorted(resources[["resource", "kind", "client"]].itertuples(index=False, name=None)) == [
+        ("client0", "device", 0), ("client0.down", "downlink", 0), ("client0.up", "uplink", 0),
+        ("client1", "device", 1), ("client1.down", "downlink", 1), ("client1.up", "uplink", 1),
+        ("server", "server", -1)]
+    assert {p.name for p in plot_run(run_dir)} >= {"timeline.png", "perplexity.png"}
+    assert "time_breakdown" in report(run_dir).read_text()

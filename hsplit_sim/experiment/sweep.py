@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import yaml
 
-from analysis.metrics import GENERATION_METRICS, time_to_target, utilisation
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.experiment.progress import ProgressLine
+from hsplit_sim.results import GENERATION_METRICS, UTILISATION_COLUMNS, time_to_target, utilisation
 from hsplit_sim.scenario import apply_override, scenario_from_dict
 from hsplit_sim.scenario.load import _yaml_problem
 
@@ -377,11 +378,19 @@ def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
     curve = empty
     if (run_dir / "rounds.parquet").is_file():
         curve = pd.read_parquet(run_dir / "rounds.parquet", columns=["sim_time_s", "eval_ppl"])
-    if (run_dir / "events.parquet").is_file() and summary.get("sim_time_s"):
-        use = utilisation(pd.read_parquet(run_dir / "events.parquet"), summary["sim_time_s"],
-                          point.scenario["server"]["accelerators"], summary.get("n_clients", 0))
+    resources = run_dir / "resources.parquet"  # runs before results version 2 have none: no utilisation
+    if (run_dir / "events.parquet").is_file() and resources.is_file() and summary.get("sim_time_s"):
+        use = utilisation(_event_batches(run_dir / "events.parquet"), pd.read_parquet(resources),
+                          summary["sim_time_s"], point.scenario["server"]["accelerators"], summary.get("n_clients", 0))
         row.update(util_server=use["server"], util_clients_mean=use["clients_mean"])
     return row, curve
+
+
+def _event_batches(path: Path):
+    """The columns utilisation needs, a row group (a round) at a time: a fleet's events are millions of rows."""
+    reader = pq.ParquetFile(path, read_dictionary=["kind", "resource"])
+    for i in range(reader.num_row_groups):
+        yield reader.read_row_group(i, columns=list(UTILISATION_COLUMNS), use_threads=False)
 
 
 def training_groups(points: list[Point]) -> dict[str, list[Point]]:
