@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from analysis.textmetrics import (_words, bleu, cider, meteor, nist, rouge_l, score_corpus, tokenize,
+from hsplit_sim.textmetrics import (_words, bleu, cider, meteor, nist, rouge_l, score_corpus, tokenize,
                                   unavailable_metrics)
 
 # Small E2E-like corpus with a varying number of references per MR.

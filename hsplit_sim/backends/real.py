@@ -117,7 +117,7 @@ class RealBackend(Backend):
         """The test MRs decoded greedily by the final global model, scored against all their references."""
         if not self.scenario.data.test_examples:
             return {}, {}
-        from analysis.textmetrics import score_corpus, unavailable_metrics
+        from hsplit_sim.textmetrics import score_corpus, unavailable_metrics
 
         result = self.server.call("generate", args={"adapters": adapters, "batch_size": 16}).header["result"]
         rows = [{"mr": mr, "hypothesis": hypothesis, "references": "\n".join(refs)}

@@ -16,7 +16,7 @@ from pathlib import Path
 import sacrebleu
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from analysis.metrics import GENERATION_METRICS
+from hsplit_sim.results import GENERATION_METRICS
 
 _TOKENIZER_13A = Tokenizer13a()
 
