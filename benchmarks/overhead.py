@@ -133,7 +133,7 @@ def main() -> None:
     plain_setup, plain_train, plain_losses = plain_loop(scenario)
     steps = scenario.training.rounds * scenario.training.local_steps * sum(g.count for g in scenario.clients)
     print(f"model {args.model}: {steps} training steps, torch threads {torch.get_num_threads()}")
-    print(f"hsplit-sim  training {sim_train:8.2f} s   (start-up and plots {sim_setup:6.2f} s)")
+    print(f"hsplit-sim  training {sim_train:8.2f} s   (start-up {sim_setup:6.2f} s)")
     print(f"plain loop  training {plain_train:8.2f} s   (start-up {plain_setup:6.2f} s)")
     print(f"ratio       {sim_train / plain_train:.3f}")
     print(f"eval losses hsplit-sim {np.round(sim_losses, 4).tolist()}")

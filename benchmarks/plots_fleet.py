@@ -47,7 +47,7 @@ def make_run(clients: int, rounds: int, steps: int, root: str) -> Path:
     args = Namespace(clients=clients, rounds=rounds, steps=steps, accelerators=4, algorithm="splitlora",
                      model="tiny-llama")
     started = time.monotonic()
-    run_dir = Path(run_scenario(scenario(args, root), progress=False, plots=False))
+    run_dir = Path(run_scenario(scenario(args, root), progress=False))
     print(f"made {run_dir} in {time.monotonic() - started:.0f} s", flush=True)
     return run_dir
 

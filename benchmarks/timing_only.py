@@ -72,7 +72,11 @@ def main() -> None:
         profiler = cProfile.Profile() if args.profile else None
         if profiler:
             profiler.enable()
-        run_dir = run_scenario(spec, progress=False, plots=args.plots)
+        run_dir = run_scenario(spec, progress=False)
+        if args.plots:
+            from analysis.plots import plot_run
+
+            plot_run(run_dir)
         if profiler:
             profiler.disable()
         wall = time.monotonic() - started

@@ -6,6 +6,7 @@ in torch and ZeroMQ, and validate, devices, schema and a bad scenario file must 
 
 import argparse
 import json
+import logging
 import sys
 
 from hsplit_sim.errors import RunError, ScenarioError
@@ -134,8 +135,20 @@ def _run(args: argparse.Namespace) -> int:
     from hsplit_sim.experiment.run import run_scenario
 
     run_dir = run_scenario(scenario)
+    _plot(run_dir)
     print(run_dir)
     return 0
+
+
+def _plot(run_dir) -> None:
+    """The run-end figures (RUN/plots/), drawn here, not by the run: a run writes tables, and figures are a
+    convenience over them, so a plotting problem is logged, never fatal (`hsplit-sim report` draws them again)."""
+    try:
+        from analysis.plots import plot_run
+
+        plot_run(run_dir)
+    except Exception:  # noqa: BLE001 - the tables on disk are the result
+        logging.getLogger("hsplit_sim").exception("plotting %s failed", run_dir)
 
 
 def _sweep(args: argparse.Namespace) -> int:

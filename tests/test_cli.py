@@ -61,6 +61,24 @@ def test_run_prints_run_directory(capsys, monkeypatch, tmp_path):
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "elsewhere"))
 
 
+def test_run_draws_the_run_end_plots_and_survives_a_plotting_failure(capsys, caplog, monkeypatch, tmp_path):
+    from test_analysis import make_run
+
+    run_dir = make_run(tmp_path / "run")
+    fake_run_module(monkeypatch, lambda scenario: run_dir)
+    assert main(["run", QUICKSTART]) == 0
+    assert {p.name for p in (run_dir / "plots").iterdir()} == {
+        "perplexity.png", "perplexity.svg", "timeline.png", "timeline.svg"}
+
+    def broken(run_dir):
+        raise ValueError("no figure today")
+
+    monkeypatch.setattr("analysis.plots.plot_run", broken)
+    assert main(["run", QUICKSTART]) == 0  # the tables are the result; figures can be drawn again by report
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(run_dir)
+    assert f"plotting {run_dir} failed" in caplog.text and "no figure today" in caplog.text
+
+
 def test_run_errors_and_interrupt(capsys, monkeypatch):
     def dies(scenario):
         raise RunError("client worker 0 stopped answering")

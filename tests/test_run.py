@@ -83,7 +83,7 @@ CENLORA = ("cenlora", ("algorithm.name=cenlora",))
 def test_run_directory_contract(runs):
     run_dir = runs(*SPLIT)
     for name in ("scenario.resolved.yaml", "rounds.parquet", "rounds.csv", "events.parquet", "clients.parquet",
-                 "summary.json", "log.txt", "plots/perplexity.png", "plots/timeline.png"):
+                 "resources.parquet", "summary.json", "log.txt"):
         assert (run_dir / name).is_file(), name
         assert (run_dir / name).stat().st_size > 0, name
     summary = json.loads((run_dir / "summary.json").read_text())

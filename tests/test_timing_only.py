@@ -18,7 +18,7 @@ TINY = ROOT / "scenarios" / "tiny.yaml"
 
 def run(tmp_path: Path, *overrides: str) -> Path:
     scenario = load_scenario(TINY, [f"output.dir={tmp_path}", *overrides])
-    return run_scenario(scenario, progress=False, plots=False)
+    return run_scenario(scenario, progress=False)
 
 
 @pytest.mark.parametrize("algorithm", ["splitlora", "fedlora"])
@@ -66,7 +66,7 @@ def test_timing_only_imports_no_torch(tmp_path):
         "from hsplit_sim.scenario import load_scenario\n"
         f"s = load_scenario({str(TINY)!r}, ['output.dir={tmp_path}', 'runtime.timing_only=true', "
         "'algorithm.name=hsplitlora'])\n"
-        "run_scenario(s, progress=False, plots=False)\n"
+        "run_scenario(s, progress=False)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print('ok')\n"
     )

@@ -25,7 +25,7 @@ def scenario(tmp_path: Path, *overrides: str):
 
 
 def run(tmp_path: Path, *overrides: str) -> Path:
-    return run_scenario(scenario(tmp_path, *overrides), progress=False, plots=False)
+    return run_scenario(scenario(tmp_path, *overrides), progress=False)
 
 
 def test_training_key_ignores_the_system_and_sees_training():

@@ -47,8 +47,9 @@ def start_workers(pool: WorkerPool, scenario: Scenario, n_clients: int) -> list[
     return partitions
 
 
-def run_scenario(scenario: Scenario, progress: bool = True, plots: bool = True):
-    """Run one scenario; returns the run directory. Finished rounds stay on disk whatever happens.
+def run_scenario(scenario: Scenario, progress: bool = True):
+    """Run one scenario; returns the run directory. Finished rounds stay on disk whatever happens. Figures are
+    the caller's (`hsplit-sim run` draws them): a run writes tables only.
 
     The backend is chosen here, once: real workers; runtime.timing_only runs the same SimPy processes without
     workers (costs and bytes from the cost model, accuracy columns NaN); runtime.replay_from re-times a trained
@@ -57,7 +58,7 @@ def run_scenario(scenario: Scenario, progress: bool = True, plots: bool = True):
     replay = (ReplayBackend(scenario.runtime.replay_from, training_key(scenario))
               if scenario.runtime.replay_from else None)
     try:
-        return _run_scenario(scenario, progress, plots, replay)
+        return _run_scenario(scenario, progress, replay)
     except ReplayMismatch as mismatch:
         if scenario.runtime.replay_fallback != "train":
             raise
@@ -65,12 +66,11 @@ def run_scenario(scenario: Scenario, progress: bool = True, plots: bool = True):
         if mismatch.run_dir is not None:
             shutil.rmtree(mismatch.run_dir, ignore_errors=True)
         runtime = scenario.runtime.model_copy(update={"timing_only": False, "replay_from": None})
-        return _run_scenario(scenario.model_copy(update={"runtime": runtime}), progress, plots, None,
+        return _run_scenario(scenario.model_copy(update={"runtime": runtime}), progress, None,
                              {"replay_rejected": str(mismatch)})
 
 
-def _run_scenario(scenario: Scenario, progress: bool, plots: bool, replay: ReplayBackend | None,
-                  note: dict | None = None):
+def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | None, note: dict | None = None):
     preflight(scenario)
     spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
     clients = expanded_clients(scenario)
@@ -143,8 +143,6 @@ def _run_scenario(scenario: Scenario, progress: bool, plots: bool, replay: Repla
         log.info("run %s: %s", summary["status"], writer.path)
         log.removeHandler(handler)
         handler.close()
-        if plots:
-            _plot(writer.path)
     return writer.path
 
 
@@ -205,12 +203,3 @@ def _finish(summary: dict, rounds: list[dict], started: float) -> None:
         finished_at=datetime.now(timezone.utc).isoformat(),
     )
 
-
-def _plot(run_dir) -> None:
-    """Plots are a convenience over the tables: a plotting problem is logged, never fatal."""
-    from analysis.plots import plot_run
-
-    try:
-        plot_run(run_dir)
-    except Exception:  # noqa: BLE001 - the tables on disk are the result; plots can be redrawn later
-        logging.getLogger("hsplit_sim").exception("plotting %s failed", run_dir)

@@ -51,7 +51,6 @@ class RunWriter:
             except FileExistsError:
                 n += 1
                 path = base.with_name(f"{base.name}-{n}")
-        (path / "plots").mkdir()
         return cls(path)
 
     def _replace(self, name: str, write) -> None:
