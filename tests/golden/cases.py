@@ -64,7 +64,7 @@ def scenario(name: str, output: Path):
 def run(name: str, output: Path) -> Path:
     from hsplit_sim.experiment.run import run_scenario
 
-    return run_scenario(scenario(name, output), progress=False, plots=False)
+    return run_scenario(scenario(name, output), progress=False)
 
 
 def stored(name: str) -> Path:
