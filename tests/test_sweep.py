@@ -55,6 +55,25 @@ def test_inline_base_and_set(tmp_path):
     assert [p.scenario["clients"][0]["link"]["up_mbps"] for p in sweep.points] == [1, 8]
 
 
+def test_a_null_axis_value_leaves_the_key_unset(tmp_path):
+    """A key only one algorithm has is null on the points of the others, which would reject it; a null also drops
+    what the base or `set:` gave the key, so the schema's default applies."""
+    path = sweep_file(tmp_path, zip={"algorithm.name": ["splitlora", "hsplitlora", "hsplitlora"],
+                                     "algorithm.armsc": [None, False, None],
+                                     "algorithm.time_budget_s": [None, None, 0.05]})
+    split, ablated, budgeted = load_sweep_file(path).points
+    assert "armsc" not in split.scenario["algorithm"] and "time_budget_s" not in split.scenario["algorithm"]
+    assert ablated.scenario["algorithm"]["armsc"] is False and ablated.scenario["algorithm"]["time_budget_s"] is None
+    assert budgeted.scenario["algorithm"]["armsc"] is True and budgeted.scenario["algorithm"]["time_budget_s"] == 0.05
+    assert split.values == {"algorithm.name": "splitlora", "algorithm.armsc": None, "algorithm.time_budget_s": None}
+
+    path = sweep_file(tmp_path, set={"algorithm.name": "hsplitlora", "algorithm.time_budget_s": 0.05},
+                      grid={"algorithm.time_budget_s": [None, 0.1], "clients.0.memory_budget_gb": [None]})
+    unset, set_ = load_sweep_file(path).points
+    assert unset.scenario["algorithm"]["time_budget_s"] is None and set_.scenario["algorithm"]["time_budget_s"] == 0.1
+    assert unset.scenario["clients"][0]["memory_budget_gb"] is None  # not in the base either: nothing to remove
+
+
 @pytest.mark.parametrize("spec, fragments", [
     ({"grid": {"algorithm.name": ["splitlora", "nope"]}}, ["algorithm.name=nope", "algorithm.name: Input should be"]),
     ({"grid": {"clients.7.count": [1]}}, ["clients.7.count=1", "clients.7"]),

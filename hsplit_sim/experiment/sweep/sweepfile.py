@@ -87,7 +87,10 @@ def load_sweep_file(path: str | Path, overrides: list[str] = ()) -> Sweep:
         described = ", ".join(f"{k}={yaml_text(v)}" for k, v in values.items()) or "base"
         where = f"{path}: point {described}"
         for key, value in values.items():
-            _set(data, key, value, where)
+            if value is None:
+                _unset(data, key)
+            else:
+                _set(data, key, value, where)
         if seed is not None:
             data["seed"] = seed
             values = {**values, "seed": seed}
@@ -163,6 +166,21 @@ def _set(data: dict, key: Any, value: Any, where: str) -> None:
         apply_override(data, f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6)}")
     except ScenarioError as e:
         raise ScenarioError(f"{where}: {str(e).removeprefix('--set ')}") from None
+
+
+def _unset(data: dict, key: Any) -> None:
+    """A null axis value: the point leaves the key out, removed from its scenario where the base, `set:` or
+    `--set` gave it, so the schema's default applies. A key that only one algorithm has can so be left off the
+    points of the others, which would reject it."""
+    *parents, last = str(key).split(".")
+    node: Any = data
+    for part in parents:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
 
 
 def _axes(path: Path, spec: dict, section: str, lists: bool = True) -> dict[str, Any]:
