@@ -1,1 +1,1 @@
-"""Runs (and later sweeps): where a scenario meets the simulator, the workers and the run directory."""
+"""Runs and sweeps: where a scenario meets the simulator, the workers and the run directory."""
