@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatter  # noqa: E402
 
-from analysis.load import Run, load_run  # noqa: E402
+from analysis.load import Run, load_run, read_table  # noqa: E402
 from analysis.metrics import BREAKDOWN, BREAKDOWN_COLUMNS, bytes_per_round, time_breakdown  # noqa: E402
 from analysis.plots import (  # noqa: E402
     SMALL_FLEET, STYLE, _save, _time_unit, client_classes, plot_perplexity, plot_timeline)
@@ -31,7 +31,10 @@ BREAKDOWN_LABELS = {"queue": "server queue"}  # results.WAIT_KINDS: waiting for 
 METRICS = {"final_eval_ppl": "Final evaluation perplexity", "time_to_target_s": "Time to target perplexity"}
 TIMING_METRICS = {"sim_time_s": "Simulated time"}  # a timing-only sweep trained nothing: no perplexity
 RESULT_COLUMNS = ("status", "final_eval_ppl", "time_to_target_s", "sim_time_s", "bytes_up", "bytes_down",
-                  *GENERATION_METRICS)
+                  "energy_j", "reported_share", *GENERATION_METRICS)
+ENERGY_STATES = {"compute": "#1f77b4", "transmit": "#ff7f0e", "receive": "#ffbb78", "idle": "#d9d9d9"}
+OUTCOME_COLORS = {"reported": "#2ca02c", "dropped": "#d62728", "late": "#ff7f0e", "offline at the end": "#9467bd",
+                  "offline": "#bdbdbd", "not selected": "#e7e7e7"}
 MAX_LINES = 8  # more curves than this on one axis stop being readable
 LONG_LABEL = 40  # characters of a legend label beyond which the legend goes below the axes
 
@@ -116,6 +119,7 @@ def _sweep_sections(table: pd.DataFrame, out: Path) -> tuple[str, list]:
         ("Time breakdown", "Mean over clients of each client's simulated time.",
          _breakdown_bars({label: _mean_breakdown(run) for label, run in runs.items()}, out / "time_breakdown")),
         ("Memory against budget", *_memory_bars(runs, out / "memory")),
+        ("Energy", *_energy_bars(runs, out / "energy")),
         ("Sweep table", None, _table_html(table)),
     ]
     return f"Sweep {table.attrs['name']}", sections
@@ -495,6 +499,69 @@ def _memory_bars(runs: dict[str, Run], out_base: Path) -> tuple[str, list[Path]]
         return note, _save(fig, out_base)
 
 
+def _energy_bars(runs: dict[str, Run], out_base: Path) -> tuple[str, list[Path]]:
+    """Mean energy per round by power state: per client of one small fleet, else per device class of each run."""
+    shown = {}
+    for label, run in runs.items():
+        energy = read_table(run.path, "energy")
+        if energy.empty:
+            continue
+        classes = client_classes(run)
+        single = len(runs) == 1 and energy["client"].nunique() <= SMALL_FLEET
+        if single:
+            key = energy["client"].map(lambda c: f"{c} ({classes.at[c, 'device']})" if c in classes.index else str(c))
+        else:
+            key = energy["client"].map(classes["class"]).fillna("unknown device")
+            if len(runs) > 1:
+                key = label + ": " + key
+        joules = energy[[f"{state}_j" for state in ENERGY_STATES]].groupby(key, sort=False).mean()
+        shown.update({name: row for name, row in joules.iterrows()})
+    if not shown:
+        return "No device has power figures (catalog power_w).", []
+    frame = pd.DataFrame(shown).T
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7.0, 0.9 + 0.32 * len(frame)))
+        y, left = np.arange(len(frame)), np.zeros(len(frame))
+        for state, color in ENERGY_STATES.items():
+            width = frame[f"{state}_j"].to_numpy()
+            ax.barh(y, width, left=left, height=0.65, color=color, label=state, edgecolor="white", linewidth=0.4)
+            left += width
+        ax.set_yticks(y, frame.index)
+        ax.invert_yaxis()
+        ax.set_xlabel("Energy per round (J)")
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        paths = _save(fig, out_base)
+    what = "client" if len(runs) == 1 and len(frame) <= SMALL_FLEET else "device class (device / link)"
+    return (f"Mean energy per round of each {what}, by power state: the time in each state times the device's "
+            "power there (hsplit-sim devices lists the figures and their sources)."), paths
+
+
+def _participation_bars(run: Run, out_base: Path) -> tuple[str, list[Path]]:
+    """How many clients reported, dropped, were late or sat out in each round; only drawn when not all reported."""
+    participation = read_table(run.path, "participation")
+    if participation.empty or (participation["outcome"] == "reported").all():
+        return "Every client reported in every round.", []
+    counts = participation.groupby(["round", "outcome"]).size().unstack(fill_value=0)
+    outcomes = [o for o in OUTCOME_COLORS if o in counts] + [o for o in counts if o not in OUTCOME_COLORS]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7.0, 3.0))
+        bottom = np.zeros(len(counts))
+        for outcome in outcomes:
+            ax.bar(counts.index, counts[outcome], bottom=bottom, color=OUTCOME_COLORS.get(outcome, "#7f7f7f"),
+                   label=outcome, width=0.8)
+            bottom += counts[outcome].to_numpy()
+        ax.set_xlabel("Round")
+        ax.set_ylabel("Clients")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        return ("Each round's clients by how their round ended: reported (its update aggregated), dropped, late "
+                "(deadline, or enough updates already), offline at the end (update lost), offline at the start, "
+                "not selected."), _save(fig, out_base)
+
+
 # --- single runs ------------------------------------------------------------------------------------------------
 
 def _run_sections(run: Run, out: Path) -> list:
@@ -507,6 +574,8 @@ def _run_sections(run: Run, out: Path) -> list:
         ("Time breakdown", *_client_breakdown_bars(run, out / "time_breakdown")),
         ("Bytes per round", "Sum over all clients.", _bytes_lines({run.algorithm: run}, out / "bytes_per_round")),
         ("Memory against budget", *_memory_bars({run.algorithm: run}, out / "memory")),
+        ("Participation", *_participation_bars(run, out / "participation")),
+        ("Energy", *_energy_bars({run.algorithm: run}, out / "energy")),
         ("Rounds", None, run.rounds.to_html(index=False, border=0, float_format=lambda v: f"{v:.6g}")),
     ]
 

@@ -186,10 +186,12 @@ def _devices(args: argparse.Namespace) -> int:
     from hsplit_sim.scenario import DEVICES, LINKS
 
     devices = Table(title="Devices (effective rate = FP32 TFLOPS x efficiency)")
-    for column in ("name", "FP32 TFLOPS", "efficiency", "memory GB"):
+    for column in ("name", "FP32 TFLOPS", "efficiency", "memory GB", "power W: compute / send / receive / idle"):
         devices.add_column(column)
     for d in DEVICES.values():
-        devices.add_row(d.name, f"{d.tflops:g}", f"{d.efficiency:g}", f"{d.memory_gb:g}")
+        power = "-" if d.power_w is None else " / ".join(
+            f"{getattr(d.power_w, state):g}" for state in ("compute", "transmit", "receive", "idle"))
+        devices.add_row(d.name, f"{d.tflops:g}", f"{d.efficiency:g}", f"{d.memory_gb:g}", power)
 
     links = Table(title="Links")
     for column in ("name", "up Mbps", "down Mbps", "latency ms"):

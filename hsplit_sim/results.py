@@ -32,8 +32,10 @@ EVENT_KINDS = {
 }
 WAIT_KINDS = frozenset(k for k, category in EVENT_KINDS.items() if category == "queue")
 
-# The resources events name: a client's device and its links, a shared medium, the server. `client` is the
-# owner (-1: shared), `name` the catalog entry (device or link), `group` the scenario's client group.
+# The resources of a run: a client's device and its links, the server (events name these), and each shared
+# medium the links of some clients go through (system.media; their transfers are events on those links).
+# `client` is the owner (-1: shared), `name` the catalog entry (device, link or medium), `group` the scenario's
+# client group.
 RESOURCE_COLUMNS = ("resource", "kind", "client", "name", "group")
 RESOURCE_KINDS = ("device", "uplink", "downlink", "medium", "server")
 
@@ -42,9 +44,20 @@ ROUND_COLUMNS = ("round", "sim_time_s", "wall_time_s", "train_loss", "eval_loss"
 CLIENT_COLUMNS = ("round", "client", "device", "link", "split_layer", "rank", "adapted_weights", "adapter_params",
                   "memory_bytes", "memory_budget_bytes", "n_examples", "status")
 
-# Tables of a run directory: the small ones rewritten after every round, the large ones (events, clients)
-# written as parts per round and combined when the run ends.
-TABLES = ("rounds", "events", "clients", "resources", "plans", "importance", "generations")
+# Who took part in each round and how it ended for each client (sim/fleet.py: Fleet.participate): reported,
+# dropped (left after part of its steps), late (stopped at the deadline, or once enough updates arrived),
+# offline at the end (its update lost), offline (at the round's start), not selected.
+PARTICIPATION_COLUMNS = ("round", "client", "outcome", "end_s")
+PARTICIPATION_OUTCOMES = ("reported", "dropped", "late", "offline at the end", "offline", "not selected")
+
+# Seconds and joules per client and round in each power state (sim/energy.py), for devices with power figures.
+ENERGY_COLUMNS = ("round", "client", "compute_s", "transmit_s", "receive_s", "idle_s", "compute_j", "transmit_j",
+                  "receive_j", "idle_j", "energy_j")
+
+# Tables of a run directory: the small ones rewritten after every round, the large ones (events, clients,
+# participation, energy) written as parts per round and combined when the run ends.
+TABLES = ("rounds", "events", "clients", "resources", "participation", "energy", "plans", "importance",
+          "generations")
 
 # The E2E challenge's scores of decoded test texts (summary.json's `generation`, hsplit_sim/textmetrics.py), in
 # the order tables show them.

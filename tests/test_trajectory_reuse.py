@@ -91,7 +91,9 @@ def test_sweep_trains_once_per_training_key(tmp_path):
     shutil.copy(TINY, tmp_path / "base.yaml")
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({
-        "base": "base.yaml", "set": {"clients.0.link": {"up_mbps": 100, "down_mbps": 200, "latency_ms": 5}},
+        # The Raspberry Pi on Ethernet: the Jetsons' uplink, swept, decides the round's time.
+        "base": "base.yaml", "set": {"clients.0.link": {"up_mbps": 100, "down_mbps": 200, "latency_ms": 5},
+                                     "clients.1.link": "ethernet"},
         "grid": {"algorithm.name": ["hsplitlora"], "clients.0.link.up_mbps": [1, 8, 64]}}))
     sweep = load_sweep_file(path, ["training.rounds=1", "training.local_steps=2", f"output.dir={tmp_path / 'runs'}"])
     sweep_dir = run_sweep(sweep, processes=1, progress=False)

@@ -49,7 +49,8 @@ class Contributions:
     """What an aggregation works on: the adapters of the clients that reported, with their data weights."""
 
     clients: list[int]  # in client order
-    weights: np.ndarray  # p_k over them
+    active: list[int]  # every client the algorithm trains: the result replaces their adapters, reported or not
+    weights: np.ndarray  # p_k over the clients that reported
     client_side: dict[int, dict[str, np.ndarray]]  # uploaded over each client's link
     server_side: dict[str, dict[str, np.ndarray]]  # read on the server by adapter name (no traffic)
 

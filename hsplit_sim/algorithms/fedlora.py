@@ -25,7 +25,7 @@ class FedLoRA(FederatedProtocol):
         ranks = self.rank_layout(self.config.rank)
         nbytes = costs.adapter_bytes(self.ctx.spec, ranks)
         flops = 2 * costs.adapter_params(self.ctx.spec, ranks) * len(clients)
-        return Planned(flops, {"FLOPs": flops, "broadcast bytes": {c.index: nbytes for c in clients}})
+        return Planned(flops, {"FLOPs": flops, "broadcast bytes": {c.index: nbytes for c in self.active_clients()}})
 
     def aggregate(self, contributions) -> Outcome:
         adapters = [contributions.client_side[k] for k in contributions.clients]
@@ -33,5 +33,5 @@ class FedLoRA(FederatedProtocol):
         return Outcome(used=adapter_update(merged, self.config.alpha), exact=self.exact(contributions),
                        measured={"FLOPs": 2 * sum(t.size for t in merged.values()) * len(adapters),
                                  "broadcast bytes": {k: sum(t.nbytes for t in merged.values())
-                                                     for k in contributions.clients}},
-                       client_adapters={k: merged for k in contributions.clients}, server_adapters={"global": merged})
+                                                     for k in contributions.active}},
+                       client_adapters={k: merged for k in contributions.active}, server_adapters={"global": merged})

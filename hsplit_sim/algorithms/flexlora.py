@@ -31,18 +31,17 @@ class FlexLoRA(FederatedProtocol):
     def planned(self, clients) -> Planned:
         spec = self.ctx.spec
         flops = self.products_flops(clients) + sum(svd_flops(d_out, d_in) for d_in, d_out in self.module_shapes())
-        return Planned(flops, {"FLOPs": flops, "broadcast bytes": {
-            c.index: costs.adapter_bytes(spec, self.rank_layout(self.ranks[c.index])) for c in clients}})
+        return Planned(flops, {"FLOPs": flops, "broadcast bytes": self.broadcast_bytes()})
 
     def aggregate(self, contributions) -> Outcome:
-        algo, clients = self.config, contributions.clients
+        algo, clients, active = self.config, contributions.clients, contributions.active
         adapters = [contributions.client_side[k] for k in clients]
-        ranks = [self.ranks[k] for k in clients]
+        ranks = [self.ranks[k] for k in active]
         *per_client, global_adapter = flexlora_aggregate(adapters, contributions.weights, algo.alpha,
                                                          ranks + [self.r_max], algo.contributors)
         flops = products_flops(adapters) + sum(svd_flops(b.shape[0], a.shape[1])
                                                for a, b in lora_pairs(global_adapter).values())
         return Outcome(used=adapter_update(global_adapter, algo.alpha), exact=self.exact(contributions),
                        measured={"FLOPs": flops, "broadcast bytes": {
-                           k: sum(t.nbytes for t in adapter.values()) for k, adapter in zip(clients, per_client)}},
-                       client_adapters=dict(zip(clients, per_client)), server_adapters={"global": global_adapter})
+                           k: sum(t.nbytes for t in adapter.values()) for k, adapter in zip(active, per_client)}},
+                       client_adapters=dict(zip(active, per_client)), server_adapters={"global": global_adapter})

@@ -21,6 +21,7 @@ from hsplit_sim.scenario.schema import AlgorithmConfig
 @register
 class FLoRA(FederatedProtocol):
     name = "flora"
+    replaces_adapters = False
 
     class Config(AlgorithmConfig):
         name: Literal["flora"]
@@ -30,7 +31,7 @@ class FLoRA(FederatedProtocol):
         shapes = self.module_shapes()
         nbytes = sum(min((d_in + d_out) * stacked * costs.FP32, d_in * d_out * costs.FP32) for d_in, d_out in shapes)
         flops = sum(stacked * d_in for d_in, _ in shapes)
-        return Planned(flops, {"FLOPs": flops, "broadcast bytes": {c.index: nbytes for c in clients}},
+        return Planned(flops, {"FLOPs": flops, "broadcast bytes": {c.index: nbytes for c in self.active_clients()}},
                        client_flops=sum(2 * d_out * stacked * d_in for d_in, d_out in shapes))
 
     def aggregate(self, contributions) -> Outcome:
@@ -40,7 +41,7 @@ class FLoRA(FederatedProtocol):
         nbytes = sum(min(b.nbytes + a.nbytes, b.shape[0] * a.shape[1] * costs.FP32) for b, a in factors.values())
         return Outcome(used=factors_update(factors), exact=self.exact(contributions),
                        measured={"FLOPs": sum(a.size for _, a in factors.values()),
-                                 "broadcast bytes": {k: nbytes for k in contributions.clients}},
+                                 "broadcast bytes": {k: nbytes for k in contributions.active}},
                        merge=factors)
 
     def after_round(self, round_index: int) -> None:

@@ -24,13 +24,12 @@ class HetLoRA(FederatedProtocol):
         spec = self.ctx.spec
         flops = (self.products_flops(clients)
                  + 2 * costs.adapter_params(spec, self.rank_layout(self.r_max)) * len(clients))
-        return Planned(flops, {"FLOPs": flops, "broadcast bytes": {
-            c.index: costs.adapter_bytes(spec, self.rank_layout(self.ranks[c.index])) for c in clients}})
+        return Planned(flops, {"FLOPs": flops, "broadcast bytes": self.broadcast_bytes()})
 
     def aggregate(self, contributions) -> Outcome:
         adapters = [contributions.client_side[k] for k in contributions.clients]
         global_adapter, used = hetlora_aggregate(adapters, contributions.weights, self.config.alpha)
-        per_client = {k: truncate(global_adapter, self.ranks[k]) for k in contributions.clients}
+        per_client = {k: truncate(global_adapter, self.ranks[k]) for k in contributions.active}
         flops = products_flops(adapters) + 2 * sum(t.size for t in global_adapter.values()) * len(adapters)
         return Outcome(used=used, exact=self.exact(contributions),
                        measured={"FLOPs": flops, "broadcast bytes": {

@@ -72,6 +72,7 @@ def merged_ranks(rank_maps) -> costs.Ranks:
 @register
 class HSplitLoRA(SplitProtocol):
     name = "hsplitlora"
+    replaces_adapters = False
 
     class Config(AlgorithmConfig):
         name: Literal["hsplitlora"]
@@ -170,7 +171,7 @@ class HSplitLoRA(SplitProtocol):
         self.measured: dict[str, dict[int, float]] = {}
         self.importance_rows: list[dict] = []
         self.plans = self.initial_plans(ctx.scenario, ctx.spec, ctx.clients)
-        self.previous = self.plans
+        self.held = [p.split for p in self.plans]  # blocks 0..held-1 of each client have current weights
         self.shares = [iwi.client_side_share({k: 1.0 for k in self.cost}, p.split) for p in self.plans]
         self.plan_rows(1)
         self.configure_all()
@@ -243,9 +244,10 @@ class HSplitLoRA(SplitProtocol):
         return [self.server_adapter(c.index) for c in clients if self.plans[c.index].server_ranks]
 
     def planned(self, clients) -> Planned:
-        shapes = self.factor_shapes(self.plans)
+        plans = [self.plans[c.index] for c in clients]
+        shapes = self.factor_shapes(plans)
         if not self.config.naa:  # zero-padded averages have each module's largest rank
-            shapes = {key: (d_out, self.max_rank(self.plans, key), d_in) for key, (d_out, _, d_in) in shapes.items()}
+            shapes = {key: (d_out, self.max_rank(plans, key), d_in) for key, (d_out, _, d_in) in shapes.items()}
         flops = sum(rank * d_in for _, rank, d_in in shapes.values())  # folding p_k s_k into the stacked A
         return Planned(flops, {"shapes of the aggregated adapters": shapes})
 
@@ -264,7 +266,9 @@ class HSplitLoRA(SplitProtocol):
         if "server" in contributions.server_side and self.shared:
             pieces, piece_weights = server_pieces(contributions.server_side["server"],
                                                   [plans[k].split for k in contributions.clients], weights)
-            adapters, weights = adapters + pieces, np.concatenate([weights, piece_weights])
+            held = piece_weights > 0  # blocks no reporting client leaves to the server stand for nobody
+            adapters = adapters + [piece for piece, keep in zip(pieces, held) if keep]
+            weights = np.concatenate([weights, piece_weights[held]])
         rule = stack if algo.naa else zero_pad_average
         factors = rule(adapters, weights, algo.alpha, algo.contributors)
         shapes = {}
@@ -277,33 +281,31 @@ class HSplitLoRA(SplitProtocol):
 
     def after_aggregation(self, round_index: int) -> None:
         """New importance and plans (ARMSC); the backend may impose a trained run's plans (replay)."""
-        ctx = self.ctx
-        self.previous = self.plans
+        ctx, previous = self.ctx, self.plans
         self.update_importance(round_index)
-        proposed = self.shared_server_side(ctx.scenario, ctx.spec, self.next_plans(self.previous),
+        proposed = self.shared_server_side(ctx.scenario, ctx.spec, self.next_plans(previous),
                                            self.importance or {k: 1.0 for k in self.cost}, self.cost)
-        self.plans = ctx.backend.plans(round_index + 1, proposed, self.previous)
+        self.plans = ctx.backend.plans(round_index + 1, proposed, previous)
         self.plan_rows(round_index + 1)
 
     def deliver(self, round_index: int, client, planned: Planned):
         """The merged update of the client's side goes down (stacked factors or dense, whichever is smaller)
-        and is added to its weights; then come the blocks it newly holds if its split moved deeper."""
+        and is added to its weights; then come the weights of blocks it now runs but has no current weights
+        of (its split moved deeper since its last delivery)."""
         node = self.ctx.fleet.clients[client.index]
-        plan, previous = self.plans[client.index], self.previous[client.index]
+        plan, held = self.plans[client.index], self.held[client.index]
         shapes = planned.predicted["shapes of the aggregated adapters"]
         mine = [shape for (layer, _), shape in shapes.items() if layer < plan.split]
         nbytes = sum(min((d_out + d_in) * rank * costs.FP32, d_out * d_in * costs.FP32) for d_out, rank, d_in in mine)
         yield from node.download(round_index, "broadcast", nbytes)
         yield from node.compute(round_index, "merge", sum(2 * d_out * rank * d_in for d_out, rank, d_in in mine))
-        if plan.split > previous.split:
-            moved = costs.weights_bytes(self.ctx.spec, previous.split, plan.split, embeddings=False, head=False)
+        if plan.split > held:
+            moved = costs.weights_bytes(self.ctx.spec, held, plan.split, embeddings=False, head=False)
             yield from node.download(round_index, "resplit", moved)
+        self.held[client.index] = plan.split
 
     def after_round(self, round_index: int) -> None:
         self.configure_all()
-
-    def receivers(self, clients) -> list:
-        return self.ctx.clients
 
     @staticmethod
     def max_rank(plans: list[ClientPlan], key: tuple[int, str]) -> int:

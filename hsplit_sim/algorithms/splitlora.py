@@ -140,11 +140,11 @@ class SplitLoRA(SplitProtocol):
         server_adapters = {"global_client": merged}
         if self.per_client:
             server_adapters.update({name: server_merged for name in ["server"] + self.server_side_adapters(
-                [self.ctx.clients[k] for k in clients])})
+                [self.ctx.clients[k] for k in contributions.active])})
         return Outcome(used=adapter_update({**merged, **server_merged}, alpha),
                        exact=exact_update(adapters, weights, alpha),
                        measured={"bytes of the averaged adapter": sum(t.nbytes for t in merged.values())},
-                       client_adapters={k: merged for k in clients}, server_adapters=server_adapters)
+                       client_adapters={k: merged for k in contributions.active}, server_adapters=server_adapters)
 
     def deliver(self, round_index: int, client, planned: Planned):
         yield from self.ctx.fleet.clients[client.index].download(

@@ -31,7 +31,8 @@ class Backend:
         nothing but time."""
         raise NotImplementedError
 
-    def contributions(self, clients: list[int], weights, uploads: list[tuple[int, str, int]], server_side: list[str]):
+    def contributions(self, clients: list[int], active: list[int], weights, uploads: list[tuple[int, str, int]],
+                      server_side: list[str]):
         """algorithms.base.Contributions of the reporting clients: their uploads (client, adapter, predicted
         bytes) and the server-side adapters named; None when nothing trains."""
         raise NotImplementedError
@@ -40,8 +41,8 @@ class Backend:
         """The algorithm's rule on the contributions (None when nothing trains), checked against `planned`."""
         raise NotImplementedError
 
-    def apply(self, outcome) -> None:
-        """The aggregation's changes on the workers."""
+    def apply(self, algorithm, outcome) -> None:
+        """The aggregation's changes on the workers (clients' adapters by the algorithm's names for them)."""
         raise NotImplementedError
 
     def evaluate(self, adapters: list[str]) -> float:
@@ -78,13 +79,13 @@ class TimingBackend(Backend):
     def step_work(self, round_index, client, adapter, steps) -> None:
         return None
 
-    def contributions(self, clients, weights, uploads, server_side):
+    def contributions(self, clients, active, weights, uploads, server_side):
         return None
 
     def aggregate(self, algorithm, contributions, planned):
         return None
 
-    def apply(self, outcome) -> None:
+    def apply(self, algorithm, outcome) -> None:
         pass
 
     def evaluate(self, adapters) -> float:

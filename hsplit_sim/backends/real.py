@@ -80,14 +80,14 @@ class RealBackend(Backend):
     def step_work(self, round_index, client, adapter, steps) -> StepWork:
         return _RealStepWork(self, round_index, client, adapter, steps)
 
-    def contributions(self, clients, weights, uploads, server_side):
+    def contributions(self, clients, active, weights, uploads, server_side):
         client_side = {}
         for k, adapter, nbytes in uploads:
             reply = self.worker_of(k).call("get_adapter", client=k, args={"adapter": adapter})
             checked_bytes(reply, nbytes, "adapter upload")
             client_side[k] = dict(reply.tensors)
         servers = {name: dict(self.server.call("get_adapter", args={"adapter": name}).tensors) for name in server_side}
-        return Contributions(clients, weights, client_side, servers)
+        return Contributions(clients, active, weights, client_side, servers)
 
     def aggregate(self, algorithm, contributions, planned):
         outcome = algorithm.aggregate(contributions)
@@ -96,9 +96,10 @@ class RealBackend(Backend):
         self.stats.agg_error = relative_error(outcome.used, outcome.exact)
         return outcome
 
-    def apply(self, outcome) -> None:
+    def apply(self, algorithm, outcome) -> None:
         for k, tensors in outcome.client_adapters.items():
-            self.worker_of(k).call("set_adapter", client=k, args={"adapter": f"c{k}"}, tensors=tensors)
+            self.worker_of(k).call("set_adapter", client=k, args={"adapter": algorithm.client_adapter(k)},
+                                   tensors=tensors)
         for name, tensors in outcome.server_adapters.items():
             self.server.call("set_adapter", args={"adapter": name}, tensors=tensors)
         if outcome.merge is not None:

@@ -2,6 +2,8 @@
 
 import contextlib
 import logging
+from collections import Counter
+from dataclasses import dataclass, field
 import math
 import shutil
 import time
@@ -24,6 +26,7 @@ from hsplit_sim.runtime.launcher import WorkerPool
 from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, resolved_dict
 from hsplit_sim.scenario.schema import Scenario
 from hsplit_sim.sim import Fleet, Simulation
+from hsplit_sim.sim.energy import round_energy
 
 log = logging.getLogger("hsplit_sim")
 
@@ -91,10 +94,12 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | No
                **(note or {})}
     writer.write_summary(summary)
     sim = Simulation(scenario.server.accelerators)
-    fleet = Fleet(sim, clients, resolve_device(scenario.server.device), scenario.server.accelerators)
+    fleet = Fleet(sim, clients, resolve_device(scenario.server.device), scenario.server.accelerators,
+                  scenario.system, scenario.seed)
     writer.write_table("resources", fleet.resources())
     stats = RoundStats()
     rounds: list[dict] = []
+    totals = RunTotals()
     try:
         with contextlib.ExitStack() as stack:
             progress_line = stack.enter_context(ProgressLine(f"{scenario.name}: round", scenario.training.rounds,
@@ -114,7 +119,7 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | No
             algorithm = ALGORITHMS[scenario.algorithm.name](ctx)
             algorithm.setup()
             simulated = time.monotonic()
-            sim.run(_rounds(ctx, algorithm, writer, rounds, started, progress_line))
+            sim.run(_rounds(ctx, algorithm, writer, rounds, started, progress_line, totals))
             summary["simulation_wall_s"] = time.monotonic() - simulated
             tables, fields = backend.outputs(algorithm.eval_adapters())
             for name, table in tables.items():
@@ -135,10 +140,11 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | No
     finally:
         writer.append_events(sim.take_events())
         writer.finish_events()
-        writer.finish_parts("clients")
+        for name in ("clients", "participation", "energy"):
+            writer.finish_parts(name)
         summary["events"] = sim.n_events
         summary["simpy_events"] = _simpy_events(sim)
-        _finish(summary, rounds, started)
+        _finish(summary, rounds, started, totals)
         writer.write_summary(summary)
         log.info("run %s: %s", summary["status"], writer.path)
         log.removeHandler(handler)
@@ -152,15 +158,33 @@ def _simpy_events(sim: Simulation) -> int | None:
     return next(counter) if counter is not None else None
 
 
-def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], started: float, progress: ProgressLine):
+@dataclass
+class RunTotals:
+    """What summary.json adds up over the rounds besides the rounds table: energy and who took part."""
+
+    energy_j: float | None = None  # None: no device has power figures
+    outcomes: Counter = field(default_factory=Counter)
+
+
+def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], started: float, progress: ProgressLine,
+            totals: RunTotals):
     """The run as one SimPy process: evaluate, then rounds, writing every table after each round (events and
     clients as one more part each, the small tables rewritten whole)."""
     training, fleet, sim = ctx.scenario.training, ctx.fleet, ctx.fleet.sim
+    owners = {row["resource"]: (row["kind"], row["client"]) for row in fleet.resources()}
     for round_index in range(training.rounds + 1):
         ctx.stats.losses, ctx.stats.agg_error = [], float("nan")
         clients = algorithm.client_rows(round_index)  # before the round: the plans it trains with
+        started_s = sim.now
         if round_index > 0:
             yield sim.env.process(algorithm.round(round_index))
+            participation = fleet.take_participation()
+            energy = round_energy(round_index, sim.events, owners, ctx.clients, started_s, sim.now)
+            writer.append_rows("participation", participation)
+            writer.append_rows("energy", energy)
+            totals.outcomes.update(row["outcome"] for row in participation)
+            if energy:
+                totals.energy_j = (totals.energy_j or 0.0) + math.fsum(row["energy_j"] for row in energy)
         evaluated = round_index % training.eval_every == 0 or round_index == training.rounds
         eval_loss = ctx.backend.evaluate(algorithm.eval_adapters()) if evaluated else float("nan")
         if evaluated:
@@ -189,9 +213,14 @@ def _round_status(row: dict) -> str:
     return f"sim {row['sim_time_s']:.1f} s{loss}{ppl}"
 
 
-def _finish(summary: dict, rounds: list[dict], started: float) -> None:
+def _finish(summary: dict, rounds: list[dict], started: float, totals: RunTotals) -> None:
     ppl = [r["eval_ppl"] for r in rounds if not math.isnan(r["eval_ppl"])]
+    trained = sum(n for outcome, n in totals.outcomes.items() if outcome not in ("offline", "not selected"))
     summary.update(
+        energy_j=totals.energy_j,
+        participation=dict(sorted(totals.outcomes.items())),
+        # of the updates clients trained for, the share that reached the aggregation
+        reported_share=totals.outcomes["reported"] / trained if trained else None,
         rounds_completed=max((r["round"] for r in rounds), default=-1) if rounds else 0,
         final_eval_ppl=ppl[-1] if ppl else None,
         initial_eval_ppl=ppl[0] if ppl else None,

@@ -18,8 +18,13 @@ The training key is a hash of every scenario field that can change training:
 - with HSplitLoRA's algorithm.time_budget_s, each client's compute rate (the budget bounds its plan);
 - runtime.torch_device (CPU and GPU kernels round differently).
 
-Left out: names and output, the server's device and accelerators, client devices' speeds (tflops,
-efficiency) and names, links, and the rest of runtime (workers, transport, timeouts, timing_only).
+- system effects that decide who trains: the dropout probability and the selection (seeded draws); and when
+  timing decides who trains (a deadline, availability, over-commitment), everything that sets the timing:
+  devices, links, media, the server and the whole system section.
+
+Left out otherwise: names and output, the server's device and accelerators, client devices' speeds (tflops,
+efficiency) and names, links, media, jitter and bandwidth traces, and the rest of runtime (workers, transport,
+timeouts, timing_only).
 
 One thing the key cannot see: clients taking turns on one shared server-side adapter (SplitLoRA's default,
 HSplitLoRA's `server_adapters: shared`) train in the order their server steps happen in simulated time, so
@@ -33,12 +38,13 @@ baselines.
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 
 from hsplit_sim.algorithms import ALGORITHMS
 from hsplit_sim.errors import ScenarioError
-from hsplit_sim.scenario import expanded_clients
+from hsplit_sim.scenario import expanded_clients, resolved_dict
 from hsplit_sim.scenario.schema import Scenario
 
 KEY_VERSION = 1
@@ -47,12 +53,41 @@ KEY_VERSION = 1
 def training_inputs(scenario: Scenario) -> dict:
     """Every field that can change what the model learns (module docstring)."""
     data = scenario.model_dump(mode="json")
+    system = scenario.system
     return {"version": KEY_VERSION, "seed": data["seed"], "model": data["model"], "data": data["data"],
             "algorithm": data["algorithm"], "training": data["training"],
             "memory_budgets_gb": [c.memory_budget_gb for c in expanded_clients(scenario)],
             "client_rates": [c.device.tflops * c.device.efficiency for c in expanded_clients(scenario)]
             if ALGORITHMS[scenario.algorithm.name].device_speeds_matter(scenario.algorithm) else None,
+            # Seeded draws of who trains (dropouts, selection) change training whatever the system's speed ...
+            "participation": {"dropout": system.dropout, "selection": data["system"]["selection"]}
+            if system.dropout or system.selection is not None else None,
+            # ... and when timing decides who trains, everything that sets the timing does too.
+            "timed_participation": _timing(scenario) if _participation_depends_on_time(system) else None,
             "torch_device": data["runtime"]["torch_device"]}
+
+
+def _participation_depends_on_time(system) -> bool:
+    """A deadline, going offline, or taking the first updates to arrive makes who trains a matter of timing."""
+    return (system.deadline_s is not None or system.availability is not None
+            or (system.selection is not None and system.selection.over_commit > 0))
+
+
+def _timing(scenario: Scenario) -> dict:
+    """Everything the simulated durations depend on: devices, links, media, the server and the system (trace
+    files by their contents, so moving one changes nothing and editing one does)."""
+    resolved = resolved_dict(scenario)
+    system = resolved["system"]
+    if system["availability"] and system["availability"]["trace"]:
+        system["availability"]["trace"] = _digest(system["availability"]["trace"])
+    if system["bandwidth_trace"]:
+        system["bandwidth_trace"] = _digest(system["bandwidth_trace"])
+    return {"clients": resolved["clients"], "server": resolved["server"], "system": system,
+            "model": resolved["model"], "data": resolved["data"]}
+
+
+def _digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def training_key(scenario: Scenario) -> str:

@@ -9,6 +9,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from hsplit_sim.errors import ScenarioError
 
 
+class PowerSpec(BaseModel):
+    """A device's power draw in each state, watts: training, sending, receiving, and waiting."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    compute: float = Field(gt=0)
+    transmit: float = Field(gt=0)
+    receive: float = Field(gt=0)
+    idle: float = Field(gt=0)
+
+
 class DeviceSpec(BaseModel):
     """A compute device; scenarios may give one inline instead of naming a built-in one."""
 
@@ -18,6 +29,7 @@ class DeviceSpec(BaseModel):
     tflops: float = Field(gt=0, description="peak FP32 TFLOPS")
     efficiency: float = Field(gt=0, le=1, description="fraction of peak reached by LoRA fine-tuning matmuls")
     memory_gb: float = Field(gt=0)
+    power_w: PowerSpec | None = Field(None, description="power per state, for the energy table; none: no energy")
     source: str = "given in the scenario"
 
 
@@ -44,50 +56,69 @@ DEVICES: dict[str, DeviceSpec] = {
             tflops=1.41,
             efficiency=0.3,
             memory_gb=32,
+            power_w=PowerSpec(compute=30, transmit=8, receive=7, idle=5),
             source="NVIDIA Jetson AGX Xavier datasheet: 512-core Volta GPU at 1.377 GHz "
-            f"(512 x 2 FLOP x 1.377 GHz = 1.41 TFLOPS FP32), 32 GB LPDDR4x shared; {_EMBEDDED}",
+            f"(512 x 2 FLOP x 1.377 GHz = 1.41 TFLOPS FP32), 32 GB LPDDR4x shared; {_EMBEDDED}"
+            "; power: 30 W training (the datasheet's largest power mode, MAXN), 5 W idle and 3 W / 2 W more for a "
+            "Wi-Fi radio sending / receiving, all three assumed",
         ),
         DeviceSpec(
             name="jetson-agx-orin",
             tflops=5.3,
             efficiency=0.3,
             memory_gb=64,
+            power_w=PowerSpec(compute=60, transmit=11, receive=10, idle=8),
             source="NVIDIA Jetson AGX Orin 64GB datasheet: 2048-core Ampere GPU at 1.3 GHz "
-            f"(about 5.3 TFLOPS FP32), 64 GB LPDDR5 shared; {_EMBEDDED}",
+            f"(about 5.3 TFLOPS FP32), 64 GB LPDDR5 shared; {_EMBEDDED}"
+            "; power: 60 W training (the datasheet's largest power mode, MAXN), 8 W idle and 3 W / 2 W more for a "
+            "Wi-Fi radio sending / receiving, all three assumed",
         ),
         DeviceSpec(
             name="jetson-orin-nano",
             tflops=1.28,
             efficiency=0.3,
             memory_gb=8,
+            power_w=PowerSpec(compute=15, transmit=6, receive=5, idle=3),
             source="NVIDIA Jetson Orin Nano 8GB datasheet: 1024-core Ampere GPU at 625 MHz "
-            f"(1.28 TFLOPS FP32), 8 GB LPDDR5 shared; {_EMBEDDED}",
+            f"(1.28 TFLOPS FP32), 8 GB LPDDR5 shared; {_EMBEDDED}"
+            "; power: 15 W training (the datasheet's largest power mode), 3 W idle and 3 W / 2 W more for a Wi-Fi "
+            "radio sending / receiving, all three assumed",
         ),
         DeviceSpec(
             name="raspberry-pi-5",
             tflops=0.154,
             efficiency=0.3,
             memory_gb=8,
+            power_w=PowerSpec(compute=7, transmit=4.5, receive=4, idle=2.7),
             source="Raspberry Pi 5 product brief: 4x Cortex-A76 at 2.4 GHz; peak FP32 assumed from two "
             "128-bit NEON FMA pipes per core (4 x 16 FLOP x 2.4 GHz = 0.154 TFLOPS), 8 GB model; "
-            f"{_EMBEDDED}",
+            f"{_EMBEDDED}"
+            "; power: about 2.7 W idle and about 7 W with all four cores loaded, the figures published "
+            "measurements of the Pi 5 report (rounded; not a datasheet value), and 1.8 W / 1.3 W more for its radio "
+            "sending / receiving, assumed",
         ),
         DeviceSpec(
             name="flagship-phone",
             tflops=4.6,
             efficiency=0.2,
             memory_gb=12,
+            power_w=PowerSpec(compute=8, transmit=3.5, receive=2.5, idle=1),
             source="Snapdragon 8 Gen 3 class phone (Adreno 750 GPU): Qualcomm publishes no FP32 figure; "
             "about 4.6 TFLOPS FP32 is a third-party estimate (published estimates vary), 12 GB LPDDR5X; "
-            "efficiency 0.2 assumed for phone GPUs under thermal limits",
+            "efficiency 0.2 assumed for phone GPUs under thermal limits"
+            "; power: 8 W under a sustained GPU load, 1 W idle with the screen off, and 2.5 W / 1.5 W more for "
+            "its radio sending / receiving, all assumed as typical of this class (no vendor figure)",
         ),
         DeviceSpec(
             name="laptop-rtx-3050",
             tflops=7.1,
             efficiency=0.4,
             memory_gb=4,
+            power_w=PowerSpec(compute=75, transmit=17, receive=16, idle=15),
             source="NVIDIA GeForce RTX 3050 Laptop GPU specifications: 2048 CUDA cores at up to 1.74 GHz "
-            f"boost (about 7.1 TFLOPS FP32), 4 GB GDDR6; {_DISCRETE}",
+            f"boost (about 7.1 TFLOPS FP32), 4 GB GDDR6; {_DISCRETE}"
+            "; power: 75 W training (60 W GPU, within NVIDIA's 35-80 W range for this part, plus the rest of the "
+            "laptop), 15 W idle and 2 W / 1 W more for Wi-Fi sending / receiving, all assumed",
         ),
         DeviceSpec(
             name="rtx-3090",

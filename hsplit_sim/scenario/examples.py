@@ -62,9 +62,10 @@ def scenario_path(argument: str) -> Path:
 
 
 def copy_examples(destination: str | Path) -> list[Path]:
-    """Write every example file (and the folders' READMEs) below destination; never overwrites a file."""
+    """Write every example file (with the folders' READMEs and the traces they name) below destination; never
+    overwrites a file."""
     destination = Path(destination)
-    sources = sorted(p for p in EXAMPLES_DIR.rglob("*") if p.is_file() and p.suffix in (".yaml", ".md"))
+    sources = sorted(p for p in EXAMPLES_DIR.rglob("*") if p.is_file() and p.suffix in (".yaml", ".md", ".csv"))
     targets = [destination / p.relative_to(EXAMPLES_DIR) for p in sources]
     existing = [t for t in targets if t.exists()]
     if existing:

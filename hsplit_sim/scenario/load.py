@@ -19,6 +19,7 @@ from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario.catalog import resolve_device, resolve_link
 from hsplit_sim.scenario.models import model_config
 from hsplit_sim.scenario.schema import ClientSpec, Scenario
+from hsplit_sim.scenario.traces import bandwidth_steps, online_windows
 
 # Distributions whose versions go into scenario.resolved.yaml.
 _VERSIONED = ("torch", "transformers", "peft", "simpy", "pyzmq", "pandas")
@@ -39,20 +40,38 @@ def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
         raise ScenarioError(f"{path}: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ScenarioError(f"{path}: the top level must be a mapping of scenario fields")
-    return scenario_from_dict(data, overrides)
+    return scenario_from_dict(data, overrides, relative_to=path.parent)
 
 
-def scenario_from_dict(data: dict, overrides: list[str] = ()) -> Scenario:
-    """Validate a scenario given as plain data (after applying overrides to a copy)."""
+def scenario_from_dict(data: dict, overrides: list[str] = (), relative_to: Path | None = None) -> Scenario:
+    """Validate a scenario given as plain data (after applying overrides to a copy). Trace files the data names by
+    a relative path are found relative_to a folder (the scenario file's), else the working directory, as are
+    those overrides name; the scenario keeps absolute paths, so it runs the same from anywhere."""
     data = copy.deepcopy(data)
+    absolute_trace_paths(data, relative_to or Path.cwd())
     for override in overrides:
         apply_override(data, override)
+    absolute_trace_paths(data, Path.cwd())
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as e:
         raise ScenarioError(_first_error(e, data)) from None
     _check(scenario)
     return scenario
+
+
+TRACE_FIELDS = (("system", "availability", "trace"), ("system", "bandwidth_trace"))
+
+
+def absolute_trace_paths(data: dict, folder: Path) -> None:
+    """Make the trace files a scenario mapping names by relative paths absolute, as seen from `folder` (the file
+    that names them is there), in place."""
+    for *parents, key in TRACE_FIELDS:
+        node = data
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = str((folder / node[key]).resolve())
 
 
 def apply_override(data: dict, override: str) -> None:
@@ -96,7 +115,7 @@ def expanded_clients(scenario: Scenario) -> list[ClientSpec]:
         link = resolve_link(group.link)
         budget = group.memory_budget_gb if group.memory_budget_gb is not None else device.memory_gb
         for _ in range(group.count):
-            clients.append(ClientSpec(len(clients), group_index, device, link, budget))
+            clients.append(ClientSpec(len(clients), group_index, device, link, budget, group.medium))
     return clients
 
 
@@ -169,12 +188,34 @@ def _check(scenario: Scenario) -> None:
     if scenario.data.name == "e2e":
         _check_e2e_dir(scenario)
 
+    _check_system(scenario)
+
     for i, group in enumerate(scenario.clients):
         memory = resolve_device(group.device).memory_gb
         if group.memory_budget_gb is not None and group.memory_budget_gb > memory:
             raise ScenarioError(
                 f"clients.{i}.memory_budget_gb: {group.memory_budget_gb:g} GB exceeds the device's {memory:g} GB"
             )
+
+
+def _check_system(scenario: Scenario) -> None:
+    """Media that clients name exist, and trace files read (each is read again when a run starts)."""
+    system = scenario.system
+    media = [m.name for m in system.media]
+    if len(set(media)) != len(media):
+        raise ScenarioError(f"system.media: two media share a name: {media}")
+    for i, group in enumerate(scenario.clients):
+        if group.medium is not None and group.medium not in media:
+            raise ScenarioError(f"clients.{i}.medium: {group.medium!r} is not a medium of system.media "
+                                f"({', '.join(media) or 'none given'})")
+    n_clients = sum(group.count for group in scenario.clients)
+    if system.availability is not None and system.availability.trace is not None:
+        online_windows(system.availability.trace, n_clients)
+    if system.bandwidth_trace is not None:
+        bandwidth_steps(system.bandwidth_trace, n_clients)
+    if system.selection is not None and system.selection.clients_per_round > n_clients:
+        raise ScenarioError(f"system.selection.clients_per_round: {system.selection.clients_per_round} is more than "
+                            f"the {n_clients} clients")
 
 
 def _check_e2e_dir(scenario: Scenario) -> None:

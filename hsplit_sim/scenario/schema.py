@@ -193,6 +193,68 @@ class ClientGroup(_Strict):
     device: DeviceRef
     link: LinkRef
     memory_budget_gb: float | None = Field(None, gt=0, description="defaults to the device's memory_gb")
+    medium: str | None = Field(None, description="a shared wireless medium of system.media these clients' links "
+                               "go through (their transfers share its capacity); none: links of their own")
+
+
+class Availability(_Strict):
+    """When clients are online: a trace of online windows, or alternating online and offline periods of
+    exponentially distributed length (seeded). A client offline at a round's start sits the round out; one
+    offline when its work would finish loses that work."""
+
+    trace: str | None = Field(None, description="CSV with columns client, start_s, end_s: the windows in which a "
+                              "client is online; a client without rows is always online (relative paths: to the "
+                              "scenario file)")
+    mean_online_s: float | None = Field(None, gt=0)
+    mean_offline_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_model(self) -> "Availability":
+        parametric = (self.mean_online_s is not None, self.mean_offline_s is not None)
+        if (self.trace is not None) == any(parametric) or any(parametric) != all(parametric):
+            raise ValueError("give either trace, or both mean_online_s and mean_offline_s")
+        return self
+
+
+class Selection(_Strict):
+    """Who trains in a round: FedScale's over-commitment picks clients_per_round x (1 + over_commit) of the
+    online clients at random, and the round takes the first clients_per_round updates to arrive."""
+
+    clients_per_round: int = Field(gt=0)
+    over_commit: float = Field(0.0, ge=0)
+
+
+class Jitter(_Strict):
+    """Seeded lognormal factors (median 1) per client and round on compute durations and on link rates."""
+
+    compute_sigma: float = Field(0.0, ge=0)
+    bandwidth_sigma: float = Field(0.0, ge=0)
+
+
+class Medium(_Strict):
+    """A shared wireless medium (one access point): the transfers of every client behind it share its capacity
+    (processor sharing), each also capped by its own link's rate."""
+
+    name: str
+    up_mbps: float = Field(gt=0)
+    down_mbps: float = Field(gt=0)
+
+
+class SystemSpec(_Strict):
+    """Behaviour of the fleet beyond each device's speed and link: who is online, who drops, deadlines,
+    shared media, variability. Everything off by default."""
+
+    availability: Availability | None = None
+    dropout: float = Field(0.0, ge=0, lt=1, description="per client and round, the probability that a client leaves "
+                           "after a uniformly drawn share of its local steps; its update is lost")
+    deadline_s: float | None = Field(None, gt=0, description="a round's clients must have uploaded their adapters "
+                                     "this many seconds after the round starts; those still working then are "
+                                     "stopped and their updates lost (participation outcome: late)")
+    selection: Selection | None = None
+    jitter: Jitter | None = None
+    bandwidth_trace: str | None = Field(None, description="CSV with columns client, time_s, up_mbps, down_mbps: each "
+                                        "client's link rates from time_s on (relative paths: to the scenario file)")
+    media: list[Medium] = Field(default_factory=list)
 
 
 class RuntimeSpec(_Strict):
@@ -224,6 +286,7 @@ class Scenario(_Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     server: ServerSpec
     clients: list[ClientGroup] = Field(min_length=1)
+    system: SystemSpec = Field(default_factory=SystemSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
@@ -242,3 +305,4 @@ class ClientSpec:
     device: DeviceSpec
     link: LinkSpec
     memory_budget_gb: float
+    medium: str | None = None

@@ -4,8 +4,6 @@ import heapq
 
 import simpy
 
-EVENT_COLUMNS = ("round", "client", "kind", "resource", "start_s", "end_s", "bytes", "flops")
-
 
 class ServerQueue:
     """The server's accelerators as a first-come-first-served queue, booked arithmetically.
@@ -31,12 +29,9 @@ class ServerQueue:
 class Simulation:
     """Holds simulated activities and records each as an event row.
 
-    Clients' devices and links are private to each client, so only the server's accelerators are a
-    shared resource: contention there is the queueing the model shows.
-
-    `events` holds the rows not yet written to the run directory: the run writes them after every round
-    and clears the list (in place, so hot loops may keep `events.append` bound), so memory does not
-    grow with the length of a run. `n_events` counts every row ever recorded.
+    `events` holds the rows (tuples in results.EVENT_COLUMNS order) not yet written to the run directory:
+    the run writes them after every round and clears the list (in place, so hot loops may keep `events.append`
+    bound), so memory does not grow with the length of a run. `n_events` counts every row ever recorded.
     """
 
     def __init__(self, accelerators: int):
@@ -66,12 +61,24 @@ class Simulation:
 
     def hold(self, round_index: int, client: int, kind: str, resource: str, seconds: float,
              nbytes: int = 0, flops: float = 0.0):
-        """A process step that occupies `resource` for `seconds` of simulated time."""
+        """A process step that occupies `resource` for `seconds` of simulated time. Interrupted (a round's
+        deadline), it records the part done, with that share of its bytes and FLOPs, and passes the
+        interrupt on."""
         if seconds < 0:
             raise ValueError(f"negative duration {seconds} for {kind} on {resource}")
         start = self.env.now
-        yield self.env.timeout(seconds)
+        try:
+            yield self.env.timeout(seconds)
+        except simpy.Interrupt:
+            self.record_part(round_index, client, kind, resource, start, start + seconds, nbytes, flops)
+            raise
         self.events.append((round_index, client, kind, resource, start, self.env.now, nbytes, flops))
+
+    def record_part(self, round_index: int, client: int, kind: str, resource: str, start: float, end: float,
+                    nbytes: int, flops: float) -> None:
+        """The part of an activity from start to now of one planned to end at `end`."""
+        share = (self.now - start) / (end - start) if end > start else 1.0
+        self.record(round_index, client, kind, resource, start, self.now, int(nbytes * share), flops * share)
 
     def all_of(self, processes):
         return self.env.all_of([self.env.process(p) for p in processes])

@@ -1,4 +1,5 @@
-"""The simulated fleet: each client's device and links, and the server with its accelerators.
+"""The simulated fleet: each client's device and links, shared media, and the server with its accelerators,
+with the system's effects (sim/effects.py) applied.
 
 Algorithms say what happens (FLOPs a device computes, bytes a link carries, which client talks to the
 server); the fleet's SimPy processes say how long it takes, through the time model, and record each activity
@@ -9,7 +10,11 @@ simulated protocol where it happens, so real operations on shared state follow s
 
 from dataclasses import dataclass
 
+import simpy
+
+from hsplit_sim.sim.effects import SystemEffects
 from hsplit_sim.sim.engine import Simulation
+from hsplit_sim.sim.medium import Medium
 from hsplit_sim.sim.timemodel import compute_seconds, transfer_seconds
 
 SERVER = "server"
@@ -51,36 +56,87 @@ class StepWork:
         raise NotImplementedError
 
 
-class ClientNode:
-    """A client's device and its up- and downlink, each a resource of its own."""
+@dataclass
+class Participation:
+    """Who took part in a round; how it ended for each client goes to the participation table."""
 
-    def __init__(self, fleet: "Fleet", spec):
-        self.fleet, self.spec, self.index = fleet, spec, spec.index
+    selected: list[int]  # trained this round (and receive its result)
+    reported: list[int]  # whose updates arrived in time, in client order
+
+
+class ClientNode:
+    """A client's device and its up- and downlink, each a resource of its own; its links may go through a
+    shared medium. Compute and bandwidth factors are the round's jitter (1 without)."""
+
+    def __init__(self, fleet: "Fleet", spec, medium: Medium | None):
+        self.fleet, self.spec, self.index, self.medium = fleet, spec, spec.index, medium
         self.device, self.up, self.down = f"client{self.index}", f"client{self.index}.up", f"client{self.index}.down"
+        self.compute_factor = self.bandwidth_factor = 1.0
+        effects = fleet.effects
+        self.traced = effects.bandwidth is not None and effects.bandwidth.covers(self.index)
+
+    @property
+    def simple(self) -> bool:
+        """Durations known in advance: no shared medium, no rates changing over time, no round cut short."""
+        return self.medium is None and not self.traced and not self.fleet.effects.cuts_rounds_short
 
     def compute_seconds(self, flops: float) -> float:
-        return compute_seconds(flops, self.spec.device)
+        seconds = compute_seconds(flops, self.spec.device)
+        return seconds * self.compute_factor if self.compute_factor != 1.0 else seconds
+
+    def _rate_mbps(self, up: bool) -> float:
+        link = self.spec.link
+        mbps = link.up_mbps if up else link.down_mbps
+        return mbps * self.bandwidth_factor if self.bandwidth_factor != 1.0 else mbps
 
     def up_seconds(self, nbytes: int) -> float:
-        link = self.spec.link
-        return transfer_seconds(nbytes, link.up_mbps, link.latency_ms)
+        return transfer_seconds(nbytes, self._rate_mbps(True), self.spec.link.latency_ms)
 
     def down_seconds(self, nbytes: int) -> float:
-        link = self.spec.link
-        return transfer_seconds(nbytes, link.down_mbps, link.latency_ms)
+        return transfer_seconds(nbytes, self._rate_mbps(False), self.spec.link.latency_ms)
 
     def compute(self, round_index: int, kind: str, flops: float):
         yield from self.fleet.sim.hold(round_index, self.index, kind, self.device, self.compute_seconds(flops),
                                        flops=flops)
 
     def upload(self, round_index: int, kind: str, nbytes: int):
+        yield from self._send(round_index, kind, nbytes, True)
         self.fleet.bytes_up += nbytes
-        yield from self.fleet.sim.hold(round_index, self.index, kind, self.up, self.up_seconds(nbytes), nbytes=nbytes)
 
     def download(self, round_index: int, kind: str, nbytes: int):
+        yield from self._send(round_index, kind, nbytes, False)
         self.fleet.bytes_down += nbytes
-        yield from self.fleet.sim.hold(round_index, self.index, kind, self.down, self.down_seconds(nbytes),
-                                       nbytes=nbytes)
+
+    def _send(self, round_index: int, kind: str, nbytes: int, up: bool):
+        resource = self.up if up else self.down
+        if self.medium is None and not self.traced:
+            seconds = self.up_seconds(nbytes) if up else self.down_seconds(nbytes)
+            yield from self.fleet.sim.hold(round_index, self.index, kind, resource, seconds, nbytes=nbytes)
+            return
+        sim = self.fleet.sim
+        env, start = sim.env, sim.now
+        planned = start + (self.up_seconds(nbytes) if up else self.down_seconds(nbytes))  # for a partial record
+        transfer = None
+        try:
+            yield env.timeout(self.spec.link.latency_ms / 1000)
+            bits, link = nbytes * 8, self.spec.link
+            mbps = link.up_mbps if up else link.down_mbps
+            trace = self.fleet.effects.bandwidth
+            if self.medium is None:
+                end = trace.transfer_end(self.index, up, env.now, bits, mbps, self.bandwidth_factor)
+                yield env.timeout(end - env.now)
+            else:
+                if self.traced:  # the trace's rate when the transfer starts caps it (the medium shares it)
+                    mbps = trace.rate_mbps(self.index, up, env.now, mbps)
+                channel = self.medium.up if up else self.medium.down
+                transfer = channel.transfer(bits, mbps * self.bandwidth_factor * 1e6)
+                yield transfer
+        except simpy.Interrupt:
+            if transfer is not None:
+                (self.medium.up if up else self.medium.down).cancel(transfer)
+            sim.record_part(round_index, self.index, kind, resource, start, max(planned, sim.now), nbytes, 0.0)
+            raise
+        sim.record(round_index, self.index, kind, resource, start, sim.now, nbytes, 0.0)
 
     def resources(self) -> list[dict]:
         spec = self.spec
@@ -117,10 +173,10 @@ class ServerNode:
 class _SplitTiming:
     """One client's split iteration under one IterationCosts, as durations, computed once."""
 
-    __slots__ = ("costs", "fwd_s", "fwd_up_s", "server_s", "down_s", "down_bwd_s")
+    __slots__ = ("costs", "factors", "fwd_s", "fwd_up_s", "server_s", "down_s", "down_bwd_s")
 
     def __init__(self, client: ClientNode, server: ServerNode, costs: IterationCosts):
-        self.costs = costs
+        self.costs, self.factors = costs, (client.compute_factor, client.bandwidth_factor)
         self.fwd_s = client.compute_seconds(costs.client_fwd)
         self.fwd_up_s = self.fwd_s + client.up_seconds(costs.up)
         self.server_s = tuple(server.seconds(f) for f in costs.server)
@@ -129,36 +185,122 @@ class _SplitTiming:
 
 
 class Fleet:
-    """The clients and the server of a scenario, on one simulated clock. Counts the bytes every link carried."""
+    """The clients, the media and the server of a scenario, on one simulated clock, with the system's effects.
+    Counts the bytes every link carried."""
 
-    def __init__(self, sim: Simulation, clients, server_device, accelerators: int):
+    def __init__(self, sim: Simulation, clients, server_device, accelerators: int, system, seed: int):
         self.sim = sim
-        self.clients = [ClientNode(self, spec) for spec in clients]
+        self.effects = SystemEffects(system, seed, len(clients))
+        self.media = media = {spec.name: Medium(sim.env, spec) for spec in system.media}
+        self.clients = [ClientNode(self, spec, media.get(spec.medium)) for spec in clients]
         self.server = ServerNode(self, server_device, accelerators)
-        self.bytes_up = 0
+        self.bytes_up = 0  # of completed transfers
         self.bytes_down = 0
+        self.participation: list[dict] = []  # rows not yet written, as events
         self._split_timing: dict[int, _SplitTiming] = {}
+
+    def take_participation(self) -> list[dict]:
+        rows, self.participation = self.participation, []
+        return rows
 
     def resources(self) -> list[dict]:
         """The resources table: every resource events name, with its kind and owner."""
-        return self.server.resources() + [row for c in self.clients for row in c.resources()]
+        media = [{"resource": f"medium.{name}", "kind": "medium", "client": -1, "name": name, "group": -1}
+                 for name in self.media]
+        return self.server.resources() + media + [row for c in self.clients for row in c.resources()]
+
+    def participate(self, round_index: int, clients, steps: int, client_round):
+        """One round's local work of the given clients, as a SimPy process whose value is a Participation.
+
+        Who trains: the clients online at the round's start, or (selection) a seeded random share of them.
+        `client_round(node, steps, report)` is a client's work: `steps` local steps, then, if `report`, the
+        upload of its update. A client drawn to drop out does a share of its steps and never reports; the
+        round closes when every client is done, when enough updates arrived (over-commitment) or at the
+        deadline, and whoever is still working then is stopped, its update lost; a client offline when its
+        work is done loses it too."""
+        env, effects = self.sim.env, self.effects
+        start = env.now
+        candidates = [c.index for c in clients if effects.online(c.index, start)]
+        selected = effects.select(round_index, candidates)
+        rows = [{"round": round_index, "client": c.index, "outcome": "offline", "end_s": start}
+                for c in clients if c.index not in candidates]
+        rows += [{"round": round_index, "client": k, "outcome": "not selected", "end_s": start}
+                 for k in candidates if k not in selected]
+        for k in selected:
+            self.clients[k].compute_factor, self.clients[k].bandwidth_factor = effects.factors(round_index, k)
+        needed = effects.needed(len(selected))
+        closed = env.event()
+        pending, reported = set(selected), []
+
+        def finished(k: int, process: simpy.Process) -> None:
+            """A client's work ended: the round closes once all are done or enough updates arrived; an update
+            arriving once it closed (at the same instant) is late like one still on its way."""
+            pending.discard(k)
+            if not process.ok:
+                process.defused = True
+                if not closed.triggered:
+                    closed.fail(process.value)
+                return
+            outcome = "late" if closed.triggered and process.value == "reported" else process.value
+            rows.append({"round": round_index, "client": k, "outcome": outcome, "end_s": env.now})
+            if closed.triggered:
+                return
+            if outcome == "reported":
+                reported.append(k)
+            if not pending or len(reported) >= needed:
+                closed.succeed()
+
+        processes = {}
+        for k in selected:
+            processes[k] = env.process(self._client(round_index, self.clients[k], steps, client_round))
+            processes[k].callbacks.append(lambda process, k=k: finished(k, process))
+        if not selected:
+            closed.succeed()
+        if effects.system.deadline_s is not None:
+            env.timeout(effects.system.deadline_s).callbacks.append(
+                lambda _: None if closed.triggered else closed.succeed())
+        yield closed
+        for k in sorted(pending):
+            processes[k].interrupt()
+            rows.append({"round": round_index, "client": k, "outcome": "late", "end_s": env.now})
+        self.participation += sorted(rows, key=lambda row: row["client"])
+        return Participation(selected, sorted(reported))
+
+    def _client(self, round_index: int, node: ClientNode, steps: int, client_round):
+        limit = self.effects.steps_before_dropping(round_index, node.index, steps)
+        try:
+            yield from client_round(node, steps if limit is None else limit, limit is None)
+        except simpy.Interrupt:
+            return "late"
+        if limit is not None:
+            return "dropped"
+        if not self.effects.online(node.index, self.sim.now):
+            return "offline at the end"
+        return "reported"
 
     def split_iterations(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
                          probes: frozenset[int], work: SplitWork | None):
         """A client's local split iterations: forward, upload, queue for an accelerator, server step, download,
         backward. `probes` holds the steps that measure importance; `work` is None where nothing happens besides
-        time (timing-only runs).
+        time (timing-only runs)."""
+        if client.simple:
+            yield from self._split_fast(round_index, client, costs, steps, probes, work)
+        else:
+            yield from self._split_stepwise(round_index, client, costs, steps, probes, work)
 
-        The hot path (timing-only runs make millions of these events), with one SimPy event per iteration:
+    def _split_fast(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
+                    probes: frozenset[int], work: SplitWork | None):
+        """The hot path (timing-only runs make millions of these events), with one SimPy event per iteration:
         the server is booked on arrival, so one timeout covers the server queue and step, the download, the
         client backward and the next iteration's forward and upload. A client's device and links are its
-        own, so joining its activities changes no timing. The server callback runs in the order of the
+        own here, so joining its activities changes no timing. The server callback runs in the order of the
         server steps; forward and backward, which touch only the client's own state, run when the client's
         process does, which may be before their simulated start, as nothing else can observe them."""
         sim = self.sim
         k = client.index
         timing = self._split_timing.get(k)
-        if timing is None or timing.costs is not costs:
+        if (timing is None or timing.costs is not costs
+                or timing.factors != (client.compute_factor, client.bandwidth_factor)):
             timing = self._split_timing[k] = _SplitTiming(client, self.server, costs)
         env, append, book = sim.env, sim.events.append, sim.server.book
         timeout = env.timeout
@@ -201,6 +343,33 @@ class Fleet:
             yield timeout((start - now) + fwd_up_s)
         self.bytes_up += steps * up_bytes
         self.bytes_down += steps * down_bytes
+
+    def _split_stepwise(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
+                        probes: frozenset[int], work: SplitWork | None):
+        """The same iterations, each activity its own SimPy step, for clients whose transfers share a medium or
+        follow a trace, and for rounds that can stop a client mid-way. The server step is booked on arrival,
+        as on the fast path; a client stopped while it waits leaves the server to finish what it booked."""
+        env, book = self.sim.env, self.sim.server.book
+        k = client.index
+        for step in range(steps):
+            probe = step in probes
+            if work is not None:
+                work.forward(step, probe)
+            yield from client.compute(round_index, "client_fwd", costs.client_fwd)
+            yield from client.upload(round_index, "upload", costs.up)
+            now = env.now
+            seconds = self.server.seconds(costs.server[probe])
+            acquired = book(now, seconds)
+            self.sim.record(round_index, k, "server_queue", SERVER, now, acquired)
+            self.sim.record(round_index, k, "server_step", SERVER, acquired, acquired + seconds,
+                            flops=costs.server[probe])
+            if work is not None:
+                work.server(step, probe)
+            yield env.timeout(acquired + seconds - now)
+            if work is not None:
+                work.backward(step, probe)
+            yield from client.download(round_index, "download", costs.down)
+            yield from client.compute(round_index, "client_bwd", costs.client_bwd[probe])
 
     def local_steps(self, round_index: int, client: ClientNode, flops: int, steps: int, work: StepWork | None):
         """Whole-model training steps on the client's own device (federated baselines)."""

@@ -1,5 +1,12 @@
-"""The round that split and federated algorithms share: clients train, report their adapters, the server
-aggregates, and each client receives what the rule gives it."""
+"""The round that split and federated algorithms share: the fleet decides who trains (sim/fleet.py:
+participate), each of them trains and uploads its adapter as soon as its local steps are done, the server
+aggregates the updates that arrived, and every client that trained receives what the rule gives it.
+
+Aggregation runs over the clients whose updates arrived; their data weights are renormalised over them. A
+client that sat a round out (offline, or not selected) catches up before it next trains: it downloads what it
+missed (the latest result where a rule replaces adapters, every missed update where a rule merges updates
+into the weights).
+"""
 
 from hsplit_sim.algorithms.aggregation import data_weights
 from hsplit_sim.algorithms.base import Algorithm, Outcome, Planned
@@ -9,11 +16,13 @@ class Collaborative(Algorithm):
     """Subclasses (the families) say how a client trains; algorithms say how adapters are aggregated and what
     each client receives."""
 
+    replaces_adapters = True  # False: the rule merges each round's update into the weights (NAA, FLoRA)
+
     def active_clients(self) -> list:
         raise NotImplementedError
 
-    def train(self, round_index: int, client):
-        """A client's local training of one round, as a SimPy process."""
+    def train(self, round_index: int, client, steps: int):
+        """A client's `steps` local steps of one round, as a SimPy process."""
         raise NotImplementedError
 
     def client_adapter(self, client: int) -> str:
@@ -29,7 +38,7 @@ class Collaborative(Algorithm):
         return []
 
     def planned(self, clients) -> Planned:
-        """The aggregation's cost from the plans alone."""
+        """The aggregation's cost from the plans of the clients that reported."""
         raise NotImplementedError
 
     def aggregate(self, contributions) -> Outcome:
@@ -54,21 +63,35 @@ class Collaborative(Algorithm):
         fleet, backend = ctx.fleet, ctx.backend
         clients = self.active_clients()
         self.start_round(round_index)
-        yield fleet.sim.all_of(self.train(round_index, c) for c in clients)
-        uploads = [(c.index, self.client_adapter(c.index), self.adapter_bytes(c.index)) for c in clients]
-        weights = data_weights([ctx.partition_sizes[c.index] for c in clients])
-        contributions = backend.contributions([c.index for c in clients], weights, uploads,
-                                              self.server_side_adapters(clients))
-        yield fleet.sim.all_of(fleet.clients[k].upload(round_index, "adapter_upload", nbytes)
-                               for k, _, nbytes in uploads)
-        planned = self.planned(clients)
+        missed = self.__dict__.setdefault("_missed", {})
+
+        def client_round(node, steps: int, report: bool):
+            client = ctx.clients[node.index]
+            for late in self._catch_up(missed.pop(node.index, [])):
+                yield from self.deliver(round_index, client, late)
+            yield from self.train(round_index, client, steps)
+            if report:
+                yield from node.upload(round_index, "adapter_upload", self.adapter_bytes(node.index))
+
+        taking_part = yield fleet.sim.env.process(
+            fleet.participate(round_index, clients, ctx.scenario.training.local_steps, client_round))
+        reporting = [ctx.clients[k] for k in taking_part.reported]
+        if not reporting:  # nothing arrived: nothing to aggregate
+            return
+        weights = data_weights([ctx.partition_sizes[c.index] for c in reporting])
+        uploads = [(c.index, self.client_adapter(c.index), self.adapter_bytes(c.index)) for c in reporting]
+        contributions = backend.contributions([c.index for c in reporting], [c.index for c in clients], weights,
+                                              uploads, self.server_side_adapters(reporting))
+        planned = self.planned(reporting)
         outcome = backend.aggregate(self, contributions, planned)
         yield from fleet.server.compute(round_index, "aggregate", planned.flops)
         self.after_aggregation(round_index)
-        yield fleet.sim.all_of(self.deliver(round_index, c, planned) for c in self.receivers(clients))
-        backend.apply(outcome)
+        yield fleet.sim.all_of(self.deliver(round_index, ctx.clients[k], planned) for k in taking_part.selected)
+        for c in clients:
+            if c.index not in taking_part.selected:
+                missed.setdefault(c.index, []).append(planned)
+        backend.apply(self, outcome)
         self.after_round(round_index)
 
-    def receivers(self, clients) -> list:
-        """Who receives the aggregation's result: the clients that took part."""
-        return clients
+    def _catch_up(self, missed: list[Planned]) -> list[Planned]:
+        return missed[-1:] if self.replaces_adapters else missed

@@ -85,9 +85,8 @@ class FederatedProtocol(Collaborative):
     def active_clients(self):
         return [c for c in self.ctx.clients if self.ranks[c.index] > 0]
 
-    def train(self, round_index: int, client):
+    def train(self, round_index: int, client, steps: int):
         ctx, k = self.ctx, client.index
-        steps = ctx.scenario.training.local_steps
         work = ctx.backend.step_work(round_index, k, self.client_adapter(k), steps)
         yield from ctx.fleet.local_steps(round_index, ctx.fleet.clients[k], self.step_flops[k], steps, work)
 
@@ -102,6 +101,11 @@ class FederatedProtocol(Collaborative):
 
     def adapter_bytes(self, client: int) -> int:
         return costs.adapter_bytes(self.ctx.spec, self.rank_layout(self.ranks[client]))
+
+    def broadcast_bytes(self) -> dict[int, int]:
+        """What each client's rank of adapter weighs (what a rule that truncates or replaces sends it)."""
+        spec = self.ctx.spec
+        return {c.index: costs.adapter_bytes(spec, self.rank_layout(self.ranks[c.index])) for c in self.active_clients()}
 
     def exact(self, contributions) -> dict[str, np.ndarray]:
         """The exact weighted sum of the reporting clients' updates, every rule's yardstick."""

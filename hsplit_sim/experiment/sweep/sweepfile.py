@@ -14,6 +14,7 @@ import yaml
 
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario import apply_override, scenario_from_dict
+from hsplit_sim.scenario.load import absolute_trace_paths
 from hsplit_sim.scenario.load import _yaml_problem
 
 SWEEP_KEYS = ("name", "base", "set", "grid", "zip", "seeds", "target_ppl", "reference")
@@ -95,7 +96,7 @@ def load_sweep_file(path: str | Path, overrides: list[str] = ()) -> Sweep:
             data["seed"] = seed
             values = {**values, "seed": seed}
         try:
-            scenario = scenario_from_dict(data)
+            scenario = scenario_from_dict(data, relative_to=path.parent)  # trace files: beside the sweep file
         except ScenarioError as e:
             raise ScenarioError(f"{where}: {e}") from None
         resolved = scenario.model_dump(mode="json")
@@ -199,7 +200,9 @@ def _base(path: Path, base: Any) -> dict:
     if isinstance(base, dict):
         return copy.deepcopy(base)
     if isinstance(base, str):
-        return _read_mapping(path.parent / base)
+        data = _read_mapping(path.parent / base)
+        absolute_trace_paths(data, (path.parent / base).parent)  # a base file's traces lie beside it
+        return data
     raise ScenarioError(f"{path}: base: expected a scenario file path (relative to the sweep file) or a mapping")
 
 

@@ -63,6 +63,7 @@ def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
            "error": None,
            "final_eval_ppl": math.nan, "best_eval_ppl": math.nan, "sim_time_s": math.nan, "wall_time_s": math.nan,
            "bytes_up": math.nan, "bytes_down": math.nan, "util_server": math.nan, "util_clients_mean": math.nan,
+           "energy_j": math.nan, "reported_share": math.nan,
            **{m: math.nan for m in GENERATION_METRICS}, "run_dir": None}
     empty = pd.DataFrame({"sim_time_s": [], "eval_ppl": []})
     runs = []
@@ -81,6 +82,7 @@ def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
     _, _, run_dir, summary = max(runs, key=lambda r: (r[0], r[1]))
     row.update({k: summary.get(k) for k in ("status", "trajectory", "error", "sim_time_s", "wall_time_s",
                                             "bytes_up", "bytes_down")})
+    row.update({k: math.nan if summary.get(k) is None else summary[k] for k in ("energy_j", "reported_share")})
     row.update(final_eval_ppl=summary.get("final_eval_ppl") or math.nan,
                best_eval_ppl=summary.get("best_eval_ppl") or math.nan,
                run_dir=str(run_dir.relative_to(sweep_dir)))
@@ -108,7 +110,7 @@ def _columns(axes: list[str]) -> list[str]:
     return (["point", "seed"] + [a for a in axes if a != "seed"]
             + ["status", "trajectory", "error", "target_ppl", "final_eval_ppl", "best_eval_ppl", "time_to_target_s",
                "sim_time_s", "wall_time_s", "bytes_up", "bytes_down", "util_server", "util_clients_mean",
-               *GENERATION_METRICS, "run_dir"])
+               "energy_j", "reported_share", *GENERATION_METRICS, "run_dir"])
 
 
 def _column(values: pd.Series) -> pd.Series:
