@@ -242,26 +242,30 @@ def test_aggregation_weights_are_renormalised_over_the_clients_that_reported(alg
 def test_energy_is_time_in_each_state_times_its_power():
     device = DeviceSpec(tflops=1, efficiency=1, memory_gb=1, power_w=PowerSpec(compute=10, transmit=3, receive=2,
                                                                                idle=1))
-    client = ClientSpec(0, 0, device, LinkSpec(up_mbps=1, down_mbps=1, latency_ms=0), 1.0)
-    resources = {"client0": ("device", 0), "client0.up": ("uplink", 0), "client0.down": ("downlink", 0),
-                 "server": ("server", -1)}
-    events = [(1, 0, "client_fwd", "client0", 0.0, 1.0, 0, 1.0), (1, 0, "upload", "client0.up", 1.0, 1.5, 8, 0.0),
-              (1, 0, "server_step", "server", 1.5, 2.0, 0, 1.0), (1, 0, "download", "client0.down", 2.0, 2.25, 8, 0.0),
-              (0, 0, "client_fwd", "client0", 0.0, 9.0, 0, 1.0)]  # another round's: not counted
-    [row] = round_energy(1, events, resources, [client], 0.0, 4.0)
+    without = DeviceSpec(tflops=1, efficiency=1, memory_gb=1)
+    link = LinkSpec(up_mbps=1, down_mbps=1, latency_ms=0)
+    clients = [ClientSpec(0, 0, device, link, 1.0), ClientSpec(1, 0, without, link, 1.0)]
+    [row] = round_energy(3, {0: [1.0, 0.5, 0.25], 1: [1.0, 1.0, 1.0]}, clients, 4.0)
+    assert (row["round"], row["client"]) == (3, 0)
     assert (row["compute_s"], row["transmit_s"], row["receive_s"], row["idle_s"]) == (1.0, 0.5, 0.25, 2.25)
     assert row["energy_j"] == pytest.approx(10 * 1 + 3 * 0.5 + 2 * 0.25 + 1 * 2.25)
 
 
 def test_every_run_writes_energy_for_devices_with_power_figures(tmp_path):
-    tables = run(tmp_path)
-    energy = tables["energy"]
-    assert set(energy["client"]) == {0, 1, 2, 3} and (energy["energy_j"] > 0).all()
-    rounds = tables["rounds"].set_index("round")["sim_time_s"]
-    spent = energy[["compute_s", "transmit_s", "receive_s", "idle_s"]].sum(axis=1)
-    assert np.allclose(spent, [rounds[r] - rounds[r - 1] for r in energy["round"]])
-    assert math.isclose(energy.query("client == 3")["compute_s"].sum(),
-                        tables["events"].query("client == 3 and resource == 'client3'").eval("end_s - start_s").sum())
+    """The busy seconds the fleet counts equal those of the events on each client's own resources, on the fast
+    path (private links) and the stepwise one (a deadline that cuts work short)."""
+    for overrides in ([], ["system.deadline_s=0.1"]):
+        tables = run(tmp_path / str(len(overrides)), *overrides)
+        energy, events = tables["energy"], tables["events"]
+        assert set(energy["client"]) == {0, 1, 2, 3} and (energy["energy_j"] > 0).all()
+        rounds = tables["rounds"].set_index("round")["sim_time_s"]
+        spent = energy[["compute_s", "transmit_s", "receive_s", "idle_s"]].sum(axis=1)
+        assert np.allclose(spent, [rounds[r] - rounds[r - 1] for r in energy["round"]])
+        for state, suffix in (("compute_s", ""), ("transmit_s", ".up"), ("receive_s", ".down")):
+            for client in range(4):
+                mine = events[events["resource"] == f"client{client}{suffix}"]
+                assert math.isclose(energy.query(f"client == {client}")[state].sum(),
+                                    (mine["end_s"] - mine["start_s"]).sum(), rel_tol=1e-9, abs_tol=1e-12)
 
 
 @pytest.mark.parametrize("algorithm", ["hsplitlora", "fedlora"])

@@ -87,10 +87,7 @@ class Algorithm:
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
-
-    @property
-    def config(self):
-        return self.ctx.scenario.algorithm
+        self.config = ctx.scenario.algorithm  # this algorithm's Config
 
     @classmethod
     def device_speeds_matter(cls, config) -> bool:

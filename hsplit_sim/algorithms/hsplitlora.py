@@ -194,9 +194,9 @@ class HSplitLoRA(SplitProtocol):
         """A compute budget bounds each client's plan by its device's speed."""
         return config.time_budget_s is not None
 
-    @property
-    def shared(self) -> bool:
-        return self.config.server_adapters == "shared"  # none: per_client
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.shared = self.config.server_adapters == "shared"
 
     @property
     def order_sensitive(self) -> bool:

@@ -101,9 +101,9 @@ class SplitLoRA(SplitProtocol):
         for client in self.active_clients():
             self.configure_client(client.index)
 
-    @property
-    def per_client(self) -> bool:
-        return self.config.server_adapters == "per_client"  # none: shared
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.per_client = self.config.server_adapters == "per_client"
 
     def server_adapter(self, client: int) -> str:
         return f"s{client}" if self.per_client else "server"

@@ -171,7 +171,6 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
     """The run as one SimPy process: evaluate, then rounds, writing every table after each round (events and
     clients as one more part each, the small tables rewritten whole)."""
     training, fleet, sim = ctx.scenario.training, ctx.fleet, ctx.fleet.sim
-    owners = {row["resource"]: (row["kind"], row["client"]) for row in fleet.resources()}
     for round_index in range(training.rounds + 1):
         ctx.stats.losses, ctx.stats.agg_error = [], float("nan")
         clients = algorithm.client_rows(round_index)  # before the round: the plans it trains with
@@ -179,7 +178,8 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
         if round_index > 0:
             yield sim.env.process(algorithm.round(round_index))
             participation = fleet.take_participation()
-            energy = round_energy(round_index, sim.events, owners, ctx.clients, started_s, sim.now)
+            energy = round_energy(round_index, {node.index: node.take_busy() for node in fleet.clients}, ctx.clients,
+                                  sim.now - started_s)
             writer.append_rows("participation", participation)
             writer.append_rows("energy", energy)
             totals.outcomes.update(row["outcome"] for row in participation)

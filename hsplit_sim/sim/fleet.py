@@ -72,6 +72,7 @@ class ClientNode:
         self.fleet, self.spec, self.index, self.medium = fleet, spec, spec.index, medium
         self.device, self.up, self.down = f"client{self.index}", f"client{self.index}.up", f"client{self.index}.down"
         self.compute_factor = self.bandwidth_factor = 1.0
+        self.busy = [0.0, 0.0, 0.0]  # seconds computing, sending, receiving since the round started (energy)
         effects = fleet.effects
         self.traced = effects.bandwidth is not None and effects.bandwidth.covers(self.index)
 
@@ -96,16 +97,35 @@ class ClientNode:
         return transfer_seconds(nbytes, self._rate_mbps(False), self.spec.link.latency_ms)
 
     def compute(self, round_index: int, kind: str, flops: float):
-        yield from self.fleet.sim.hold(round_index, self.index, kind, self.device, self.compute_seconds(flops),
-                                       flops=flops)
+        sim = self.fleet.sim
+        start = sim.env.now
+        try:
+            yield from sim.hold(round_index, self.index, kind, self.device, self.compute_seconds(flops), flops=flops)
+        finally:  # the part done counts when a deadline cuts it short
+            self.busy[0] += sim.env.now - start
 
     def upload(self, round_index: int, kind: str, nbytes: int):
-        yield from self._send(round_index, kind, nbytes, True)
+        env = self.fleet.sim.env
+        start = env.now
+        try:
+            yield from self._send(round_index, kind, nbytes, True)
+        finally:
+            self.busy[1] += env.now - start
         self.fleet.bytes_up += nbytes
 
     def download(self, round_index: int, kind: str, nbytes: int):
-        yield from self._send(round_index, kind, nbytes, False)
+        env = self.fleet.sim.env
+        start = env.now
+        try:
+            yield from self._send(round_index, kind, nbytes, False)
+        finally:
+            self.busy[2] += env.now - start
         self.fleet.bytes_down += nbytes
+
+    def take_busy(self) -> list[float]:
+        """Seconds computing, sending and receiving since the last call."""
+        busy, self.busy = self.busy, [0.0, 0.0, 0.0]
+        return busy
 
     def _send(self, round_index: int, kind: str, nbytes: int, up: bool):
         resource = self.up if up else self.down
@@ -173,7 +193,7 @@ class ServerNode:
 class _SplitTiming:
     """One client's split iteration under one IterationCosts, as durations, computed once."""
 
-    __slots__ = ("costs", "factors", "fwd_s", "fwd_up_s", "server_s", "down_s", "down_bwd_s")
+    __slots__ = ("costs", "factors", "fwd_s", "fwd_up_s", "server_s", "down_s", "down_bwd_s", "busy")
 
     def __init__(self, client: ClientNode, server: ServerNode, costs: IterationCosts):
         self.costs, self.factors = costs, (client.compute_factor, client.bandwidth_factor)
@@ -182,6 +202,9 @@ class _SplitTiming:
         self.server_s = tuple(server.seconds(f) for f in costs.server)
         self.down_s = client.down_seconds(costs.down)
         self.down_bwd_s = tuple(self.down_s + client.compute_seconds(f) for f in costs.client_bwd)
+        # (computing, sending, receiving) seconds of one iteration, by whether it probes
+        self.busy = tuple((self.fwd_s + self.down_bwd_s[p] - self.down_s, self.fwd_up_s - self.fwd_s, self.down_s)
+                          for p in (False, True))
 
 
 class Fleet:
@@ -222,10 +245,11 @@ class Fleet:
         start = env.now
         candidates = [c.index for c in clients if effects.online(c.index, start)]
         selected = effects.select(round_index, candidates)
+        online, chosen = set(candidates), set(selected)
         rows = [{"round": round_index, "client": c.index, "outcome": "offline", "end_s": start}
-                for c in clients if c.index not in candidates]
+                for c in clients if c.index not in online]
         rows += [{"round": round_index, "client": k, "outcome": "not selected", "end_s": start}
-                 for k in candidates if k not in selected]
+                 for k in candidates if k not in chosen]
         for k in selected:
             self.clients[k].compute_factor, self.clients[k].bandwidth_factor = effects.factors(round_index, k)
         needed = effects.needed(len(selected))
@@ -241,7 +265,9 @@ class Fleet:
                 if not closed.triggered:
                     closed.fail(process.value)
                 return
-            outcome = "late" if closed.triggered and process.value == "reported" else process.value
+            outcome = "reported" if process.value is None else process.value
+            if closed.triggered and outcome == "reported":
+                outcome = "late"
             rows.append({"round": round_index, "client": k, "outcome": outcome, "end_s": env.now})
             if closed.triggered:
                 return
@@ -250,9 +276,14 @@ class Fleet:
             if not pending or len(reported) >= needed:
                 closed.succeed()
 
+        # Where nothing can drop or stop a client, its work is the process itself (one frame less on the hot path)
+        # and ending means reporting.
+        certain = not effects.cuts_rounds_short and effects.system.dropout == 0
         processes = {}
         for k in selected:
-            processes[k] = env.process(self._client(round_index, self.clients[k], steps, client_round))
+            node = self.clients[k]
+            work = client_round(node, steps, True) if certain else self._client(round_index, node, steps, client_round)
+            processes[k] = env.process(work)
             processes[k].callbacks.append(lambda process, k=k: finished(k, process))
         if not selected:
             closed.succeed()
@@ -279,17 +310,16 @@ class Fleet:
         return "reported"
 
     def split_iterations(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
-                         probes: frozenset[int], work: SplitWork | None):
+                         probes: frozenset[int], work: SplitWork | None, report: int):
         """A client's local split iterations: forward, upload, queue for an accelerator, server step, download,
-        backward. `probes` holds the steps that measure importance; `work` is None where nothing happens besides
-        time (timing-only runs)."""
-        if client.simple:
-            yield from self._split_fast(round_index, client, costs, steps, probes, work)
-        else:
-            yield from self._split_stepwise(round_index, client, costs, steps, probes, work)
+        backward; then, if `report` bytes are given, the upload of its update. `probes` holds the steps that
+        measure importance; `work` is None where nothing happens besides time (timing-only runs). Returns the
+        generator of the client's SimPy process (no frame of its own on the hot path)."""
+        run = self._split_fast if client.simple else self._split_stepwise
+        return run(round_index, client, costs, steps, probes, work, report)
 
     def _split_fast(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
-                    probes: frozenset[int], work: SplitWork | None):
+                    probes: frozenset[int], work: SplitWork | None, report: int):
         """The hot path (timing-only runs make millions of these events), with one SimPy event per iteration:
         the server is booked on arrival, so one timeout covers the server queue and step, the download, the
         client backward and the next iteration's forward and upload. A client's device and links are its
@@ -343,9 +373,18 @@ class Fleet:
             yield timeout((start - now) + fwd_up_s)
         self.bytes_up += steps * up_bytes
         self.bytes_down += steps * down_bytes
+        probing = len(probes)  # the probing steps, all below `steps`
+        for state, (plain, probed) in enumerate(zip(*timing.busy)):
+            client.busy[state] += (steps - probing) * plain + probing * probed
+        if report:
+            start, seconds = env.now, client.up_seconds(report)
+            yield timeout(seconds)
+            append((r, k, "adapter_upload", up_res, start, env.now, report, 0.0))
+            self.bytes_up += report
+            client.busy[1] += env.now - start
 
     def _split_stepwise(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
-                        probes: frozenset[int], work: SplitWork | None):
+                        probes: frozenset[int], work: SplitWork | None, report: int):
         """The same iterations, each activity its own SimPy step, for clients whose transfers share a medium or
         follow a trace, and for rounds that can stop a client mid-way. The server step is booked on arrival,
         as on the fast path; a client stopped while it waits leaves the server to finish what it booked."""
@@ -370,13 +409,19 @@ class Fleet:
                 work.backward(step, probe)
             yield from client.download(round_index, "download", costs.down)
             yield from client.compute(round_index, "client_bwd", costs.client_bwd[probe])
+        if report:
+            yield from client.upload(round_index, "adapter_upload", report)
 
-    def local_steps(self, round_index: int, client: ClientNode, flops: int, steps: int, work: StepWork | None):
-        """Whole-model training steps on the client's own device (federated baselines)."""
+    def local_steps(self, round_index: int, client: ClientNode, flops: int, steps: int, work: StepWork | None,
+                    report: int):
+        """Whole-model training steps on the client's own device (federated baselines), then the upload of
+        `report` bytes (none: 0)."""
         for step in range(steps):
             if work is not None:
                 work.step(step)
             yield from client.compute(round_index, "client_step", flops)
+        if report:
+            yield from client.upload(round_index, "adapter_upload", report)
 
     def server_steps(self, round_index: int, flops: int, steps: int, work: StepWork | None):
         """Training steps on the server (centralised baselines)."""

@@ -21,8 +21,9 @@ class Collaborative(Algorithm):
     def active_clients(self) -> list:
         raise NotImplementedError
 
-    def train(self, round_index: int, client, steps: int):
-        """A client's `steps` local steps of one round, as a SimPy process."""
+    def train(self, round_index: int, client, steps: int, report: int):
+        """A client's `steps` local steps of one round, then the upload of its `report` bytes of update (none:
+        0): the generator of a SimPy process."""
         raise NotImplementedError
 
     def client_adapter(self, client: int) -> str:
@@ -66,12 +67,11 @@ class Collaborative(Algorithm):
         missed = self.__dict__.setdefault("_missed", {})
 
         def client_round(node, steps: int, report: bool):
+            """A client's round: what it missed, its local steps, the upload of its update if it reports."""
             client = ctx.clients[node.index]
-            for late in self._catch_up(missed.pop(node.index, [])):
-                yield from self.deliver(round_index, client, late)
-            yield from self.train(round_index, client, steps)
-            if report:
-                yield from node.upload(round_index, "adapter_upload", self.adapter_bytes(node.index))
+            work = self.train(round_index, client, steps, self.adapter_bytes(node.index) if report else 0)
+            behind = self._catch_up(missed.pop(node.index, []))
+            return self._after(round_index, client, behind, work) if behind else work
 
         taking_part = yield fleet.sim.env.process(
             fleet.participate(round_index, clients, ctx.scenario.training.local_steps, client_round))
@@ -87,11 +87,18 @@ class Collaborative(Algorithm):
         yield from fleet.server.compute(round_index, "aggregate", planned.flops)
         self.after_aggregation(round_index)
         yield fleet.sim.all_of(self.deliver(round_index, ctx.clients[k], planned) for k in taking_part.selected)
+        selected = set(taking_part.selected)
         for c in clients:
-            if c.index not in taking_part.selected:
+            if c.index not in selected:
                 missed.setdefault(c.index, []).append(planned)
         backend.apply(self, outcome)
         self.after_round(round_index)
 
     def _catch_up(self, missed: list[Planned]) -> list[Planned]:
         return missed[-1:] if self.replaces_adapters else missed
+
+    def _after(self, round_index: int, client, missed: list[Planned], work):
+        """`work` once the client has received what it missed."""
+        for late in missed:
+            yield from self.deliver(round_index, client, late)
+        yield from work

@@ -85,10 +85,10 @@ class FederatedProtocol(Collaborative):
     def active_clients(self):
         return [c for c in self.ctx.clients if self.ranks[c.index] > 0]
 
-    def train(self, round_index: int, client, steps: int):
+    def train(self, round_index: int, client, steps: int, report: int):
         ctx, k = self.ctx, client.index
         work = ctx.backend.step_work(round_index, k, self.client_adapter(k), steps)
-        yield from ctx.fleet.local_steps(round_index, ctx.fleet.clients[k], self.step_flops[k], steps, work)
+        return ctx.fleet.local_steps(round_index, ctx.fleet.clients[k], self.step_flops[k], steps, work, report)
 
     def module_shapes(self) -> list[tuple[int, int]]:
         """(d_in, d_out) of every weight a client's adapter covers (the same at every rank)."""

@@ -98,13 +98,13 @@ class SplitProtocol(Collaborative):
     def active_clients(self):
         return [c for c in self.ctx.clients if self.plans[c.index].active]
 
-    def train(self, round_index: int, client, steps: int):
+    def train(self, round_index: int, client, steps: int, report: int):
         ctx, k = self.ctx, client.index
         plan, iteration = self.plans[k], self.plan_costs(k).iteration
         work = ctx.backend.split_work(round_index, k, self.client_adapter(k), self.server_adapter(k), plan.split,
                                       iteration, self.importance_measure, self.record_importance)
         probes = frozenset(step for step in range(steps) if self.probes(round_index, step))
-        yield from ctx.fleet.split_iterations(round_index, ctx.fleet.clients[k], iteration, steps, probes, work)
+        return ctx.fleet.split_iterations(round_index, ctx.fleet.clients[k], iteration, steps, probes, work, report)
 
     def adapter_bytes(self, client: int) -> int:
         return self.plan_costs(client).adapter
