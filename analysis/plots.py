@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatter  # noqa: E402
 
-from analysis.load import Run, load_run  # noqa: E402
+from analysis.load import Run  # noqa: E402
 from hsplit_sim.results import RESOURCE_KINDS, WAIT_KINDS  # noqa: E402
 
 STYLE = {
@@ -43,6 +43,7 @@ SPARE_COLORS = ["#7f7f7f", "#bcbd22", "#c5b0d5", "#f7b6d2", "#c49c94", "#dbdb8d"
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 SMALL_FLEET = 8  # a timeline shows every client of a fleet this small
 MAX_LANES = 36  # beyond a few dozen rows a timeline stops being readable (and cheap to draw)
+LONG_LABEL = 40  # characters of a legend label beyond which the legend goes below the axes
 
 
 def _time_unit(max_s: float) -> tuple[float, str]:
@@ -305,9 +306,14 @@ def _rounds_text(numbers: list[int]) -> str:
     return f"Round {numbers[0]}" if len(numbers) == 1 else f"Rounds {numbers[0]}–{numbers[-1]}"
 
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write perplexity and timeline figures into RUN/plots/; a figure without data is skipped,
-    so a missing path in the result means there was nothing to plot."""
-    run = load_run(run_dir, lazy=True)  # the timeline reads the few rounds it draws
-    plots = run.path / "plots"
-    return plot_perplexity(run, plots / "perplexity") + plot_timeline(run, plots / "timeline")
+def _legend_and_layout(fig: plt.Figure, ax, labels: list[str]) -> None:
+    """The legend beside the axes; below them, in room added to the figure, when labels are long enough to
+    squeeze the plot."""
+    if max(map(len, labels), default=0) <= LONG_LABEL:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        return
+    height, extra = fig.get_figheight(), 0.1 + 0.21 * len(labels)
+    fig.set_figheight(height + extra)
+    fig.tight_layout(rect=(0, extra / (height + extra), 1, 1))
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower left", bbox_to_anchor=(0.01, 0.0), frameon=False)

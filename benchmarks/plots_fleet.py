@@ -3,7 +3,7 @@
 Makes timing-only runs of the mixed fleet of benchmarks/timing_only.py: 1,000 clients x 100 rounds x 10 local
 steps (about 6 million events) and 10,000 clients x 30 rounds (so making it takes a few minutes on two cores).
 Then, each in a fresh Python process as at a run's end or in `hsplit-sim report`, it times (a)
-analysis.plots.plot_run(RUN) and (b) analysis.report.report(RUN): wall seconds (interpreter start and imports
+analysis.figures.plot_run(RUN) and (b) analysis.report.report(RUN): wall seconds (interpreter start and imports
 included: they are part of the cost) and peak memory (the process's peak RSS), for each and for both together
 (wall: the sum; memory: the sum of the two peaks, and the larger one), and the sizes of the PNG and SVG files
 written. Goals, for 1,000 clients: both together under 3 s and 500 MB, every SVG under 1 MiB. Wall-clock
@@ -28,7 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_S, GOAL_MB, GOAL_SVG_MIB = 3.0, 500, 1.0
-CALLS = {"plot_run": "analysis.plots", "report": "analysis.report"}
+CALLS = {"plot_run": "analysis.figures", "report": "analysis.report"}
 # The child's own peak: VmHWM belongs to the process's memory since its exec. (Its ru_maxrss does not: Linux starts
 # it at the peak of the process it was forked from, here this one, which made the runs.)
 CHILD = """

@@ -74,7 +74,7 @@ def main() -> None:
             profiler.enable()
         run_dir = run_scenario(spec, progress=False)
         if args.plots:
-            from analysis.plots import plot_run
+            from analysis.figures import plot_run
 
             plot_run(run_dir)
         if profiler:

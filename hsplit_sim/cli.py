@@ -144,7 +144,7 @@ def _plot(run_dir) -> None:
     """The run-end figures (RUN/plots/), drawn here, not by the run: a run writes tables, and figures are a
     convenience over them, so a plotting problem is logged, never fatal (`hsplit-sim report` draws them again)."""
     try:
-        from analysis.plots import plot_run
+        from analysis.figures import plot_run
 
         plot_run(run_dir)
     except Exception:  # noqa: BLE001 - the tables on disk are the result

@@ -73,7 +73,7 @@ def test_run_draws_the_run_end_plots_and_survives_a_plotting_failure(capsys, cap
     def broken(run_dir):
         raise ValueError("no figure today")
 
-    monkeypatch.setattr("analysis.plots.plot_run", broken)
+    monkeypatch.setattr("analysis.figures.plot_run", broken)
     assert main(["run", QUICKSTART]) == 0  # the tables are the result; figures can be drawn again by report
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(run_dir)
     assert f"plotting {run_dir} failed" in caplog.text and "no figure today" in caplog.text

@@ -131,6 +131,7 @@ def _drawn(monkeypatch) -> dict:
         return analysis.plots._save(fig, out_base)
 
     monkeypatch.setattr(module, "_save", spy)
+    monkeypatch.setattr("analysis.figures._save", spy)
     return drawn
 
 
@@ -182,3 +183,15 @@ def test_point_descriptions_name_a_shared_value_once():
     assert _describe(links, ["splitlora", "wifi-5", "wifi-5"]) == "splitlora, link=wifi-5"
     assert _describe(links, ["splitlora", "wifi-5", "lte"]) == "splitlora, clients.0.link=wifi-5, clients.1.link=lte"
     assert _describe(["algorithm.time_budget_s"], [float("nan")]) == "time_budget_s=none"  # null in the sweep file
+
+
+def test_run_end_plots_and_the_report_draw_from_one_registry(tmp_path):
+    from analysis.figures import RUN_FIGURES as REGISTRY
+    from analysis.figures import plot_run
+
+    run_dir = make_fleet_run(tmp_path / "run", 3, n_classes=2)
+    assert {path.stem for path in plot_run(run_dir)} <= {f.name for f in REGISTRY if f.at_run_end}
+    assert {path.parent.name for path in plot_run(run_dir)} == {"plots"}
+    page = report(run_dir).read_text()
+    for figure in REGISTRY:
+        assert f"<h2>{figure.title}</h2>" in page

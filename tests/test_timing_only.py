@@ -49,7 +49,7 @@ def test_timing_only_events_equal_a_real_runs(tmp_path, algorithm):
 
 @pytest.mark.parametrize("algorithm", ["hsplitlora", "hetlora", "flexlora", "flora", "cenlora", "ft"])
 def test_every_algorithm_runs_timing_only_and_plots(tmp_path, algorithm):
-    from analysis.plots import plot_run
+    from analysis.figures import plot_run
 
     run_dir = run(tmp_path, f"algorithm.name={algorithm}", "runtime.timing_only=true")
     summary = json.loads((run_dir / "summary.json").read_text())
