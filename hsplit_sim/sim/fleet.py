@@ -105,22 +105,20 @@ class ClientNode:
             self.busy[0] += sim.env.now - start
 
     def upload(self, round_index: int, kind: str, nbytes: int):
-        env = self.fleet.sim.env
-        start = env.now
-        try:
-            yield from self._send(round_index, kind, nbytes, True)
-        finally:
-            self.busy[1] += env.now - start
+        yield from self._transfer(round_index, kind, nbytes, True)
         self.fleet.bytes_up += nbytes
 
     def download(self, round_index: int, kind: str, nbytes: int):
+        yield from self._transfer(round_index, kind, nbytes, False)
+        self.fleet.bytes_down += nbytes
+
+    def _transfer(self, round_index: int, kind: str, nbytes: int, up: bool):
         env = self.fleet.sim.env
         start = env.now
         try:
-            yield from self._send(round_index, kind, nbytes, False)
-        finally:
-            self.busy[2] += env.now - start
-        self.fleet.bytes_down += nbytes
+            yield from self._send(round_index, kind, nbytes, up)
+        finally:  # sending or receiving time counts for energy, a transfer cut short too
+            self.busy[1 if up else 2] += env.now - start
 
     def take_busy(self) -> list[float]:
         """Seconds computing, sending and receiving since the last call."""
