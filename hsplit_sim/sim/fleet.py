@@ -113,24 +113,26 @@ class ClientNode:
         self.fleet.bytes_down += nbytes
 
     def _transfer(self, round_index: int, kind: str, nbytes: int, up: bool):
-        env = self.fleet.sim.env
-        start = env.now
+        sim = self.fleet.sim
+        start = sim.env.now
         try:
-            yield from self._send(round_index, kind, nbytes, up)
+            if self.medium is None and not self.traced:
+                seconds = self.up_seconds(nbytes) if up else self.down_seconds(nbytes)
+                yield from sim.hold(round_index, self.index, kind, self.up if up else self.down, seconds,
+                                    nbytes=nbytes)
+            else:
+                yield from self._shared_or_traced(round_index, kind, nbytes, up)
         finally:  # sending or receiving time counts for energy, a transfer cut short too
-            self.busy[1 if up else 2] += env.now - start
+            self.busy[1 if up else 2] += sim.env.now - start
 
     def take_busy(self) -> list[float]:
         """Seconds computing, sending and receiving since the last call."""
         busy, self.busy = self.busy, [0.0, 0.0, 0.0]
         return busy
 
-    def _send(self, round_index: int, kind: str, nbytes: int, up: bool):
+    def _shared_or_traced(self, round_index: int, kind: str, nbytes: int, up: bool):
+        """A transfer through a shared medium, or at rates that follow a trace: latency, then the bits."""
         resource = self.up if up else self.down
-        if self.medium is None and not self.traced:
-            seconds = self.up_seconds(nbytes) if up else self.down_seconds(nbytes)
-            yield from self.fleet.sim.hold(round_index, self.index, kind, resource, seconds, nbytes=nbytes)
-            return
         sim = self.fleet.sim
         env, start = sim.env, sim.now
         planned = start + (self.up_seconds(nbytes) if up else self.down_seconds(nbytes))  # for a partial record
