@@ -339,3 +339,28 @@ def test_when_timing_decides_who_trains_the_training_key_holds_the_whole_system(
     assert key("system.availability={trace: elsewhere.csv}") == with_trace
     trace.write_text("client,start_s,end_s\n1,0.6,100\n")
     assert key("system.availability={trace: online.csv}") != with_trace
+
+
+def test_a_round_with_nobody_online_waits_for_the_first_to_come_online(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "online.csv").write_text("client,start_s,end_s\n" + "".join(f"{k},{2 + k},1000\n" for k in range(4)))
+    tables = run(tmp_path, "system.availability={trace: online.csv}")
+    first = tables["participation"].query("round == 1")
+    assert set(first.query("outcome == 'reported'")["client"]) == {0}  # online from 2 s; the others later
+    events = tables["events"].query("round == 1 and kind == 'client_fwd'")
+    assert events["start_s"].min() == pytest.approx(2.0)
+
+
+def test_next_online_time_is_the_first_switch_to_online():
+    from hsplit_sim.scenario.schema import Availability
+    from hsplit_sim.sim.effects import Availability as Model
+
+    model = Model(Availability(mean_online_s=1.0, mean_offline_s=2.0), seed=4, n_clients=3)
+    for client in range(3):
+        for t in np.linspace(0, 20, 41):
+            if model.online(client, t):
+                continue
+            wake = model.next_online(client, t)
+            assert wake > t and model.online(client, wake) and not model.online(client, wake - 1e-9)
+            grid = np.linspace(t, wake, 50, endpoint=False)
+            assert not any(model.online(client, s) for s in grid)

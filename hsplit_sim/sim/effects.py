@@ -35,6 +35,17 @@ class Availability:
         changes, first_online = self._changes(client, t)
         return first_online == (bisect.bisect_right(changes, t) % 2 == 0)
 
+    def next_online(self, client: int, t: float) -> float | None:
+        """The first time after t at which an offline client comes online; None if it never does again."""
+        if self.trace is not None:
+            return min((start for start, _ in self.trace.get(client, []) if start > t), default=None)
+        changes, first_online = self._changes(client, t)
+        i = bisect.bisect_right(changes, t)
+        while first_online != (i % 2 == 1):  # after change i the client is online when i and the start differ
+            i += 1
+            changes, _ = self._changes(client, changes[-1])
+        return changes[i]
+
     def _changes(self, client: int, t: float) -> tuple[list[float], bool]:
         """Times at which the client switches state, at least until t, and whether it starts online."""
         if client not in self.generated:
@@ -99,6 +110,11 @@ class SystemEffects:
 
     def online(self, client: int, t: float) -> bool:
         return self.availability is None or self.availability.online(client, t)
+
+    def next_online(self, clients: list[int], t: float) -> float | None:
+        """When the first of these (all offline) clients comes online after t; None: none ever does."""
+        times = [time for k in clients if (time := self.availability.next_online(k, t)) is not None]
+        return min(times, default=None)
 
     def needed(self, candidates: int) -> int:
         """How many updates a round waits for."""

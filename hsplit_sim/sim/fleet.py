@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import simpy
 
+from hsplit_sim.errors import RunError
 from hsplit_sim.sim.effects import SystemEffects
 from hsplit_sim.sim.engine import Simulation
 from hsplit_sim.sim.medium import Medium
@@ -242,8 +243,15 @@ class Fleet:
         deadline, and whoever is still working then is stopped, its update lost; a client offline when its
         work is done loses it too."""
         env, effects = self.sim.env, self.effects
+        candidates = [c.index for c in clients if effects.online(c.index, env.now)]
+        while clients and not candidates:  # nobody online: the round waits for the first to come online
+            wake = effects.next_online([c.index for c in clients], env.now)
+            if wake is None:
+                raise RunError(f"round {round_index}: no client is online at {env.now:.6g} s and none comes "
+                               "online later (system.availability.trace)")
+            yield env.timeout(wake - env.now)
+            candidates = [c.index for c in clients if effects.online(c.index, env.now)]
         start = env.now
-        candidates = [c.index for c in clients if effects.online(c.index, start)]
         selected = effects.select(round_index, candidates)
         online, chosen = set(candidates), set(selected)
         rows = [{"round": round_index, "client": c.index, "outcome": "offline", "end_s": start}
