@@ -7,6 +7,7 @@ large one, so it stays readable and cheap at a thousand clients.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,20 @@ class Figure:
     title: str
     draw: Callable[[Run, Path], tuple[str | None, list[Path]]]
     at_run_end: bool = False
+    caption: str | None = None  # of a run-end figure, which the report may take as drawn
+
+
+def report_figure(run: Run, figure: Figure, out_base: Path) -> tuple[str | None, list[Path]]:
+    """A figure for the report: one `hsplit-sim run` drew at the end from these same tables is copied, not drawn
+    again (at a thousand clients the timeline is the costliest figure); any other is drawn."""
+    drawn = [run.path / "plots" / f"{figure.name}.{ext}" for ext in ("png", "svg")]
+    if not (figure.at_run_end and all(path.is_file() for path in drawn)):
+        return figure.draw(run, out_base)
+    out_base.parent.mkdir(parents=True, exist_ok=True)
+    copies = [out_base.with_name(f"{out_base.name}{path.suffix}") for path in drawn]
+    for path, copy in zip(drawn, copies):
+        shutil.copyfile(path, copy)
+    return figure.caption, copies
 
 
 def _sim_time(run: Run) -> float:
@@ -278,9 +293,12 @@ def _perplexity(run: Run, out_base: Path) -> tuple[str | None, list[Path]]:
     return None, plot_perplexity(run, out_base)
 
 
+TIMELINE = ("The first two training rounds, one row per device and link: of every client in a small fleet, else of "
+            "the few clients the figure's title names.")
+
+
 def _timeline(run: Run, out_base: Path) -> tuple[str | None, list[Path]]:
-    return ("The first two training rounds, one row per device and link: of every client in a small fleet, else "
-            "of the few clients the figure's title names."), plot_timeline(run, out_base)
+    return TIMELINE, plot_timeline(run, out_base)
 
 
 def _bytes(run: Run, out_base: Path) -> tuple[str | None, list[Path]]:
@@ -297,7 +315,7 @@ def _energy(run: Run, out_base: Path) -> tuple[str | None, list[Path]]:
 
 RUN_FIGURES = (
     Figure("perplexity", "Perplexity against simulated time", _perplexity, at_run_end=True),
-    Figure("timeline", "Timeline", _timeline, at_run_end=True),
+    Figure("timeline", "Timeline", _timeline, at_run_end=True, caption=TIMELINE),
     Figure("time_breakdown", "Time breakdown", _client_breakdown_bars),
     Figure("bytes_per_round", "Bytes per round", _bytes),
     Figure("memory", "Memory against budget", _memory),

@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from analysis.figures import (  # noqa: E402
-    RUN_FIGURES, _breakdown_bars, _bytes_lines, _energy_bars, _mean_breakdown, _memory_bars)
+    RUN_FIGURES, _breakdown_bars, _bytes_lines, _energy_bars, _mean_breakdown, _memory_bars, report_figure)
 from analysis.load import Run, load_run  # noqa: E402
 from analysis.plots import STYLE, _legend_and_layout, _save, _time_unit  # noqa: E402
 from hsplit_sim.results import GENERATION_METRICS  # noqa: E402
@@ -315,7 +315,7 @@ def _heatmaps(table: pd.DataFrame, factors: list[list[str]], metrics: dict[str, 
 def _run_sections(run: Run, out: Path) -> list:
     summary = pd.DataFrame({"value": {k: v for k, v in run.summary.items() if not isinstance(v, (dict, list))}})
     return [("Summary", None, summary.to_html(border=0, float_format=lambda v: f"{v:.6g}")),
-            *[(figure.title, *figure.draw(run, out / figure.name)) for figure in RUN_FIGURES],
+            *[(figure.title, *report_figure(run, figure, out / figure.name)) for figure in RUN_FIGURES],
             ("Rounds", None, run.rounds.to_html(index=False, border=0, float_format=lambda v: f"{v:.6g}"))]
 
 

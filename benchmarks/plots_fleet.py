@@ -62,6 +62,14 @@ def measure(call: str, run_dir: Path) -> tuple[float, int]:
     return time.monotonic() - started, int(out.stdout.split()[-1])
 
 
+def imports_seconds() -> float:
+    """Wall seconds of a fresh process that only imports what the report needs."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import analysis.report"], cwd=REPO, env=env, check=True)
+    return time.monotonic() - started
+
+
 def bench(run_dir: Path, repeat: int) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     events_mib = (run_dir / "events.parquet").stat().st_size / 2**20
@@ -75,6 +83,9 @@ def bench(run_dir: Path, repeat: int) -> None:
               + (f"   (wall of {repeat}: {', '.join(f'{w:.2f}' for w, _ in runs)})" if repeat > 1 else ""))
     wall, memory = sum(walls.values()), sum(peaks.values())
     print(f"  together  {wall:5.2f} s {memory:5d} MB   (sum of the two peaks; the larger {max(peaks.values())} MB)")
+    starts = [imports_seconds() for _ in range(repeat)]
+    print(f"  of which interpreter start and imports (pandas, pyarrow, matplotlib), per fresh process: "
+          f"{statistics.median(starts):.2f} s; `hsplit-sim run` has paid most of it before its run-end plots")
     files = sorted(p for folder in ("plots", "report") for p in (run_dir / folder).glob("*.*"))
     print("  files: " + ", ".join(f"{p.relative_to(run_dir)} {p.stat().st_size / 2**10:.0f} KiB" for p in files))
     svg_mib = max((p.stat().st_size / 2**20 for p in files if p.suffix == ".svg"), default=0.0)
