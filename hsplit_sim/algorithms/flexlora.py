@@ -3,7 +3,6 @@ sum of the clients' updates. The server evaluates (and the error is that of) the
 
 from typing import Literal
 
-from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import (
     adapter_update,
     flexlora_aggregate,
@@ -29,7 +28,6 @@ class FlexLoRA(FederatedProtocol):
         name: Literal["flexlora"]
 
     def planned(self, clients) -> Planned:
-        spec = self.ctx.spec
         flops = self.products_flops(clients) + sum(svd_flops(d_out, d_in) for d_in, d_out in self.module_shapes())
         return Planned(flops, {"FLOPs": flops, "broadcast bytes": self.broadcast_bytes()})
 
