@@ -185,13 +185,16 @@ def _devices(args: argparse.Namespace) -> int:
 
     from hsplit_sim.scenario import DEVICES, LINKS
 
-    devices = Table(title="Devices (effective rate = FP32 TFLOPS x efficiency)")
-    for column in ("name", "FP32 TFLOPS", "efficiency", "memory GB", "power W: compute / send / receive / idle"):
+    devices = Table(title="Devices (effective rate = peak TFLOPS at the simulated precision x efficiency)")
+    for column in ("name", "TFLOPS FP32 / FP16 / BF16", "efficiency", "memory GB", "memory GB/s",
+                   "power W: compute / send / receive / idle"):
         devices.add_column(column)
     for d in DEVICES.values():
+        rates = " / ".join("-" if (r := d.peak_tflops(p)) is None else f"{r:g}" for p in ("fp32", "fp16", "bf16"))
+        bandwidth = "-" if d.memory_bandwidth_gbps is None else f"{d.memory_bandwidth_gbps:g}"
         power = "-" if d.power_w is None else " / ".join(
             f"{getattr(d.power_w, state):g}" for state in ("compute", "transmit", "receive", "idle"))
-        devices.add_row(d.name, f"{d.tflops:g}", f"{d.efficiency:g}", f"{d.memory_gb:g}", power)
+        devices.add_row(d.name, rates, f"{d.efficiency:g}", f"{d.memory_gb:g}", bandwidth, power)
 
     links = Table(title="Links")
     for column in ("name", "up Mbps", "down Mbps", "latency ms"):

@@ -2,6 +2,8 @@
 
 FLOPs count matrix multiplications only, 2*m*k*n each, the way `torch.utils.flop_counter.FlopCounterMode`
 counts them on the real modules (eager attention, PEFT LoRA), so the simulated clock and a profiler agree.
+Bytes take the size of one value as a parameter (the simulated precision); by default fp32, which is what the
+host trains in and what real frames carry.
 """
 
 from dataclasses import dataclass
@@ -200,19 +202,19 @@ def backward_flops(
                           weight_grads)[1]
 
 
-def activation_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
-    """fp32 hidden states at a block boundary (what the client sends up)."""
-    return batch * seq * spec.d_model * FP32
+def activation_bytes(spec: ModelSpec, batch: int, seq: int, element_bytes: int = FP32) -> int:
+    """Hidden states at a block boundary (what the client sends up), `element_bytes` a value."""
+    return batch * seq * spec.d_model * element_bytes
 
 
-def smashed_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
+def smashed_bytes(spec: ModelSpec, batch: int, seq: int, element_bytes: int = FP32) -> int:
     """One upload: activations plus int64 labels and attention mask."""
-    return activation_bytes(spec, batch, seq) + 2 * batch * seq * INT64
+    return activation_bytes(spec, batch, seq, element_bytes) + 2 * batch * seq * INT64
 
 
-def gradient_bytes(spec: ModelSpec, batch: int, seq: int) -> int:
+def gradient_bytes(spec: ModelSpec, batch: int, seq: int, element_bytes: int = FP32) -> int:
     """One download: the gradient of the activations, same shape and dtype."""
-    return activation_bytes(spec, batch, seq)
+    return activation_bytes(spec, batch, seq, element_bytes)
 
 
 def adapter_params(spec: ModelSpec, ranks: Ranks) -> int:
@@ -225,9 +227,9 @@ def adapter_params(spec: ModelSpec, ranks: Ranks) -> int:
     return total
 
 
-def adapter_bytes(spec: ModelSpec, ranks: Ranks) -> int:
-    """fp32 size of the adapters (what a round uploads and broadcasts)."""
-    return adapter_params(spec, ranks) * FP32
+def adapter_bytes(spec: ModelSpec, ranks: Ranks, element_bytes: int = FP32) -> int:
+    """Size of the adapters (what a round uploads and broadcasts), `element_bytes` a value."""
+    return adapter_params(spec, ranks) * element_bytes
 
 
 def _block_params(spec: ModelSpec) -> int:
@@ -253,9 +255,10 @@ def _segment_params(spec: ModelSpec, start: int, stop: int, embeddings: bool, he
     return total
 
 
-def weights_bytes(spec: ModelSpec, start: int, stop: int, embeddings: bool, head: bool) -> int:
-    """fp32 weights of blocks start..stop-1, optionally the embeddings and the final norm + LM head."""
-    return _segment_params(spec, start, stop, embeddings, head) * FP32
+def weights_bytes(spec: ModelSpec, start: int, stop: int, embeddings: bool, head: bool,
+                  element_bytes: int = FP32) -> int:
+    """Weights of blocks start..stop-1, optionally the embeddings and the final norm + LM head."""
+    return _segment_params(spec, start, stop, embeddings, head) * element_bytes
 
 
 def training_memory_bytes(
@@ -268,14 +271,17 @@ def training_memory_bytes(
     embeddings: bool,
     head: bool,
     full_finetune: bool = False,
+    element_bytes: int = FP32,
 ) -> int:
     """Estimated peak memory of training a segment: weights, optimiser state and saved activations.
 
-    Trainable parameters cost 16 bytes each (fp32 value, gradient, Adam m and v); frozen ones 4.
+    Trainable parameters cost 16 bytes each: in fp32 value, gradient, Adam m and v; in mixed precision (fp16,
+    bf16) a half-precision value and gradient and an fp32 master copy, m and v. Frozen parameters and saved
+    activations cost `element_bytes` a value.
     Activations are an estimate: a block that gradients flow through saves, per token,
-    8 d_model-sized + 4 d_ff-sized fp32 tensors plus n_heads * seq attention probabilities; blocks
+    8 d_model-sized + 4 d_ff-sized tensors plus n_heads * seq attention probabilities; blocks
     before the first trained one (client side, frozen embeddings) save nothing. The head adds the
-    logits and their gradient, 2 * tokens * vocab_size fp32 values. A segment without embeddings is a
+    logits and their gradient, 2 * tokens * vocab_size values. A segment without embeddings is a
     server segment, whose input requires grad.
     """
     tokens = batch * seq
@@ -290,7 +296,7 @@ def training_memory_bytes(
         activations += per_block * saving
     if head:
         activations += 2 * tokens * spec.vocab_size
-    return (frozen + activations) * FP32 + trainable * 4 * FP32
+    return (frozen + activations) * element_bytes + trainable * 16
 
 
 def _clip(ranks: Ranks, start: int, stop: int) -> Ranks:

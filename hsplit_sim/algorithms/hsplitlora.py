@@ -38,7 +38,8 @@ from hsplit_sim.algorithms.protocols.split import SplitProtocol
 from hsplit_sim.algorithms.registry import register
 from hsplit_sim.algorithms.splitlora import fitting_configuration
 from hsplit_sim.errors import ScenarioError
-from hsplit_sim.scenario.schema import AlgorithmConfig
+from hsplit_sim.scenario.load import server_precision
+from hsplit_sim.scenario.schema import ELEMENT_BYTES, AlgorithmConfig
 from hsplit_sim.sim.timemodel import flops_within
 
 GB = 1e9
@@ -102,9 +103,11 @@ class HSplitLoRA(SplitProtocol):
               splits: list[int]) -> ClientPlan | None:
         """A client's plan: ARMSC on the client side, importance quantiles on the server side."""
         algo = scenario.algorithm
-        budget_flops = None if algo.time_budget_s is None else flops_within(algo.time_budget_s, client.device)
+        budget_flops = (None if algo.time_budget_s is None
+                        else flops_within(algo.time_budget_s, client.device, client.precision))
         found = iwi.configure_client(spec, importance, cost, client.memory_budget_gb * GB, algo.rank_set,
-                                     scenario.training.batch_size, scenario.data.max_length, splits, budget_flops)
+                                     scenario.training.batch_size, scenario.data.max_length, splits, budget_flops,
+                                     client.element_bytes)
         if found is None or not found[1]:
             return None
         split, client_ranks = found
@@ -127,8 +130,7 @@ class HSplitLoRA(SplitProtocol):
     @classmethod
     def fixed_plan(cls, scenario, spec, clients) -> ClientPlan | None:
         """Without ARMSC: SplitLoRA's configuration for the weakest client, for everyone."""
-        weakest = min(c.memory_budget_gb for c in clients)
-        fitting = fitting_configuration(scenario, spec, weakest * GB)
+        fitting = fitting_configuration(scenario, spec, clients)
         if fitting is None:
             return None
         split, rank = fitting
@@ -159,7 +161,8 @@ class HSplitLoRA(SplitProtocol):
                       for layer, modules in costs.uniform_ranks(spec, list(costs.TARGET_MODULES[spec.family]),
                                                                 range(spec.n_layers), 1).items()}
         need = costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
-                                           scenario.data.max_length, everything, embeddings=True, head=True)
+                                           scenario.data.max_length, everything, embeddings=True, head=True,
+                                           element_bytes=ELEMENT_BYTES[server_precision(scenario)])
         if need > server_device.memory_gb * GB:
             raise ScenarioError(f"server.device: {server_device.name} needs up to {need / GB:.2f} GB but has "
                                 f"{server_device.memory_gb:g} GB")
@@ -296,11 +299,13 @@ class HSplitLoRA(SplitProtocol):
         plan, held = self.plans[client.index], self.held[client.index]
         shapes = planned.predicted["shapes of the aggregated adapters"]
         mine = [shape for (layer, _), shape in shapes.items() if layer < plan.split]
-        nbytes = sum(min((d_out + d_in) * rank * costs.FP32, d_out * d_in * costs.FP32) for d_out, rank, d_in in mine)
+        e = client.element_bytes
+        nbytes = sum(min((d_out + d_in) * rank * e, d_out * d_in * e) for d_out, rank, d_in in mine)
         yield from node.download(round_index, "broadcast", nbytes)
         yield from node.compute(round_index, "merge", sum(2 * d_out * rank * d_in for d_out, rank, d_in in mine))
         if plan.split > held:
-            moved = costs.weights_bytes(self.ctx.spec, held, plan.split, embeddings=False, head=False)
+            moved = costs.weights_bytes(self.ctx.spec, held, plan.split, embeddings=False, head=False,
+                                        element_bytes=client.element_bytes)
             yield from node.download(round_index, "resplit", moved)
         self.held[client.index] = plan.split
 

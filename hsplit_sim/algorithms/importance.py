@@ -76,7 +76,8 @@ def score(ranks: costs.Ranks, importance: dict[str, float], rank_set: list[int])
 
 def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: dict[str, float],
                      budget_bytes: float, rank_set: list[int], batch: int, seq: int,
-                     splits: list[int], budget_flops: float | None = None) -> tuple[int, costs.Ranks] | None:
+                     splits: list[int], budget_flops: float | None = None,
+                     element_bytes: int = costs.FP32) -> tuple[int, costs.Ranks] | None:
     """ARMSC for one client: the best (split, client-side ranks) within its memory budget (and, if given, a
     per-iteration compute budget: forward plus backward FLOPs of its segment); ties go deeper.
 
@@ -90,7 +91,7 @@ def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: 
     """
     best = None
     for split in sorted(splits):
-        memory = segment_memory(spec, split, batch, seq)
+        memory = segment_memory(spec, split, batch, seq, element_bytes)
 
         def fits(ranks, split=split, memory=memory):
             if memory(ranks) > budget_bytes:
@@ -107,14 +108,16 @@ def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: 
     return None if best is None else (best[1], best[2])
 
 
-def segment_memory(spec: costs.ModelSpec, split: int, batch: int, seq: int):
+def segment_memory(spec: costs.ModelSpec, split: int, batch: int, seq: int, element_bytes: int = costs.FP32):
     """costs.training_memory_bytes of the client segment as a fast function of its ranks (ARMSC calls it
     hundreds of thousands of times): the bare segment, plus the activations saved from the first adapted
     block on, plus 16 bytes per adapter parameter."""
-    bare = costs.training_memory_bytes(spec, 0, split, batch, seq, {}, embeddings=True, head=False)
+    bare = costs.training_memory_bytes(spec, 0, split, batch, seq, {}, embeddings=True, head=False,
+                                       element_bytes=element_bytes)
     probe = next(iter(costs.TARGET_MODULES[spec.family].values()))
     saved = [costs.training_memory_bytes(spec, 0, split, batch, seq, {first: {probe: 1}}, embeddings=True,
-                                         head=False) - bare - 16 * costs.adapter_params(spec, {first: {probe: 1}})
+                                         head=False, element_bytes=element_bytes)
+             - bare - 16 * costs.adapter_params(spec, {first: {probe: 1}})
              for first in range(split)]
     sizes = {m: sum(costs.module_shape(spec, m)) for m in set(costs.TARGET_MODULES[spec.family].values())}
 

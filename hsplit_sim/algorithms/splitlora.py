@@ -20,23 +20,29 @@ from hsplit_sim.algorithms.plans import ClientPlan
 from hsplit_sim.algorithms.protocols.split import SplitProtocol
 from hsplit_sim.algorithms.registry import register
 from hsplit_sim.errors import ScenarioError
-from hsplit_sim.scenario.schema import AlgorithmConfig
+from hsplit_sim.scenario.load import server_precision
+from hsplit_sim.scenario.schema import ELEMENT_BYTES, AlgorithmConfig
 
 GB = 1e9
 
 
-def client_memory(scenario, spec, split: int, rank: int) -> int:
+def client_memory(scenario, spec, split: int, rank: int, client) -> int:
+    """What a client needs to train `split` blocks with `rank` on the scenario's targets, in its precision."""
     ranks = costs.uniform_ranks(spec, scenario.algorithm.targets, range(split), rank)
     return costs.training_memory_bytes(spec, 0, split, scenario.training.batch_size, scenario.data.max_length,
-                                       ranks, embeddings=True, head=False)
+                                       ranks, embeddings=True, head=False, element_bytes=client.element_bytes)
 
 
-def fitting_configuration(scenario, spec, budget_bytes: float) -> tuple[int, int] | None:
-    """The scenario's (split, rank), shallower first, then lower rank, until it fits the budget."""
+def fits(scenario, spec, split: int, rank: int, client) -> bool:
+    return client_memory(scenario, spec, split, rank, client) <= client.memory_budget_gb * GB
+
+
+def fitting_configuration(scenario, spec, clients) -> tuple[int, int] | None:
+    """The scenario's (split, rank), shallower first, then lower rank, until every client holds it."""
     rank = scenario.algorithm.rank
     while rank >= 1:
         for split in range(scenario.algorithm.split_layer, 0, -1):
-            if client_memory(scenario, spec, split, rank) <= budget_bytes:
+            if all(fits(scenario, spec, split, rank, c) for c in clients):
                 return split, rank
         rank //= 2
     return None
@@ -61,17 +67,17 @@ class SplitLoRA(SplitProtocol):
         """(split, rank, active per client) under algorithm.heterogeneity."""
         algo = scenario.algorithm
         if algo.heterogeneity == "weakest":
-            weakest = min(clients, key=lambda c: c.memory_budget_gb)
-            fitting = fitting_configuration(scenario, spec, weakest.memory_budget_gb * GB)
+            fitting = fitting_configuration(scenario, spec, clients)
             if fitting is None:
+                weakest = next(c for c in clients if not fits(scenario, spec, 1, 1, c))
                 raise ScenarioError(
                     f"clients.{weakest.group}: client {weakest.index} ({weakest.device.name}) needs "
-                    f"{client_memory(scenario, spec, 1, 1) / GB:.3f} GB for even split 1 at rank 1 but its memory "
-                    f"budget is {weakest.memory_budget_gb:g} GB")
+                    f"{client_memory(scenario, spec, 1, 1, weakest) / GB:.3f} GB for even split 1 at rank 1 but its "
+                    f"memory budget is {weakest.memory_budget_gb:g} GB")
             return *fitting, [True] * len(clients)
-        need = client_memory(scenario, spec, algo.split_layer, algo.rank)
-        active = [need <= c.memory_budget_gb * GB for c in clients]
+        active = [fits(scenario, spec, algo.split_layer, algo.rank, c) for c in clients]
         if not any(active):
+            need = min(client_memory(scenario, spec, algo.split_layer, algo.rank, c) for c in clients)
             raise ScenarioError(f"clients: no client can hold split {algo.split_layer} at rank {algo.rank} "
                                 f"({need / GB:.2f} GB)")
         return algo.split_layer, algo.rank, active
@@ -81,7 +87,8 @@ class SplitLoRA(SplitProtocol):
         split, rank, _ = cls.configuration(scenario, spec, clients)
         server_ranks = costs.uniform_ranks(spec, scenario.algorithm.targets, range(split, spec.n_layers), rank)
         server = costs.training_memory_bytes(spec, split, spec.n_layers, scenario.training.batch_size,
-                                             scenario.data.max_length, server_ranks, embeddings=False, head=True)
+                                             scenario.data.max_length, server_ranks, embeddings=False, head=True,
+                                             element_bytes=ELEMENT_BYTES[server_precision(scenario)])
         if server > server_device.memory_gb * GB:
             raise ScenarioError(f"server.device: {server_device.name} needs {server / GB:.2f} GB but has "
                                 f"{server_device.memory_gb:g} GB")
@@ -122,6 +129,7 @@ class SplitLoRA(SplitProtocol):
         if self.per_client:
             averaged += costs.adapter_params(spec, self.server_ranks)
         return Planned(2 * len(clients) * averaged,
+                       # as the host's fp32 tensors, which the real average must match
                        {"bytes of the averaged adapter": costs.adapter_bytes(spec, self.client_ranks)})
 
     def aggregate(self, contributions) -> Outcome:
@@ -147,8 +155,8 @@ class SplitLoRA(SplitProtocol):
                        client_adapters={k: merged for k in contributions.active}, server_adapters=server_adapters)
 
     def deliver(self, round_index: int, client, planned: Planned):
-        yield from self.ctx.fleet.clients[client.index].download(
-            round_index, "broadcast", planned.predicted["bytes of the averaged adapter"])
+        nbytes = costs.adapter_bytes(self.ctx.spec, self.client_ranks, client.element_bytes)
+        yield from self.ctx.fleet.clients[client.index].download(round_index, "broadcast", nbytes)
 
     def eval_adapters(self) -> list[str]:
         return ["global_client", "server"]

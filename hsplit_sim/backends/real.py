@@ -150,13 +150,13 @@ class _RealSplitWork(SplitWork):
         batch = self.backend.batch(self.backend.partitions[self.client], self.round, self.steps, step)
         self.smashed = self.worker.call("forward", client=self.client, args={"adapter": self.adapter, "probe": probe},
                                         tensors={"batch": batch})
-        checked_bytes(self.smashed, self.costs.up, "upload of activations")
+        checked_bytes(self.smashed, self.costs.host_up, "upload of activations")
 
     def server(self, step, probe) -> None:
         self.reply = self.backend.server.call("step", client=self.client, tensors=self.smashed.tensors, args={
             "adapter": self.server_adapter, "split": self.split, "probe": probe, "measure": self.measure})
         self.backend.stats.losses.append(self.reply.header["result"]["loss"])
-        checked_bytes(self.reply, self.costs.down, "download of gradients")
+        checked_bytes(self.reply, self.costs.host_down, "download of gradients")
 
     def backward(self, step, probe) -> None:
         backward = self.worker.call("backward", client=self.client, args={"adapter": self.adapter,

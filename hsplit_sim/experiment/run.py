@@ -23,7 +23,7 @@ from hsplit_sim.experiment.rundir import RunWriter
 from hsplit_sim.experiment.trajectory import timing_partition_sizes, training_key
 from hsplit_sim.results import RESULTS_VERSION
 from hsplit_sim.runtime.launcher import WorkerPool
-from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, resolved_dict
+from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, resolved_dict, server_precision
 from hsplit_sim.scenario.schema import Scenario
 from hsplit_sim.sim import Fleet, Simulation
 from hsplit_sim.sim.energy import round_energy
@@ -89,13 +89,15 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | No
                "run_dir": str(writer.path), "started_at": datetime.now(timezone.utc).isoformat(),
                "n_clients": len(clients), "rounds_planned": scenario.training.rounds,
                "timing_only": timing_only, "training_key": training_key(scenario),
+               "precision": {"server": server_precision(scenario),
+                             "clients": sorted({c.precision for c in clients})},
                "trajectory": "retimed" if replay else "timing-only" if timing_only else "trained",
                "replayed_from": str(replay.run_dir) if replay else None, "results_version": RESULTS_VERSION,
                **(note or {})}
     writer.write_summary(summary)
     sim = Simulation(scenario.server.accelerators)
     fleet = Fleet(sim, clients, resolve_device(scenario.server.device), scenario.server.accelerators,
-                  scenario.system, scenario.seed)
+                  scenario.system, scenario.seed, server_precision(scenario))
     writer.write_table("resources", fleet.resources())
     stats = RoundStats()
     rounds: list[dict] = []

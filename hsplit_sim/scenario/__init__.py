@@ -17,6 +17,7 @@ from hsplit_sim.scenario.load import (
     model_hf_config,
     resolved_dict,
     scenario_from_dict,
+    server_precision,
 )
 from hsplit_sim.scenario.schema import AlgorithmConfig, ClientSpec, Scenario
 
@@ -38,4 +39,5 @@ __all__ = [
     "resolved_dict",
     "scenario_from_dict",
     "scenario_path",
+    "server_precision",
 ]

@@ -27,10 +27,18 @@ class DeviceSpec(BaseModel):
 
     name: str = "custom"
     tflops: float = Field(gt=0, description="peak FP32 TFLOPS")
+    tflops_fp16: float | None = Field(None, gt=0, description="peak FP16 TFLOPS (tensor cores where the device has "
+                                      "them, FP32 accumulation); none: no FP16 arithmetic")
+    tflops_bf16: float | None = Field(None, gt=0, description="peak BF16 TFLOPS; none: no BF16 arithmetic")
+    memory_bandwidth_gbps: float | None = Field(None, gt=0, description="peak memory bandwidth, GB/s")
     efficiency: float = Field(gt=0, le=1, description="fraction of peak reached by LoRA fine-tuning matmuls")
     memory_gb: float = Field(gt=0)
     power_w: PowerSpec | None = Field(None, description="power per state, for the energy table; none: no energy")
     source: str = "given in the scenario"
+
+    def peak_tflops(self, precision: str) -> float | None:
+        """The peak rate in a number format (fp32, fp16, bf16); None where the device lacks it."""
+        return {"fp32": self.tflops, "fp16": self.tflops_fp16, "bf16": self.tflops_bf16}[precision]
 
 
 class LinkSpec(BaseModel):
@@ -54,39 +62,49 @@ DEVICES: dict[str, DeviceSpec] = {
         DeviceSpec(
             name="jetson-agx-xavier",
             tflops=1.41,
+            tflops_fp16=11.0, memory_bandwidth_gbps=136.5,
             efficiency=0.3,
             memory_gb=32,
             power_w=PowerSpec(compute=30, transmit=8, receive=7, idle=5),
             source="NVIDIA Jetson AGX Xavier datasheet: 512-core Volta GPU at 1.377 GHz "
             f"(512 x 2 FLOP x 1.377 GHz = 1.41 TFLOPS FP32), 32 GB LPDDR4x shared; {_EMBEDDED}"
             "; power: 30 W training (the datasheet's largest power mode, MAXN), 5 W idle and 3 W / 2 W more for a "
-            "Wi-Fi radio sending / receiving, all three assumed",
+            "Wi-Fi radio sending / receiving, all three assumed"
+            "; FP16 11 TFLOPS (64 tensor cores) and 136.5 GB/s (256-bit LPDDR4x at 2133 MHz) from the same "
+            "datasheet; Volta has no BF16",
         ),
         DeviceSpec(
             name="jetson-agx-orin",
             tflops=5.3,
+            tflops_fp16=42.5, tflops_bf16=42.5, memory_bandwidth_gbps=204.8,
             efficiency=0.3,
             memory_gb=64,
             power_w=PowerSpec(compute=60, transmit=11, receive=10, idle=8),
             source="NVIDIA Jetson AGX Orin 64GB datasheet: 2048-core Ampere GPU at 1.3 GHz "
             f"(about 5.3 TFLOPS FP32), 64 GB LPDDR5 shared; {_EMBEDDED}"
             "; power: 60 W training (the datasheet's largest power mode, MAXN), 8 W idle and 3 W / 2 W more for a "
-            "Wi-Fi radio sending / receiving, all three assumed",
+            "Wi-Fi radio sending / receiving, all three assumed"
+            "; 204.8 GB/s from the datasheet; FP16/BF16 dense 42.5 TFLOPS assumed from the datasheet's 170 sparse "
+            "INT8 TOPS of the GPU (Ampere: sparse 2x dense, INT8 2x FP16)",
         ),
         DeviceSpec(
             name="jetson-orin-nano",
             tflops=1.28,
+            tflops_fp16=10.0, tflops_bf16=10.0, memory_bandwidth_gbps=68.0,
             efficiency=0.3,
             memory_gb=8,
             power_w=PowerSpec(compute=15, transmit=6, receive=5, idle=3),
             source="NVIDIA Jetson Orin Nano 8GB datasheet: 1024-core Ampere GPU at 625 MHz "
             f"(1.28 TFLOPS FP32), 8 GB LPDDR5 shared; {_EMBEDDED}"
             "; power: 15 W training (the datasheet's largest power mode), 3 W idle and 3 W / 2 W more for a Wi-Fi "
-            "radio sending / receiving, all three assumed",
+            "radio sending / receiving, all three assumed"
+            "; 68 GB/s from the datasheet; FP16/BF16 dense 10 TFLOPS assumed from its 40 sparse INT8 TOPS (as for "
+            "the AGX Orin)",
         ),
         DeviceSpec(
             name="raspberry-pi-5",
             tflops=0.154,
+            tflops_fp16=0.307, memory_bandwidth_gbps=17.1,
             efficiency=0.3,
             memory_gb=8,
             power_w=PowerSpec(compute=7, transmit=4.5, receive=4, idle=2.7),
@@ -95,11 +113,14 @@ DEVICES: dict[str, DeviceSpec] = {
             f"{_EMBEDDED}"
             "; power: about 2.7 W idle and about 7 W with all four cores loaded, the figures published "
             "measurements of the Pi 5 report (rounded; not a datasheet value), and 1.8 W / 1.3 W more for its radio "
-            "sending / receiving, assumed",
+            "sending / receiving, assumed"
+            "; FP16 twice FP32 assumed from the A76's half-precision NEON (ARMv8.2 FP16), no BF16 (ARMv8.6); 17.1 "
+            "GB/s from 32-bit LPDDR4X-4267",
         ),
         DeviceSpec(
             name="flagship-phone",
             tflops=4.6,
+            tflops_fp16=9.2, memory_bandwidth_gbps=76.8,
             efficiency=0.2,
             memory_gb=12,
             power_w=PowerSpec(compute=8, transmit=3.5, receive=2.5, idle=1),
@@ -107,41 +128,52 @@ DEVICES: dict[str, DeviceSpec] = {
             "about 4.6 TFLOPS FP32 is a third-party estimate (published estimates vary), 12 GB LPDDR5X; "
             "efficiency 0.2 assumed for phone GPUs under thermal limits"
             "; power: 8 W under a sustained GPU load, 1 W idle with the screen off, and 2.5 W / 1.5 W more for "
-            "its radio sending / receiving, all assumed as typical of this class (no vendor figure)",
+            "its radio sending / receiving, all assumed as typical of this class (no vendor figure)"
+            "; FP16 twice FP32 assumed (Adreno's double-rate half precision), no BF16 assumed; 76.8 GB/s from "
+            "64-bit LPDDR5X-9600",
         ),
         DeviceSpec(
             name="laptop-rtx-3050",
             tflops=7.1,
+            tflops_fp16=14.2, tflops_bf16=14.2, memory_bandwidth_gbps=192.0,
             efficiency=0.4,
             memory_gb=4,
             power_w=PowerSpec(compute=75, transmit=17, receive=16, idle=15),
             source="NVIDIA GeForce RTX 3050 Laptop GPU specifications: 2048 CUDA cores at up to 1.74 GHz "
             f"boost (about 7.1 TFLOPS FP32), 4 GB GDDR6; {_DISCRETE}"
             "; power: 75 W training (60 W GPU, within NVIDIA's 35-80 W range for this part, plus the rest of the "
-            "laptop), 15 W idle and 2 W / 1 W more for Wi-Fi sending / receiving, all assumed",
+            "laptop), 15 W idle and 2 W / 1 W more for Wi-Fi sending / receiving, all assumed"
+            "; FP16/BF16 tensor rate with FP32 accumulation twice FP32 as for every GeForce Ampere part (assumed "
+            "from the GA102 whitepaper's ratio); 192 GB/s (128-bit GDDR6 at 12 Gbps) assumed",
         ),
         DeviceSpec(
             name="rtx-3090",
             tflops=35.6,
+            tflops_fp16=71.0, tflops_bf16=71.0, memory_bandwidth_gbps=936.0,
             efficiency=0.4,
             memory_gb=24,
             source="NVIDIA GeForce RTX 3090 specifications: 10496 CUDA cores at 1.695 GHz boost "
-            f"(35.6 TFLOPS FP32), 24 GB GDDR6X; {_DISCRETE}",
+            f"(35.6 TFLOPS FP32), 24 GB GDDR6X; {_DISCRETE}"
+            "; NVIDIA Ampere GA102 whitepaper: 71 dense FP16/BF16 tensor TFLOPS with FP32 accumulation, 936 GB/s",
         ),
         DeviceSpec(
             name="a100",
             tflops=19.5,
+            tflops_fp16=312.0, tflops_bf16=312.0, memory_bandwidth_gbps=2039.0,
             efficiency=0.4,
             memory_gb=80,
             source="NVIDIA A100 80GB SXM datasheet: 19.5 TFLOPS FP32 (non-tensor-core), 80 GB HBM2e; "
-            f"{_DISCRETE}",
+            f"{_DISCRETE}"
+            "; the same datasheet: 312 dense FP16/BF16 tensor TFLOPS, 2,039 GB/s",
         ),
         DeviceSpec(
             name="h100",
             tflops=67.0,
+            tflops_fp16=989.4, tflops_bf16=989.4, memory_bandwidth_gbps=3350.0,
             efficiency=0.4,
             memory_gb=80,
-            source=f"NVIDIA H100 SXM datasheet: 67 TFLOPS FP32, 80 GB HBM3; {_DISCRETE}",
+            source=f"NVIDIA H100 SXM datasheet: 67 TFLOPS FP32, 80 GB HBM3; {_DISCRETE}"
+            "; the same datasheet: 989.4 dense FP16/BF16 tensor TFLOPS (1,979 with sparsity), 3,350 GB/s",
         ),
     ]
 }

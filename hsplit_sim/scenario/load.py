@@ -17,7 +17,7 @@ import hsplit_sim
 from hsplit_sim.data import E2E_DIR_ENV, e2e_file
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario.catalog import resolve_device, resolve_link
-from hsplit_sim.scenario.models import model_config
+from hsplit_sim.scenario.models import CONFIG_ONLY, model_config
 from hsplit_sim.scenario.schema import ClientSpec, Scenario
 from hsplit_sim.scenario.traces import bandwidth_steps, online_windows
 
@@ -114,9 +114,15 @@ def expanded_clients(scenario: Scenario) -> list[ClientSpec]:
         device = resolve_device(group.device)
         link = resolve_link(group.link)
         budget = group.memory_budget_gb if group.memory_budget_gb is not None else device.memory_gb
+        precision = group.precision or scenario.precision
         for _ in range(group.count):
-            clients.append(ClientSpec(len(clients), group_index, device, link, budget, group.medium))
+            clients.append(ClientSpec(len(clients), group_index, device, link, budget, group.medium, precision))
     return clients
+
+
+def server_precision(scenario: Scenario) -> str:
+    """The server's number format: its own, else the scenario's."""
+    return scenario.server.precision or scenario.precision
 
 
 def model_hf_config(scenario: Scenario) -> dict:
@@ -181,6 +187,10 @@ def _check(scenario: Scenario) -> None:
             f"narrowest projection of {what} (HSplitLoRA may adapt any of them)"
         )
 
+    if scenario.model.name in CONFIG_ONLY and not scenario.runtime.timing_only:
+        raise ScenarioError(f"model.name: {scenario.model.name} is a config without weights, for timing: run it with "
+                            "--timing-only (runtime.timing_only: true)")
+
     positions = config["n_positions"] if gpt2 else config["max_position_embeddings"]
     if scenario.data.max_length > positions:
         raise ScenarioError(f"data.max_length: {scenario.data.max_length} exceeds the {positions} positions of {what}")
@@ -189,6 +199,7 @@ def _check(scenario: Scenario) -> None:
         _check_e2e_dir(scenario)
 
     _check_system(scenario)
+    _check_precision(scenario)
 
     for i, group in enumerate(scenario.clients):
         memory = resolve_device(group.device).memory_gb
@@ -196,6 +207,18 @@ def _check(scenario: Scenario) -> None:
             raise ScenarioError(
                 f"clients.{i}.memory_budget_gb: {group.memory_budget_gb:g} GB exceeds the device's {memory:g} GB"
             )
+
+
+def _check_precision(scenario: Scenario) -> None:
+    """Every device computes in its format: a device without it needs its group (or the server) to name another."""
+    places = [(f"clients.{i}", group.device, group.precision) for i, group in enumerate(scenario.clients)]
+    places.append(("server", scenario.server.device, scenario.server.precision))
+    for where, ref, own in places:
+        device, precision = resolve_device(ref), own or scenario.precision
+        if device.peak_tflops(precision) is None:
+            formats = [p for p in ("fp32", "fp16", "bf16") if device.peak_tflops(p) is not None]
+            raise ScenarioError(f"{where}.precision: {device.name} has no {precision} rate; set {where}.precision "
+                                f"to one it has ({', '.join(formats)})")
 
 
 def _check_system(scenario: Scenario) -> None:

@@ -54,6 +54,34 @@ BUILTIN_MODELS: dict[str, dict] = {
     },
 }
 
+# The paper's models, as their public configs and nothing more: their costs and timing can be simulated (timing-only
+# runs), their weights are not here to train.
+CONFIG_ONLY: dict[str, dict] = {
+    # meta-llama/Llama-2-7b-hf config.json
+    "llama-2-7b": {
+        "model_type": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    },
+    # openai-community/gpt2-large config.json
+    "gpt2-large": {
+        "model_type": "gpt2",
+        "vocab_size": 50257,
+        "n_positions": 1024,
+        "n_embd": 1280,
+        "n_layer": 36,
+        "n_head": 20,
+        "tie_word_embeddings": True,
+    },
+}
+BUILTIN_MODELS.update(CONFIG_ONLY)
+
 PRETRAINED = {"smollm2-135m"}
 
 

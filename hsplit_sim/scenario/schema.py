@@ -25,6 +25,10 @@ from hsplit_sim.scenario.catalog import (
     resolve_link,
 )
 
+# Number formats the simulated devices compute and communicate in (host training stays fp32).
+Precision = Literal["fp32", "fp16", "bf16"]
+ELEMENT_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
 # Logical LoRA targets; each model family maps them onto its own module names.
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -184,6 +188,7 @@ class TrainingSpec(_Strict):
 class ServerSpec(_Strict):
     device: DeviceRef
     accelerators: int = Field(1, ge=1)
+    precision: Precision | None = Field(None, description="the server's number format; none: the scenario's")
 
 
 class ClientGroup(_Strict):
@@ -195,6 +200,8 @@ class ClientGroup(_Strict):
     memory_budget_gb: float | None = Field(None, gt=0, description="defaults to the device's memory_gb")
     medium: str | None = Field(None, description="a shared wireless medium of system.media these clients' links "
                                "go through (their transfers share its capacity); none: links of their own")
+    precision: Precision | None = Field(None, description="these clients' number format, for a device that lacks "
+                                        "the scenario's; none: the scenario's")
 
 
 class Availability(_Strict):
@@ -280,6 +287,10 @@ class OutputSpec(_Strict):
 class Scenario(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="names the run directory")
     seed: int = Field(0, ge=0)
+    precision: Precision = Field("fp32", description="the number format of the simulated training: it sets each "
+                                 "device's peak rate and the bytes of weights, activations and what crosses links "
+                                 "(mixed precision: trainable weights keep fp32 optimizer state); the host trains "
+                                 "in fp32 whatever it is")
     model: ModelRef
     data: DataSpec
     algorithm: SerializeAsAny[AlgorithmConfig]
@@ -306,3 +317,9 @@ class ClientSpec:
     link: LinkSpec
     memory_budget_gb: float
     medium: str | None = None
+    precision: str = "fp32"
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes of one floating-point value in this client's format."""
+        return ELEMENT_BYTES[self.precision]

@@ -23,7 +23,8 @@ SERVER = "server"
 
 @dataclass(frozen=True)
 class IterationCosts:
-    """What one split iteration costs a client and the server: FLOPs per device, bytes per link. Entries that
+    """What one split iteration costs a client and the server: FLOPs per device, bytes per link (in the
+    simulated precision; `host_up` and `host_down` are the fp32 frames real training sends). Entries that
     depend on whether the iteration probes importance (HSplitLoRA's IWI) are pairs indexed by that flag."""
 
     client_fwd: int
@@ -31,6 +32,8 @@ class IterationCosts:
     server: tuple[int, int]
     up: int
     down: int
+    host_up: int
+    host_down: int
 
 
 class SplitWork:
@@ -83,7 +86,7 @@ class ClientNode:
         return self.medium is None and not self.traced and not self.fleet.effects.cuts_rounds_short
 
     def compute_seconds(self, flops: float) -> float:
-        seconds = compute_seconds(flops, self.spec.device)
+        seconds = compute_seconds(flops, self.spec.device, self.spec.precision)
         return seconds * self.compute_factor if self.compute_factor != 1.0 else seconds
 
     def _rate_mbps(self, up: bool) -> float:
@@ -173,11 +176,11 @@ class ServerNode:
     """The server's accelerators: split steps queue for them first come, first served (engine.ServerQueue);
     its own work (aggregation, centralised training) occupies the server as one resource."""
 
-    def __init__(self, fleet: "Fleet", device, accelerators: int):
-        self.fleet, self.device, self.accelerators = fleet, device, accelerators
+    def __init__(self, fleet: "Fleet", device, accelerators: int, precision: str):
+        self.fleet, self.device, self.accelerators, self.precision = fleet, device, accelerators, precision
 
     def seconds(self, flops: float) -> float:
-        return compute_seconds(flops, self.device)
+        return compute_seconds(flops, self.device, self.precision)
 
     def compute(self, round_index: int, kind: str, flops: float, client: int = -1):
         yield from self.fleet.sim.hold(round_index, client, kind, SERVER, self.seconds(flops), flops=flops)
@@ -212,12 +215,13 @@ class Fleet:
     """The clients, the media and the server of a scenario, on one simulated clock, with the system's effects.
     Counts the bytes every link carried."""
 
-    def __init__(self, sim: Simulation, clients, server_device, accelerators: int, system, seed: int):
+    def __init__(self, sim: Simulation, clients, server_device, accelerators: int, system, seed: int,
+                 server_precision: str):
         self.sim = sim
         self.effects = SystemEffects(system, seed, len(clients))
         self.media = media = {spec.name: Medium(sim.env, spec) for spec in system.media}
         self.clients = [ClientNode(self, spec, media.get(spec.medium)) for spec in clients]
-        self.server = ServerNode(self, server_device, accelerators)
+        self.server = ServerNode(self, server_device, accelerators, server_precision)
         self.bytes_up = 0  # of completed transfers
         self.bytes_down = 0
         self.participation: list[dict] = []  # rows not yet written, as events

@@ -6,14 +6,15 @@ into FLOPs here too, so the two directions cannot drift apart.
 """
 
 
-def compute_seconds(flops: float, device) -> float:
-    """A compute step at the device's peak rate times the fraction of it reached (its efficiency)."""
-    return flops / (device.tflops * 1e12 * device.efficiency)
+def compute_seconds(flops: float, device, precision: str = "fp32") -> float:
+    """A compute step at the device's peak rate in the number format times the fraction of it reached (its
+    efficiency)."""
+    return flops / (device.peak_tflops(precision) * 1e12 * device.efficiency)
 
 
-def flops_within(seconds: float, device) -> float:
+def flops_within(seconds: float, device, precision: str = "fp32") -> float:
     """The FLOPs a device computes in `seconds`: the inverse of compute_seconds."""
-    return seconds * device.tflops * 1e12 * device.efficiency
+    return seconds * device.peak_tflops(precision) * 1e12 * device.efficiency
 
 
 def transfer_seconds(nbytes: float, mbps: float, latency_ms: float) -> float:

@@ -7,6 +7,8 @@ split round, so rounds see the same number of examples.
 from hsplit_sim import costs
 from hsplit_sim.algorithms.base import Algorithm
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.load import server_precision
+from hsplit_sim.scenario.schema import ELEMENT_BYTES
 
 GB = 1e9
 
@@ -26,7 +28,8 @@ class CentralisedProtocol(Algorithm):
     def check_memory(cls, scenario, spec, clients, server_device) -> None:
         need = costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
                                            scenario.data.max_length, cls.ranks(scenario, spec), embeddings=True,
-                                           head=True, full_finetune=cls.full_finetune)
+                                           head=True, full_finetune=cls.full_finetune,
+                                           element_bytes=ELEMENT_BYTES[server_precision(scenario)])
         if need > server_device.memory_gb * GB:
             raise ScenarioError(f"server.device: {server_device.name} needs {need / GB:.2f} GB for {cls.name} but "
                                 f"has {server_device.memory_gb:g} GB")

@@ -31,7 +31,11 @@ class Collaborative(Algorithm):
         return f"c{client}"
 
     def adapter_bytes(self, client: int) -> int:
-        """The cost model's size of what a client uploads at the end of a round."""
+        """The cost model's size of what a client uploads at the end of a round, in its precision."""
+        raise NotImplementedError
+
+    def host_adapter_bytes(self, client: int) -> int:
+        """The same as the host's fp32 tensors, which a real run's upload must match."""
         raise NotImplementedError
 
     def server_side_adapters(self, clients) -> list[str]:
@@ -79,7 +83,7 @@ class Collaborative(Algorithm):
         if not reporting:  # nothing arrived: nothing to aggregate
             return
         weights = data_weights([ctx.partition_sizes[c.index] for c in reporting])
-        uploads = [(c.index, self.client_adapter(c.index), self.adapter_bytes(c.index)) for c in reporting]
+        uploads = [(c.index, self.client_adapter(c.index), self.host_adapter_bytes(c.index)) for c in reporting]
         contributions = backend.contributions([c.index for c in reporting], [c.index for c in clients], weights,
                                               uploads, self.server_side_adapters(reporting))
         planned = self.planned(reporting)

@@ -12,6 +12,8 @@ from hsplit_sim.algorithms.aggregation import exact_update, lora_pairs
 from hsplit_sim.algorithms.base import Planned
 from hsplit_sim.algorithms.protocols.collaborative import Collaborative
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.load import server_precision
+from hsplit_sim.scenario.schema import ELEMENT_BYTES
 
 GB = 1e9
 
@@ -33,26 +35,29 @@ class FederatedProtocol(Collaborative):
         return sorted((r for r in scenario.algorithm.rank_set if r > 0), reverse=True)
 
     @classmethod
-    def whole_model_memory(cls, scenario, spec, rank: int) -> int:
+    def whole_model_memory(cls, scenario, spec, rank: int, element_bytes: int) -> int:
         ranks = costs.uniform_ranks(spec, scenario.algorithm.targets, range(spec.n_layers), rank)
         return costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
-                                           scenario.data.max_length, ranks, embeddings=True, head=True)
+                                           scenario.data.max_length, ranks, embeddings=True, head=True,
+                                           element_bytes=element_bytes)
 
     @classmethod
     def client_ranks(cls, scenario, spec, clients) -> list[int]:
         """Each client's rank, 0 for a client that cannot train the whole model at any candidate rank."""
-        need = {r: cls.whole_model_memory(scenario, spec, r) for r in cls.candidate_ranks(scenario)}
-        return [next((r for r, n in need.items() if n <= c.memory_budget_gb * GB), 0) for c in clients]
+        return [next((r for r in cls.candidate_ranks(scenario)
+                      if cls.whole_model_memory(scenario, spec, r, c.element_bytes) <= c.memory_budget_gb * GB), 0)
+                for c in clients]
 
     @classmethod
     def check_memory(cls, scenario, spec, clients, server_device) -> None:
         if not any(cls.client_ranks(scenario, spec, clients)):
             smallest = min(cls.candidate_ranks(scenario))
-            need = cls.whole_model_memory(scenario, spec, smallest)
+            need = min(cls.whole_model_memory(scenario, spec, smallest, c.element_bytes) for c in clients)
             raise ScenarioError(f"clients: no client can train the whole model for {cls.name} even at rank "
                                 f"{smallest} ({need / GB:.3f} GB; the largest memory budget is "
                                 f"{max(c.memory_budget_gb for c in clients):g} GB)")
-        weights = costs.weights_bytes(spec, 0, spec.n_layers, embeddings=True, head=True)
+        weights = costs.weights_bytes(spec, 0, spec.n_layers, embeddings=True, head=True,
+                                      element_bytes=ELEMENT_BYTES[server_precision(scenario)])
         if weights > server_device.memory_gb * GB:
             raise ScenarioError(f"server.device: {server_device.name} needs {weights / GB:.2f} GB to evaluate "
                                 f"the model but has {server_device.memory_gb:g} GB")
@@ -100,12 +105,18 @@ class FederatedProtocol(Collaborative):
         return sum(self.ranks[c.index] * per_rank for c in clients)
 
     def adapter_bytes(self, client: int) -> int:
+        return costs.adapter_bytes(self.ctx.spec, self.rank_layout(self.ranks[client]),
+                                   self.ctx.clients[client].element_bytes)
+
+    def host_adapter_bytes(self, client: int) -> int:
         return costs.adapter_bytes(self.ctx.spec, self.rank_layout(self.ranks[client]))
 
     def broadcast_bytes(self) -> dict[int, int]:
-        """What each client's rank of adapter weighs (what a rule that truncates or replaces sends it)."""
+        """What each client's rank of adapter weighs as the host's fp32 tensors (what a rule that truncates or
+        replaces sends it)."""
         spec = self.ctx.spec
-        return {c.index: costs.adapter_bytes(spec, self.rank_layout(self.ranks[c.index])) for c in self.active_clients()}
+        return {c.index: costs.adapter_bytes(spec, self.rank_layout(self.ranks[c.index]))
+                for c in self.active_clients()}
 
     def exact(self, contributions) -> dict[str, np.ndarray]:
         """The exact weighted sum of the reporting clients' updates, every rule's yardstick."""
@@ -113,8 +124,10 @@ class FederatedProtocol(Collaborative):
                             self.config.alpha, self.config.contributors)
 
     def deliver(self, round_index: int, client, planned: Planned):
+        """The rule's result for the client, in its precision: every tensor of it is a floating-point one."""
         node = self.ctx.fleet.clients[client.index]
-        yield from node.download(round_index, "broadcast", planned.predicted["broadcast bytes"][client.index])
+        host = planned.predicted["broadcast bytes"][client.index]
+        yield from node.download(round_index, "broadcast", host * client.element_bytes // costs.FP32)
         if planned.client_flops:
             yield from node.compute(round_index, "merge", planned.client_flops)
 
@@ -134,7 +147,7 @@ class FederatedProtocol(Collaborative):
                 "split_layer": ctx.spec.n_layers, "rank": rank,
                 "adapted_weights": sum(len(layer) for layer in ranks.values()),
                 "adapter_params": costs.adapter_params(ctx.spec, ranks),
-                "memory_bytes": self.whole_model_memory(ctx.scenario, ctx.spec, rank or smallest),
+                "memory_bytes": self.whole_model_memory(ctx.scenario, ctx.spec, rank or smallest, c.element_bytes),
                 "memory_budget_bytes": int(c.memory_budget_gb * GB), "n_examples": ctx.partition_sizes[c.index],
                 "status": "active" if rank else "dropped"})
         return rows

@@ -14,9 +14,10 @@ from hsplit_sim.sim.fleet import IterationCosts
 
 class PlanCosts:
     """FLOPs and bytes of one iteration under a plan (probe: weight gradients of the frozen projections), the
-    adapter a client uploads, and the plan's columns of the clients table."""
+    adapter a client uploads (in the client's precision, and as the host's fp32 tensors), and the plan's
+    columns of the clients table."""
 
-    def __init__(self, spec: costs.ModelSpec, plan: ClientPlan, batch: int, seq: int):
+    def __init__(self, spec: costs.ModelSpec, plan: ClientPlan, batch: int, seq: int, element_bytes: int):
         s, n = plan.split, spec.n_layers
         client_fwd = costs.forward_flops(spec, 0, s, batch, seq, plan.client_ranks, head=False)
         server_fwd = costs.forward_flops(spec, s, n, batch, seq, plan.server_ranks, head=True)
@@ -26,14 +27,18 @@ class PlanCosts:
         server_bwd = tuple(costs.backward_flops(spec, s, n, batch, seq, plan.server_ranks, head=True,
                                                 input_requires_grad=True, weight_grads=probe)
                            for probe in (False, True))
-        self.iteration = IterationCosts(client_fwd, client_bwd, tuple(server_fwd + b for b in server_bwd),
-                                        costs.smashed_bytes(spec, batch, seq), costs.gradient_bytes(spec, batch, seq))
-        self.adapter = costs.adapter_bytes(spec, plan.client_ranks)
+        e = element_bytes
+        self.iteration = IterationCosts(
+            client_fwd, client_bwd, tuple(server_fwd + b for b in server_bwd),
+            costs.smashed_bytes(spec, batch, seq, e), costs.gradient_bytes(spec, batch, seq, e),
+            costs.smashed_bytes(spec, batch, seq), costs.gradient_bytes(spec, batch, seq))
+        self.adapter = costs.adapter_bytes(spec, plan.client_ranks, e)
+        self.host_adapter = costs.adapter_bytes(spec, plan.client_ranks)
         ranks = [r for layer in plan.client_ranks.values() for r in layer.values()]
         self.row = {"split_layer": s, "rank": max(ranks, default=0), "adapted_weights": len(ranks),
                     "adapter_params": costs.adapter_params(spec, plan.client_ranks),
                     "memory_bytes": costs.training_memory_bytes(spec, 0, s, batch, seq, plan.client_ranks,
-                                                                embeddings=True, head=False)}
+                                                                embeddings=True, head=False, element_bytes=e)}
 
 
 class SplitProtocol(Collaborative):
@@ -64,10 +69,11 @@ class SplitProtocol(Collaborative):
         found = mine.get(client)
         if found is not None and found[0] is plan:
             return found[1]
-        key = (plan.split, ranks_key(plan.client_ranks), ranks_key(plan.server_ranks))
+        e = self.ctx.clients[client].element_bytes
+        key = (plan.split, ranks_key(plan.client_ranks), ranks_key(plan.server_ranks), e)
         shared = self.__dict__.setdefault("_plan_costs", {})
         if key not in shared:
-            shared[key] = PlanCosts(self.ctx.spec, plan, self.ctx.batch, self.ctx.seq)
+            shared[key] = PlanCosts(self.ctx.spec, plan, self.ctx.batch, self.ctx.seq, e)
         mine[client] = (plan, shared[key])
         return shared[key]
 
@@ -108,6 +114,9 @@ class SplitProtocol(Collaborative):
 
     def adapter_bytes(self, client: int) -> int:
         return self.plan_costs(client).adapter
+
+    def host_adapter_bytes(self, client: int) -> int:
+        return self.plan_costs(client).host_adapter
 
     def client_rows(self, round_index: int) -> list[dict]:
         ctx = self.ctx
