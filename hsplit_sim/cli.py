@@ -185,16 +185,19 @@ def _devices(args: argparse.Namespace) -> int:
 
     from hsplit_sim.scenario import DEVICES, LINKS
 
-    devices = Table(title="Devices (effective rate = peak TFLOPS at the simulated precision x efficiency)")
+    devices = Table(title="Devices (matmuls at peak TFLOPS in the simulated precision x efficiency or at the memory "
+                    "bandwidth, whichever is slower; memory-bound operations at the bandwidth; plus a launch "
+                    "overhead per kernel)")
     for column in ("name", "TFLOPS FP32 / FP16 / BF16", "efficiency", "memory GB", "memory GB/s",
-                   "power W: compute / send / receive / idle"):
+                   "launch us", "power W: compute / send / receive / idle"):
         devices.add_column(column)
     for d in DEVICES.values():
         rates = " / ".join("-" if (r := d.peak_tflops(p)) is None else f"{r:g}" for p in ("fp32", "fp16", "bf16"))
         bandwidth = "-" if d.memory_bandwidth_gbps is None else f"{d.memory_bandwidth_gbps:g}"
         power = "-" if d.power_w is None else " / ".join(
             f"{getattr(d.power_w, state):g}" for state in ("compute", "transmit", "receive", "idle"))
-        devices.add_row(d.name, rates, f"{d.efficiency:g}", f"{d.memory_gb:g}", bandwidth, power)
+        overhead = "-" if d.launch_overhead_us is None else f"{d.launch_overhead_us:g}"
+        devices.add_row(d.name, rates, f"{d.efficiency:g}", f"{d.memory_gb:g}", bandwidth, overhead, power)
 
     links = Table(title="Links")
     for column in ("name", "up Mbps", "down Mbps", "latency ms"):

@@ -1,11 +1,13 @@
-"""FLOPs, bytes and memory of model segments from a config alone (no torch), for the simulated clock.
+"""Work, bytes and memory of model segments from a config alone (no torch), for the simulated clock.
 
-FLOPs count matrix multiplications only, 2*m*k*n each, the way `torch.utils.flop_counter.FlopCounterMode`
-counts them on the real modules (eager attention, PEFT LoRA), so the simulated clock and a profiler agree.
+Work is what eager PyTorch runs on the real modules (eager attention, PEFT LoRA, AdamW): matmuls with their
+FLOPs (2*m*k*n each, the way `torch.utils.flop_counter.FlopCounterMode` counts them) and the values they move,
+the values memory-bound operations move, and kernels, so the simulated clock and a profiler agree.
 Bytes take the size of one value as a parameter (the simulated precision); by default fp32, which is what the
 host trains in and what real frames carry.
 """
 
+from collections import Counter
 from dataclasses import dataclass
 
 # Logical weight names -> module-name suffixes per architecture family.
@@ -106,77 +108,265 @@ def uniform_ranks(spec: ModelSpec, targets: list[str], layers, rank: int) -> Ran
     return {layer: {m: rank for m in modules} for layer in layers}
 
 
-def _matmul(n: int, d_in: int, d_out: int, rank: int, x_grad: bool, trainable: bool) -> tuple[int, int, bool]:
-    """(forward, backward, output requires grad) of x (n x d_in) @ W (d_in x d_out) plus a rank-r LoRA path.
+@dataclass(frozen=True)
+class Work:
+    """What a device computes, for the roofline time model: matrix multiplications grouped by shape as
+    (count, FLOPs, values moved), the values memory-bound operations read and write, and the kernels launched.
+
+    Values, not bytes: the simulated precision sets the bytes of a value (sim/timemodel.py).
+    """
+
+    matmuls: tuple[tuple[int, int, int], ...] = ()
+    pointwise_values: int = 0
+    kernels: int = 0
+
+    @property
+    def flops(self) -> int:
+        return sum(count * flops for count, flops, _ in self.matmuls)
+
+    @property
+    def values(self) -> int:
+        """Every value read and written, by matmuls and memory-bound operations alike."""
+        return self.pointwise_values + sum(count * values for count, _, values in self.matmuls)
+
+    def __add__(self, other: "Work") -> "Work":
+        grouped = Counter()
+        for count, flops, values in self.matmuls + other.matmuls:
+            grouped[flops, values] += count
+        return Work(tuple((count, f, v) for (f, v), count in sorted(grouped.items())),
+                    self.pointwise_values + other.pointwise_values, self.kernels + other.kernels)
+
+    @classmethod
+    def compute_bound(cls, flops: int) -> "Work":
+        """Arithmetic charged by FLOPs alone (aggregation's products and factorisations)."""
+        return cls(((1, flops, 0),)) if flops else cls()
+
+
+class _Tape:
+    """Records the operations eager PyTorch runs, one kernel each unless said otherwise."""
+
+    def __init__(self):
+        self.matmuls: Counter = Counter()
+        self.pointwise_values = 0
+        self.kernels = 0
+
+    def matmul(self, m: int, k: int, n: int, batch: int = 1, extra_values: int = 0) -> None:
+        """(m x k) @ (k x n), `batch` times in one kernel; extra_values: a bias read."""
+        self.matmuls[2 * batch * m * k * n, batch * (m * k + k * n + m * n) + extra_values] += 1
+        self.kernels += 1
+
+    def pointwise(self, values: int, kernels: int = 1) -> None:
+        """Memory-bound operations reading and writing `values` values in all."""
+        self.pointwise_values += values
+        self.kernels += kernels
+
+    def work(self) -> Work:
+        return Work(tuple((count, f, v) for (f, v), count in sorted(self.matmuls.items())),
+                    self.pointwise_values, self.kernels)
+
+
+# Eager PyTorch's operations per norm (values moved per token-wide element, kernels): RMSNorm is pow, mean, add,
+# rsqrt and two muls forward, twelve operations backward; LayerNorm is one fused kernel each way.
+_NORM = {"llama": ((7, 6), (20, 12)), "gpt2": ((2, 1), (3, 1))}
+# AdamW's single-tensor step (torch's default off CUDA): step count, lerp_, mul_, addcmul_, a scalar read,
+# sqrt, div, add_ and addcdiv_ per tensor, moving 19 values per parameter (+ mul_ for weight decay).
+_ADAM_KERNELS, _ADAM_VALUES = 9, 19
+
+
+def _linear(fwd: _Tape, bwd: _Tape, n: int, d_in: int, d_out: int, rank: int, x_grad: bool, trainable: bool,
+            bias: bool) -> bool:
+    """x (n x d_in) @ W (d_in x d_out) (+ bias) plus a rank-r LoRA path scaled and added; returns whether the
+    output requires grad.
 
     Autograd computes an input's gradient only if it requires grad: W's input gradient only when x
     requires grad, W's weight gradient only when W is trained. LoRA's A and B are always trained, and
     A's output always requires grad, so B's input gradient is always paid.
     """
-    base = 2 * n * d_in * d_out
-    forward = base
-    backward = base * x_grad + base * trainable
+    fwd.matmul(n, d_in, d_out, extra_values=d_out if bias else 0)
+    if x_grad:
+        bwd.matmul(n, d_out, d_in)
+    if trainable:
+        bwd.matmul(d_in, n, d_out)
+        if bias:
+            bwd.pointwise(n * d_out + d_out)  # bias gradient: a sum over tokens
     if rank:
-        a, b = 2 * n * d_in * rank, 2 * n * rank * d_out
-        forward += a + b
-        backward += a * x_grad + a + 2 * b
-    return forward, backward, x_grad or trainable or rank > 0
+        fwd.matmul(n, d_in, rank)
+        fwd.matmul(n, rank, d_out)
+        fwd.pointwise(2 * n * d_out + 3 * n * d_out, kernels=2)  # scaling, then the add to the base output
+        bwd.pointwise(2 * n * d_out)  # the scaling's gradient
+        bwd.matmul(rank, n, d_out)  # B's gradient
+        bwd.matmul(n, d_out, rank)  # (x A)'s gradient
+        bwd.matmul(d_in, n, rank)  # A's gradient
+        if x_grad:
+            bwd.matmul(n, rank, d_in)
+            bwd.pointwise(3 * n * d_in)  # summed with the base path's input gradient
+    return x_grad or trainable or rank > 0
 
 
-def _attention(spec: ModelSpec, batch: int, seq: int, q_grad: bool, k_grad: bool, v_grad: bool):
-    """(forward, backward, output requires grad) of QK^T and PV; GQA repeats kv heads, so all n_heads count."""
-    one = 2 * batch * spec.n_heads * seq * seq * spec.head_dim
+def _norm(spec: ModelSpec, fwd: _Tape, bwd: _Tape, n: int, x_grad: bool, trainable: bool) -> None:
+    (fwd_values, fwd_kernels), (bwd_values, bwd_kernels) = _NORM[spec.family]
+    fwd.pointwise(fwd_values * n * spec.d_model, fwd_kernels)
+    if x_grad:
+        bwd.pointwise(bwd_values * n * spec.d_model, bwd_kernels)
+    if trainable and spec.family == "llama":
+        bwd.pointwise(4 * n * spec.d_model, kernels=2)  # the weight's gradient: a product summed over tokens
+
+
+def _attention(spec: ModelSpec, fwd: _Tape, bwd: _Tape, batch: int, seq: int, q_grad: bool, k_grad: bool,
+               v_grad: bool) -> bool:
+    """Rotary embeddings (LLaMA), the key/value repeat of grouped-query attention, QK^T, scale, mask, softmax,
+    PV and the copies eager attention makes around them; returns whether the output requires grad."""
+    n, heads, hd = batch * seq, spec.n_heads, spec.head_dim
+    tq, tkv = n * heads * hd, n * spec.n_kv_heads * hd
+    scores, groups = batch * heads, batch * heads * seq * seq
+    gqa = spec.n_kv_heads < heads
+    if spec.family == "llama":
+        fwd.pointwise(10 * (tq + tkv), kernels=10)  # rotary: mul, neg, cat, mul, add on q and on k
+        if gqa:
+            fwd.pointwise(2 * (tkv + tq), kernels=2)  # keys and values repeated to every query head
+        fwd.pointwise(2 * tq)  # a contiguous copy for QK^T
+    else:
+        fwd.pointwise(3 * 2 * tq, kernels=3)  # contiguous q, k^T and v out of the fused projection
+    fwd.matmul(seq, spec.head_dim, seq, batch=scores)
+    fwd.pointwise(2 * groups + 2 * groups + batch * seq * seq + 2 * groups, kernels=3)  # scale, mask, softmax
+    fwd.matmul(seq, seq, spec.head_dim, batch=scores)
+    fwd.pointwise(2 * tq)  # heads back to tokens
     p_grad = q_grad or k_grad
-    return 2 * one, one * (q_grad + k_grad + p_grad + v_grad), p_grad or v_grad
+    if not (p_grad or v_grad):
+        return False
+    bwd.pointwise(2 * tq)
+    if p_grad:
+        bwd.matmul(seq, hd, seq, batch=scores)
+        bwd.pointwise(3 * groups + 2 * groups, kernels=2)  # softmax and scale gradients
+    if v_grad:
+        bwd.matmul(seq, seq, hd, batch=scores)
+    if q_grad:
+        bwd.matmul(seq, seq, hd, batch=scores)
+    if k_grad:
+        bwd.matmul(hd, seq, seq, batch=scores)
+    if spec.family == "llama":
+        for grad, width in ((q_grad, tq), (k_grad, tkv), (v_grad, tkv)):
+            if grad:
+                bwd.pointwise(2 * width)  # tokens back to heads, contiguous
+                if width == tkv and gqa:
+                    bwd.pointwise(tq + tkv)  # the repeat's gradient: a sum over the repeated heads
+        bwd.pointwise(14 * tq * q_grad + 14 * tkv * k_grad, kernels=7 * (q_grad + k_grad))  # rotary
+    else:
+        bwd.pointwise(2 * 2 * tq + 6 * n * spec.d_model, kernels=3)  # copies, and q, k, v joined for c_attn
+    return True
 
 
-def _block(spec: ModelSpec, layer: int, batch: int, seq: int, ranks: Ranks, x_grad: bool, weight_grads: bool):
-    """(forward, backward, output requires grad) of one transformer block, following requires-grad through it."""
-    names, layer_ranks, n = TARGET_MODULES[spec.family], ranks.get(layer, {}), batch * seq
+def _block(spec: ModelSpec, layer: int, batch: int, seq: int, ranks: Ranks, x_grad: bool, weight_grads: bool,
+           full_finetune: bool, fwd: _Tape, bwd: _Tape) -> bool:
+    """One transformer block, following requires-grad through it; returns whether its output requires grad."""
+    names, layer_ranks, n, d = TARGET_MODULES[spec.family], ranks.get(layer, {}), batch * seq, spec.d_model
+    gpt2 = spec.family == "gpt2"
 
-    def proj(target: str, grad: bool):
+    def proj(target: str, grad: bool) -> bool:
         module = names[target]
-        return _matmul(n, *module_shape(spec, module), layer_ranks.get(module, 0), grad, weight_grads)
+        return _linear(fwd, bwd, n, *module_shape(spec, module), layer_ranks.get(module, 0), grad,
+                       weight_grads or full_finetune, gpt2)
 
-    if spec.family == "gpt2":
+    def residual(grad: bool) -> None:
+        fwd.pointwise(3 * n * d)
+        if grad:
+            bwd.pointwise(3 * n * d)  # the branch's gradient summed into the stream's
+
+    _norm(spec, fwd, bwd, n, x_grad, full_finetune)
+    if gpt2:
         q = k = v = proj("q", x_grad)  # fused c_attn: q, k and v share one output
-        parts = [q]
     else:
         q, k, v = proj("q", x_grad), proj("k", x_grad), proj("v", x_grad)
-        parts = [q, k, v]
-    attention = _attention(spec, batch, seq, q[2], k[2], v[2])
-    out = proj("o", attention[2])
-    h_grad = x_grad or out[2]  # residual
-    if spec.family == "gpt2":
+        if x_grad:
+            bwd.pointwise(2 * 3 * n * d, kernels=2)  # three input gradients of one normed input summed
+    attended = _attention(spec, fwd, bwd, batch, seq, q, k, v)
+    out = proj("o", attended)
+    residual(x_grad)
+    h_grad = x_grad or out
+    _norm(spec, fwd, bwd, n, h_grad, full_finetune)
+    f = n * spec.d_ff
+    if gpt2:
         up = proj("up", h_grad)
-        down = proj("down", up[2])
-        parts += [attention, out, up, down]
+        fwd.pointwise(18 * f, kernels=8)  # GELU (tanh form) as eight element-wise operations
+        if up:
+            bwd.pointwise(28 * f, kernels=11)
+        down = proj("down", up)
     else:
         gate, up = proj("gate", h_grad), proj("up", h_grad)
-        down = proj("down", gate[2] or up[2])
-        parts += [attention, out, gate, up, down]
-    return sum(p[0] for p in parts), sum(p[1] for p in parts), h_grad or down[2]
+        fwd.pointwise(2 * f + 3 * f, kernels=2)  # SiLU of gate, times up
+        bwd.pointwise(3 * f * (gate + up) + 3 * f * gate, kernels=gate + up + gate)
+        if h_grad:
+            bwd.pointwise(3 * n * d)  # gate's and up's input gradients summed
+        down = proj("down", gate or up)
+    residual(h_grad)
+    return h_grad or down
 
 
-def _segment_flops(
+def segment_work(
     spec: ModelSpec, start: int, stop: int, batch: int, seq: int, ranks: Ranks, head: bool,
-    input_requires_grad: bool, full_finetune: bool, weight_grads: bool = False,
-) -> tuple[int, int]:
-    """(forward, backward) FLOPs of blocks start..stop-1 and, if head, the LM head."""
-    forward = backward = 0
+    input_requires_grad: bool, full_finetune: bool = False, weight_grads: bool = False,
+) -> tuple[Work, Work]:
+    """(forward, backward) of blocks start..stop-1 as eager PyTorch runs them; a segment starting at block 0
+    looks up the embeddings, one with the head adds the final norm, the LM head and the loss.
+
+    input_requires_grad: the segment's input needs a gradient (a server segment sends it back to the
+    client; a client segment starting at the frozen embeddings does not). Full fine-tuning trains the
+    embeddings too, so there the input always requires grad and every weight gradient is paid.
+    weight_grads: the blocks' frozen projections get gradients too (IWI's probe), embeddings and head not.
+    Every segment's forward first builds the causal mask (and LLaMA's rotary tables): a few small kernels.
+    """
+    fwd, bwd = _Tape(), _Tape()
+    n, d = batch * seq, spec.d_model
+    fwd.pointwise(8 * batch * seq * seq, kernels=7)
+    if spec.family == "llama":
+        fwd.pointwise(6 * seq * spec.head_dim, kernels=8)
+    if start == 0:
+        lookups = 2 if spec.n_positions else 1  # GPT-2 adds learned positions
+        fwd.pointwise(lookups * (n + 2 * n * d) + (lookups - 1) * 3 * n * d,
+                      kernels=1 if lookups == 1 else 4)  # GPT-2: positions, two lookups and their sum
+        if full_finetune:  # dense gradients of the tables
+            bwd.pointwise(lookups * n * d + (spec.vocab_size + spec.n_positions) * d, kernels=lookups)
     grad = input_requires_grad or full_finetune
     for layer in range(start, stop):
-        f, b, grad = _block(spec, layer, batch, seq, ranks, grad, full_finetune or weight_grads)
-        forward, backward = forward + f, backward + b
+        grad = _block(spec, layer, batch, seq, ranks, grad, weight_grads, full_finetune, fwd, bwd)
     if head:
-        f, b, _ = _matmul(batch * seq, spec.d_model, spec.vocab_size, 0, grad, full_finetune)
-        forward, backward = forward + f, backward + b
-    return forward, backward
+        predicted = batch * (seq - 1) * spec.vocab_size  # the loss drops each sequence's last position
+        _norm(spec, fwd, bwd, n, grad, full_finetune)
+        _linear(fwd, bwd, n, d, spec.vocab_size, 0, grad, full_finetune, False)
+        fwd.pointwise(2 * predicted + 2 * predicted + predicted, kernels=4)  # shifted copies, log-softmax, NLL
+        bwd.pointwise(2 * predicted + 3 * predicted + predicted + n * spec.vocab_size, kernels=4)
+        if full_finetune and start == 0 and spec.tied_embeddings:
+            bwd.pointwise(3 * spec.vocab_size * d)  # the tied matrix's two gradients summed
+    return fwd.work(), bwd.work()
+
+
+def optimizer_work(spec: ModelSpec, ranks: Ranks, weight_decay: float = 0.0, full_finetune: bool = False) -> Work:
+    """One AdamW step over what trains: A and B of every adapter in `ranks` or, in full fine-tuning, every
+    tensor of the model."""
+    if full_finetune:
+        per_block = 12 if spec.family == "gpt2" else 9  # GPT-2: 4 weights, 4 biases, 2 LayerNorms of 2
+        outside = (4 if spec.family == "gpt2" else 2) + (0 if spec.tied_embeddings else 1)
+        params, tensors = _segment_params(spec, 0, spec.n_layers, True, True), spec.n_layers * per_block + outside
+    else:
+        params = adapter_params(spec, ranks)
+        tensors = 2 * sum(1 for modules in ranks.values() for rank in modules.values() if rank)
+    decay = weight_decay > 0
+    return Work((), params * (_ADAM_VALUES + 2 * decay), tensors * (_ADAM_KERNELS + decay))
+
+
+def merge_work(shapes) -> Work:
+    """Adapters merged into their weights: per weight (d_out, rank, d_in), B @ A as one matmul and its
+    addition into the weight."""
+    tape = _Tape()
+    for d_out, rank, d_in in shapes:
+        tape.matmul(d_out, rank, d_in)
+        tape.pointwise(3 * d_out * d_in)
+    return tape.work()
 
 
 def forward_flops(spec: ModelSpec, start: int, stop: int, batch: int, seq: int, ranks: Ranks, head: bool) -> int:
     """Matmul FLOPs of the forward pass of blocks start..stop-1 (+ the LM head over every position if head)."""
-    return _segment_flops(spec, start, stop, batch, seq, ranks, head, False, False)[0]
+    return segment_work(spec, start, stop, batch, seq, ranks, head, False)[0].flops
 
 
 def backward_flops(
@@ -191,15 +381,10 @@ def backward_flops(
     full_finetune: bool = False,
     weight_grads: bool = False,
 ) -> int:
-    """Matmul FLOPs of the backward pass of a segment: gradients are computed only where they are needed.
-
-    input_requires_grad: the segment's input needs a gradient (a server segment sends it back to the
-    client; a client segment starting at the frozen embeddings does not). Full fine-tuning trains the
-    embeddings too, so there the input always requires grad and every weight gradient is paid.
-    weight_grads: the blocks' frozen projections get gradients too (IWI's probe), embeddings and head not.
-    """
-    return _segment_flops(spec, start, stop, batch, seq, ranks, head, input_requires_grad, full_finetune,
-                          weight_grads)[1]
+    """Matmul FLOPs of the backward pass of a segment: gradients are computed only where they are needed
+    (segment_work says how)."""
+    return segment_work(spec, start, stop, batch, seq, ranks, head, input_requires_grad, full_finetune,
+                        weight_grads)[1].flops
 
 
 def activation_bytes(spec: ModelSpec, batch: int, seq: int, element_bytes: int = FP32) -> int:

@@ -104,8 +104,10 @@ def test_durations_and_bytes_come_from_the_cost_model(runs, name):
         if e.kind == "client_step":
             flops = (costs.forward_flops(spec, 0, n, b, seq, layout(rank), head=True)
                      + costs.backward_flops(spec, 0, n, b, seq, layout(rank), head=True, input_requires_grad=False))
-            assert e.flops == flops
-            assert duration == pytest.approx(seconds(flops, client.device), rel=1e-9)
+            forward, backward = costs.segment_work(spec, 0, n, b, seq, layout(rank), True, False)
+            step = forward + backward + costs.optimizer_work(spec, layout(rank), sc.training.weight_decay)
+            assert e.flops == flops == step.flops
+            assert duration == pytest.approx(seconds(step, client.device), rel=1e-9)
         elif e.kind in ("adapter_upload", "broadcast"):
             expected = merge_bytes if (name == "flora" and e.kind == "broadcast") else \
                 costs.adapter_bytes(spec, layout(rank))

@@ -213,11 +213,14 @@ def test_every_compute_duration_comes_from_the_cost_model(runs, key):
                                                   input_requires_grad=True, weight_grads=probe))
             assert b.flops == client_bwd, (r, k, i)
             assert st.flops == server_step, (r, k, i)
-            device = clients[k].device
-            assert b.end_s - b.start_s == pytest.approx(
-                seconds(client_bwd, device), rel=1e-9)
-            assert st.end_s - st.start_s == pytest.approx(
-                seconds(server_step, server), rel=1e-9)
+            client_work = (costs.segment_work(spec, 0, s, BATCH, SEQ, plan.client_ranks, False, False,
+                                              weight_grads=probe)[1]
+                           + costs.optimizer_work(spec, plan.client_ranks))
+            server_fwd, server_bwd = costs.segment_work(spec, s, n, BATCH, SEQ, plan.server_ranks, True, True,
+                                                        weight_grads=probe)
+            server_work = server_fwd + server_bwd + costs.optimizer_work(spec, plan.server_ranks)
+            assert b.end_s - b.start_s == pytest.approx(seconds(client_work, clients[k].device), rel=1e-9)
+            assert st.end_s - st.start_s == pytest.approx(seconds(server_work, server), rel=1e-9)
         if probing:  # the probe really costs more than a plain step
             assert bwd["flops"].iloc[0] > bwd["flops"].iloc[1] and step["flops"].iloc[0] > step["flops"].iloc[1]
 

@@ -311,9 +311,22 @@ def test_a_time_budget_bounds_the_client_compute():
     cost = {k: iwi.weight_cost(spec, k, 8, 2, 16) for k in keys}
     splits = list(range(1, spec.n_layers))
     free_split, free_ranks = iwi.configure_client(spec, importance, cost, 1e12, Q, 2, 16, splits)
-    free = iwi.client_flops(spec, free_split, 2, 16, free_ranks)
+    work = iwi.client_work(spec, free_split, 2, 16, free_ranks)
+    free = work.flops + work.values + work.kernels
+    asked = []
+
+    def within(budget):
+        def fits(split, ranks):
+            work = iwi.client_work(spec, split, 2, 16, ranks)
+            asked.append((split, ranks))
+            return work.flops + work.values + work.kernels <= budget
+        return fits
+
     for share in (0.9, 0.5, 0.3):
-        found = iwi.configure_client(spec, importance, cost, 1e12, Q, 2, 16, splits, budget_flops=share * free)
+        asked.clear()
+        found = iwi.configure_client(spec, importance, cost, 1e12, Q, 2, 16, splits, within(share * free))
+        assert asked
         if found is not None:
-            assert iwi.client_flops(spec, found[0], 2, 16, found[1]) <= share * free
-    assert iwi.configure_client(spec, importance, cost, 1e12, Q, 2, 16, splits, budget_flops=1.0) is None
+            work = iwi.client_work(spec, found[0], 2, 16, found[1])
+            assert work.flops + work.values + work.kernels <= share * free
+    assert iwi.configure_client(spec, importance, cost, 1e12, Q, 2, 16, splits, within(1.0)) is None

@@ -149,13 +149,25 @@ def expected_costs(overrides: tuple[str, ...]):
         "broadcast": costs.adapter_bytes(spec, client_ranks),
     }
     flops["aggregate"] = 2 * len(expanded_clients(sc)) * costs.adapter_params(spec, client_ranks)
-    return sc, flops, nbytes
+    decay = sc.training.weight_decay
+    client, server = costs.segment_work(spec, 0, s, b, L, client_ranks, False, False), \
+        costs.segment_work(spec, s, n, b, L, server_ranks, True, True)
+    central = costs.segment_work(spec, 0, n, b, L, ranks(range(n)), True, False)
+    work = {
+        "client_fwd": client[0],
+        "client_bwd": client[1] + costs.optimizer_work(spec, client_ranks, decay),
+        "server_step": server[0] + server[1] + costs.optimizer_work(spec, server_ranks, decay),
+        "central_step": central[0] + central[1] + costs.optimizer_work(spec, ranks(range(n)), decay),
+        "aggregate": costs.Work.compute_bound(flops["aggregate"]),
+    }
+    assert {kind: w.flops for kind, w in work.items()} == flops
+    return sc, flops, work, nbytes
 
 
 @pytest.mark.parametrize("which", [SPLIT, LLAMA, CENLORA], ids=["gpt2", "llama", "cenlora"])
 def test_every_duration_comes_from_the_cost_model(runs, which):
     run_dir = runs(*which)
-    sc, flops, nbytes = expected_costs(which[1])
+    sc, flops, work, nbytes = expected_costs(which[1])
     clients = expanded_clients(sc)
     server = resolve_device(sc.server.device)
     events = read(run_dir)["events"]
@@ -165,8 +177,7 @@ def test_every_duration_comes_from_the_cost_model(runs, which):
         if e.kind in ("client_fwd", "client_bwd", "server_step", "central_step", "aggregate"):
             device = clients[e.client].device if e.kind in ("client_fwd", "client_bwd") else server
             assert e.flops == flops[e.kind], e
-            assert duration == pytest.approx(seconds(flops[e.kind], device),
-                                             rel=1e-9), e
+            assert duration == pytest.approx(seconds(work[e.kind], device), rel=1e-9), e
             assert e.bytes == 0
             checked += 1
         elif e.kind in nbytes:

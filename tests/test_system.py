@@ -11,9 +11,10 @@ from durations import seconds, transfer
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hsplit_sim import costs
 from hsplit_sim.backends import TimingBackend
 from hsplit_sim.experiment.run import run_scenario
-from hsplit_sim.scenario import DeviceSpec, LinkSpec, scenario_from_dict
+from hsplit_sim.scenario import DeviceSpec, LinkSpec, model_hf_config, scenario_from_dict
 from hsplit_sim.scenario.catalog import PowerSpec
 from hsplit_sim.scenario.schema import ClientSpec
 from hsplit_sim.sim.effects import BandwidthTrace
@@ -135,12 +136,13 @@ def test_jitter_scales_each_clients_compute_and_rates_by_its_round_factor(tmp_pa
     events = run(tmp_path, jitter)["events"]
     scenario = scenario_from_dict(BASE, [jitter])
     effects = SystemEffects(scenario.system, scenario.seed, 4)
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
     for round_index in (1, 2):
         compute, bandwidth = effects.factors(round_index, 3)
         mine = events[(events["round"] == round_index) & (events["client"] == 3)]
         fwd, up = mine[mine["kind"] == "client_fwd"], mine[mine["kind"] == "upload"]
-        assert np.allclose(fwd["end_s"] - fwd["start_s"],
-                           seconds(fwd["flops"].iloc[0], DEVICES["raspberry-pi-5"]) * compute)
+        forward = costs.segment_work(spec, 0, 1, 2, 32, costs.uniform_ranks(spec, ["q", "v"], [0], 4), False, False)[0]
+        assert np.allclose(fwd["end_s"] - fwd["start_s"], seconds(forward, DEVICES["raspberry-pi-5"]) * compute)
         assert np.allclose(up["end_s"] - up["start_s"], transfer(int(up["bytes"].iloc[0]), 10 * bandwidth, 40))
     assert effects.factors(1, 3) != effects.factors(2, 3) != (1.0, 1.0)
 

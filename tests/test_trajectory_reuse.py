@@ -37,8 +37,15 @@ def test_training_key_ignores_the_system_and_sees_training():
         assert training_key(load_scenario(TINY, [system])) == base, system
     for training in ("seed=1", "algorithm.rank=4", "training.lr=0.01", "data.train_examples=32",
                      "clients.1.memory_budget_gb=4", "clients.0.count=3", "algorithm.name=hsplitlora",
-                     "model.name=tiny-llama", "clients.1.device=laptop-rtx-3050"):  # 4 GB, not 8: another budget
+                     "model.name=tiny-llama", "clients.1.device=laptop-rtx-3050",  # 4 GB, not 8: another budget
+                     "clients.0.precision=fp16"):  # half the bytes: another fit
         assert training_key(load_scenario(TINY, [training])) != base, training
+    budget = ["algorithm.name=hsplitlora", "algorithm.time_budget_s=0.01"]
+    timed = training_key(load_scenario(TINY, budget))
+    assert training_key(load_scenario(TINY, [*budget, "server.device=a100"])) == timed
+    pi = "clients.1.device={name: pi, tflops: 0.154, efficiency: 0.3, memory_gb: 8, memory_bandwidth_gbps: %s}"
+    assert training_key(load_scenario(TINY, [*budget, pi % 17.1])) != training_key(
+        load_scenario(TINY, [*budget, pi % 34.2]))
 
 
 def test_hsplitlora_retimed_equals_a_full_rerun(tmp_path):

@@ -62,7 +62,8 @@ class Planned:
 
     flops: int
     predicted: dict[str, object] = field(default_factory=dict)
-    client_flops: int = 0  # what each receiving client computes on what it receives (merging it into its weights)
+    # what each receiving client merges into its weights, as (d_out, rank, d_in) per weight
+    client_merges: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass

@@ -32,7 +32,7 @@ class FLoRA(FederatedProtocol):
         nbytes = sum(min((d_in + d_out) * stacked * costs.FP32, d_in * d_out * costs.FP32) for d_in, d_out in shapes)
         flops = sum(stacked * d_in for d_in, _ in shapes)
         return Planned(flops, {"FLOPs": flops, "broadcast bytes": {c.index: nbytes for c in self.active_clients()}},
-                       client_flops=sum(2 * d_out * stacked * d_in for d_in, d_out in shapes))
+                       client_merges=tuple((d_out, stacked, d_in) for d_in, d_out in shapes))
 
     def aggregate(self, contributions) -> Outcome:
         algo = self.config

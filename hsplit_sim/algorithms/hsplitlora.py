@@ -40,7 +40,7 @@ from hsplit_sim.algorithms.splitlora import fitting_configuration
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario.load import server_precision
 from hsplit_sim.scenario.schema import ELEMENT_BYTES, AlgorithmConfig
-from hsplit_sim.sim.timemodel import flops_within
+from hsplit_sim.sim.timemodel import compute_seconds
 
 GB = 1e9
 LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
@@ -85,8 +85,8 @@ class HSplitLoRA(SplitProtocol):
         resplit_threshold: float = Field(0.1, ge=0, description="re-split when the client side's share of "
                                          "importance moves by more than this")
         time_budget_s: float | None = Field(
-            None, gt=0, description="longest client compute per local iteration (forward and backward of its "
-            "segment on its device), seconds; none: memory alone bounds a client's plan")
+            None, gt=0, description="longest client compute per local iteration (forward, backward and "
+            "optimiser step of its segment on its device), seconds; none: memory alone bounds a client's plan")
         iwi: bool = Field(True, description="ablation switch: important weight identification")
         armsc: bool = Field(True, description="ablation switch: adaptive rank and split configuration")
         naa: bool = Field(True, description="ablation switch: noise-free adapter aggregation")
@@ -103,11 +103,14 @@ class HSplitLoRA(SplitProtocol):
               splits: list[int]) -> ClientPlan | None:
         """A client's plan: ARMSC on the client side, importance quantiles on the server side."""
         algo = scenario.algorithm
-        budget_flops = (None if algo.time_budget_s is None
-                        else flops_within(algo.time_budget_s, client.device, client.precision))
+        batch, seq = scenario.training.batch_size, scenario.data.max_length
+        within_time = None
+        if algo.time_budget_s is not None:
+            def within_time(split: int, ranks: costs.Ranks) -> bool:
+                work = iwi.client_work(spec, split, batch, seq, ranks, scenario.training.weight_decay)
+                return compute_seconds(work, client.device, client.precision) <= algo.time_budget_s
         found = iwi.configure_client(spec, importance, cost, client.memory_budget_gb * GB, algo.rank_set,
-                                     scenario.training.batch_size, scenario.data.max_length, splits, budget_flops,
-                                     client.element_bytes)
+                                     batch, seq, splits, within_time, client.element_bytes)
         if found is None or not found[1]:
             return None
         split, client_ranks = found
@@ -302,7 +305,7 @@ class HSplitLoRA(SplitProtocol):
         e = client.element_bytes
         nbytes = sum(min((d_out + d_in) * rank * e, d_out * d_in * e) for d_out, rank, d_in in mine)
         yield from node.download(round_index, "broadcast", nbytes)
-        yield from node.compute(round_index, "merge", sum(2 * d_out * rank * d_in for d_out, rank, d_in in mine))
+        yield from node.compute(round_index, "merge", costs.merge_work(mine))
         if plan.split > held:
             moved = costs.weights_bytes(self.ctx.spec, held, plan.split, embeddings=False, head=False,
                                         element_bytes=client.element_bytes)

@@ -4,6 +4,7 @@ Weights are keyed "<layer>.<module suffix>", e.g. "3.self_attn.q_proj". Formulas
 """
 
 import math
+from collections.abc import Callable
 
 from hsplit_sim import costs
 
@@ -76,10 +77,11 @@ def score(ranks: costs.Ranks, importance: dict[str, float], rank_set: list[int])
 
 def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: dict[str, float],
                      budget_bytes: float, rank_set: list[int], batch: int, seq: int,
-                     splits: list[int], budget_flops: float | None = None,
+                     splits: list[int], within_time: Callable[[int, costs.Ranks], bool] | None = None,
                      element_bytes: int = costs.FP32) -> tuple[int, costs.Ranks] | None:
     """ARMSC for one client: the best (split, client-side ranks) within its memory budget (and, if given, a
-    per-iteration compute budget: forward plus backward FLOPs of its segment); ties go deeper.
+    per-iteration compute budget: `within_time(split, ranks)` says whether the client's iteration fits it);
+    ties go deeper.
 
     splits: the split points to consider (all of them, or only the current one when not re-splitting).
     None when no split holds even the bare segment.
@@ -96,7 +98,7 @@ def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: 
         def fits(ranks, split=split, memory=memory):
             if memory(ranks) > budget_bytes:
                 return False
-            return budget_flops is None or client_flops(spec, split, batch, seq, ranks) <= budget_flops
+            return within_time is None or within_time(split, ranks)
 
         if not fits({}):
             break
@@ -131,10 +133,11 @@ def segment_memory(spec: costs.ModelSpec, split: int, batch: int, seq: int, elem
     return memory
 
 
-def client_flops(spec: costs.ModelSpec, split: int, batch: int, seq: int, ranks: costs.Ranks) -> int:
-    """A client's compute in one local iteration: forward and backward of its segment."""
-    return (costs.forward_flops(spec, 0, split, batch, seq, ranks, head=False)
-            + costs.backward_flops(spec, 0, split, batch, seq, ranks, head=False, input_requires_grad=False))
+def client_work(spec: costs.ModelSpec, split: int, batch: int, seq: int, ranks: costs.Ranks,
+                weight_decay: float = 0.0) -> costs.Work:
+    """A client's compute in one local iteration: forward, backward and optimiser step of its segment."""
+    forward, backward = costs.segment_work(spec, 0, split, batch, seq, ranks, False, False)
+    return forward + backward + costs.optimizer_work(spec, ranks, weight_decay)
 
 
 def server_ranks(keys: list[str], importance: dict[str, float], cost: dict[str, float],

@@ -12,19 +12,20 @@ The training key is a hash of every scenario field that can change training:
 
 - seed, model, data (everything: set, size, partition, lengths, test MRs), algorithm (everything,
   including HSplitLoRA's rank set, thresholds and ablation switches), training (everything);
-- the number of clients and each client's memory budget (given, or its device's memory): budgets decide
-  SplitLoRA's shared configuration and dropped clients, the federated baselines' ranks and HSplitLoRA's
-  ARMSC plans;
-- with HSplitLoRA's algorithm.time_budget_s, each client's compute rate (the budget bounds its plan);
+- the number of clients, each client's memory budget (given, or its device's memory) and simulated precision
+  (the bytes of what it holds): they decide SplitLoRA's shared configuration and dropped clients, the
+  federated baselines' ranks and HSplitLoRA's ARMSC plans;
+- with HSplitLoRA's algorithm.time_budget_s, everything the time model reads of each client's device (peak
+  rate at its precision, efficiency, memory bandwidth, launch overhead): the budget bounds its plan;
 - runtime.torch_device (CPU and GPU kernels round differently).
 
 - system effects that decide who trains: the dropout probability and the selection (seeded draws); and when
   timing decides who trains (a deadline, availability, over-commitment), everything that sets the timing:
   devices, links, media, the server and the whole system section.
 
-Left out otherwise: names and output, the server's device and accelerators, client devices' speeds (tflops,
-efficiency) and names, links, media, jitter and bandwidth traces, and the rest of runtime (workers, transport,
-timeouts, timing_only).
+Left out otherwise: names and output, the server's device, precision and accelerators, client devices' speeds
+(rates, efficiency, bandwidth, overhead) and names, links, media, jitter and bandwidth traces, and the rest of
+runtime (workers, transport, timeouts, timing_only).
 
 One thing the key cannot see: clients taking turns on one shared server-side adapter (SplitLoRA's default,
 HSplitLoRA's `server_adapters: shared`) train in the order their server steps happen in simulated time, so
@@ -47,7 +48,7 @@ from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario import expanded_clients, resolved_dict
 from hsplit_sim.scenario.schema import Scenario
 
-KEY_VERSION = 1
+KEY_VERSION = 2
 
 
 def training_inputs(scenario: Scenario) -> dict:
@@ -57,7 +58,8 @@ def training_inputs(scenario: Scenario) -> dict:
     return {"version": KEY_VERSION, "seed": data["seed"], "model": data["model"], "data": data["data"],
             "algorithm": data["algorithm"], "training": data["training"],
             "memory_budgets_gb": [c.memory_budget_gb for c in expanded_clients(scenario)],
-            "client_rates": [c.device.tflops * c.device.efficiency for c in expanded_clients(scenario)]
+            "client_precisions": [c.precision for c in expanded_clients(scenario)],
+            "client_speeds": [_speed(c) for c in expanded_clients(scenario)]
             if ALGORITHMS[scenario.algorithm.name].device_speeds_matter(scenario.algorithm) else None,
             # Seeded draws of who trains (dropouts, selection) change training whatever the system's speed ...
             "participation": {"dropout": system.dropout, "selection": data["system"]["selection"]}
@@ -65,6 +67,13 @@ def training_inputs(scenario: Scenario) -> dict:
             # ... and when timing decides who trains, everything that sets the timing does too.
             "timed_participation": _timing(scenario) if _participation_depends_on_time(system) else None,
             "torch_device": data["runtime"]["torch_device"]}
+
+
+def _speed(client) -> list:
+    """What the time model reads of a client's device."""
+    device = client.device
+    return [device.peak_tflops(client.precision), device.efficiency, device.memory_bandwidth_gbps,
+            device.launch_overhead_us]
 
 
 def _participation_depends_on_time(system) -> bool:

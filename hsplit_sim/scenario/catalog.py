@@ -1,7 +1,9 @@
 """Built-in devices and network links, each with the datasheet figure it rests on and what is assumed.
 
-A device's effective rate in the cost model is tflops x efficiency; efficiency is the fraction of
-peak FP32 that LoRA fine-tuning matmuls are assumed to reach on that class of hardware.
+The time model (sim/timemodel.py) charges a device per operation: a matmul at its peak rate in the simulated
+number format times efficiency (the fraction of peak that LoRA fine-tuning matmuls are assumed to reach on that class
+of hardware) or at its memory bandwidth, whichever is slower; memory-bound operations at the bandwidth; and every kernel
+a launch overhead (the per-operation cost of eager PyTorch on that class of host processor).
 """
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +34,8 @@ class DeviceSpec(BaseModel):
     tflops_bf16: float | None = Field(None, gt=0, description="peak BF16 TFLOPS; none: no BF16 arithmetic")
     memory_bandwidth_gbps: float | None = Field(None, gt=0, description="peak memory bandwidth, GB/s")
     efficiency: float = Field(gt=0, le=1, description="fraction of peak reached by LoRA fine-tuning matmuls")
+    launch_overhead_us: float | None = Field(None, ge=0, description="microseconds each kernel (one eager PyTorch "
+                                             "operation) adds; none: not charged")
     memory_gb: float = Field(gt=0)
     power_w: PowerSpec | None = Field(None, description="power per state, for the energy table; none: no energy")
     source: str = "given in the scenario"
@@ -53,8 +57,10 @@ class LinkSpec(BaseModel):
     source: str = "given in the scenario"
 
 
-_EMBEDDED = "efficiency 0.3 assumed for embedded GPUs and CPUs"
-_DISCRETE = "efficiency 0.4 assumed for discrete GPUs"
+_EMBEDDED = ("efficiency 0.3 assumed for embedded GPUs; 20 us per kernel assumed for eager PyTorch "
+             "dispatch and launch from ARM cores")
+_DISCRETE = ("efficiency 0.4 assumed for discrete GPUs; 8 us per kernel assumed for eager PyTorch dispatch and "
+             "launch from an x86 host")
 
 DEVICES: dict[str, DeviceSpec] = {
     d.name: d
@@ -64,6 +70,7 @@ DEVICES: dict[str, DeviceSpec] = {
             tflops=1.41,
             tflops_fp16=11.0, memory_bandwidth_gbps=136.5,
             efficiency=0.3,
+            launch_overhead_us=20.0,
             memory_gb=32,
             power_w=PowerSpec(compute=30, transmit=8, receive=7, idle=5),
             source="NVIDIA Jetson AGX Xavier datasheet: 512-core Volta GPU at 1.377 GHz "
@@ -78,6 +85,7 @@ DEVICES: dict[str, DeviceSpec] = {
             tflops=5.3,
             tflops_fp16=42.5, tflops_bf16=42.5, memory_bandwidth_gbps=204.8,
             efficiency=0.3,
+            launch_overhead_us=20.0,
             memory_gb=64,
             power_w=PowerSpec(compute=60, transmit=11, receive=10, idle=8),
             source="NVIDIA Jetson AGX Orin 64GB datasheet: 2048-core Ampere GPU at 1.3 GHz "
@@ -92,6 +100,7 @@ DEVICES: dict[str, DeviceSpec] = {
             tflops=1.28,
             tflops_fp16=10.0, tflops_bf16=10.0, memory_bandwidth_gbps=68.0,
             efficiency=0.3,
+            launch_overhead_us=20.0,
             memory_gb=8,
             power_w=PowerSpec(compute=15, transmit=6, receive=5, idle=3),
             source="NVIDIA Jetson Orin Nano 8GB datasheet: 1024-core Ampere GPU at 625 MHz "
@@ -106,11 +115,13 @@ DEVICES: dict[str, DeviceSpec] = {
             tflops=0.154,
             tflops_fp16=0.307, memory_bandwidth_gbps=17.1,
             efficiency=0.3,
+            launch_overhead_us=10.0,
             memory_gb=8,
             power_w=PowerSpec(compute=7, transmit=4.5, receive=4, idle=2.7),
             source="Raspberry Pi 5 product brief: 4x Cortex-A76 at 2.4 GHz; peak FP32 assumed from two "
             "128-bit NEON FMA pipes per core (4 x 16 FLOP x 2.4 GHz = 0.154 TFLOPS), 8 GB model; "
-            f"{_EMBEDDED}"
+            "efficiency 0.3 assumed for CPUs; 10 us per operation assumed for eager PyTorch dispatch on the CPU "
+            "itself (no kernel launch)"
             "; power: about 2.7 W idle and about 7 W with all four cores loaded, the figures published "
             "measurements of the Pi 5 report (rounded; not a datasheet value), and 1.8 W / 1.3 W more for its radio "
             "sending / receiving, assumed"
@@ -122,11 +133,12 @@ DEVICES: dict[str, DeviceSpec] = {
             tflops=4.6,
             tflops_fp16=9.2, memory_bandwidth_gbps=76.8,
             efficiency=0.2,
+            launch_overhead_us=20.0,
             memory_gb=12,
             power_w=PowerSpec(compute=8, transmit=3.5, receive=2.5, idle=1),
             source="Snapdragon 8 Gen 3 class phone (Adreno 750 GPU): Qualcomm publishes no FP32 figure; "
             "about 4.6 TFLOPS FP32 is a third-party estimate (published estimates vary), 12 GB LPDDR5X; "
-            "efficiency 0.2 assumed for phone GPUs under thermal limits"
+            "efficiency 0.2 assumed for phone GPUs under thermal limits, 20 us per kernel assumed as for ARM hosts"
             "; power: 8 W under a sustained GPU load, 1 W idle with the screen off, and 2.5 W / 1.5 W more for "
             "its radio sending / receiving, all assumed as typical of this class (no vendor figure)"
             "; FP16 twice FP32 assumed (Adreno's double-rate half precision), no BF16 assumed; 76.8 GB/s from "
@@ -137,6 +149,7 @@ DEVICES: dict[str, DeviceSpec] = {
             tflops=7.1,
             tflops_fp16=14.2, tflops_bf16=14.2, memory_bandwidth_gbps=192.0,
             efficiency=0.4,
+            launch_overhead_us=8.0,
             memory_gb=4,
             power_w=PowerSpec(compute=75, transmit=17, receive=16, idle=15),
             source="NVIDIA GeForce RTX 3050 Laptop GPU specifications: 2048 CUDA cores at up to 1.74 GHz "
@@ -151,6 +164,7 @@ DEVICES: dict[str, DeviceSpec] = {
             tflops=35.6,
             tflops_fp16=71.0, tflops_bf16=71.0, memory_bandwidth_gbps=936.0,
             efficiency=0.4,
+            launch_overhead_us=8.0,
             memory_gb=24,
             source="NVIDIA GeForce RTX 3090 specifications: 10496 CUDA cores at 1.695 GHz boost "
             f"(35.6 TFLOPS FP32), 24 GB GDDR6X; {_DISCRETE}"
@@ -161,6 +175,7 @@ DEVICES: dict[str, DeviceSpec] = {
             tflops=19.5,
             tflops_fp16=312.0, tflops_bf16=312.0, memory_bandwidth_gbps=2039.0,
             efficiency=0.4,
+            launch_overhead_us=8.0,
             memory_gb=80,
             source="NVIDIA A100 80GB SXM datasheet: 19.5 TFLOPS FP32 (non-tensor-core), 80 GB HBM2e; "
             f"{_DISCRETE}"
@@ -171,6 +186,7 @@ DEVICES: dict[str, DeviceSpec] = {
             tflops=67.0,
             tflops_fp16=989.4, tflops_bf16=989.4, memory_bandwidth_gbps=3350.0,
             efficiency=0.4,
+            launch_overhead_us=8.0,
             memory_gb=80,
             source=f"NVIDIA H100 SXM datasheet: 67 TFLOPS FP32, 80 GB HBM3; {_DISCRETE}"
             "; the same datasheet: 989.4 dense FP16/BF16 tensor TFLOPS (1,979 with sparsity), 3,350 GB/s",

@@ -1,7 +1,7 @@
 """The simulated fleet: each client's device and links, shared media, and the server with its accelerators,
 with the system's effects (sim/effects.py) applied.
 
-Algorithms say what happens (FLOPs a device computes, bytes a link carries, which client talks to the
+Algorithms say what happens (the work a device computes, bytes a link carries, which client talks to the
 server); the fleet's SimPy processes say how long it takes, through the time model, and record each activity
 as an event on a typed resource (results.RESOURCE_KINDS). Real work, where there is any, runs through the
 callbacks the protocols pass in (`SplitWork`, `StepWork`; None where only time passes), at the point of the
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import simpy
 
+from hsplit_sim.costs import Work
 from hsplit_sim.errors import RunError
 from hsplit_sim.sim.effects import SystemEffects
 from hsplit_sim.sim.engine import Simulation
@@ -23,13 +24,14 @@ SERVER = "server"
 
 @dataclass(frozen=True)
 class IterationCosts:
-    """What one split iteration costs a client and the server: FLOPs per device, bytes per link (in the
-    simulated precision; `host_up` and `host_down` are the fp32 frames real training sends). Entries that
-    depend on whether the iteration probes importance (HSplitLoRA's IWI) are pairs indexed by that flag."""
+    """What one split iteration costs a client and the server: work per device (costs.Work: the backward
+    includes the optimiser step), bytes per link (in the simulated precision; `host_up` and `host_down` are the
+    fp32 frames real training sends). Entries that depend on whether the iteration probes importance
+    (HSplitLoRA's IWI) are pairs indexed by that flag."""
 
-    client_fwd: int
-    client_bwd: tuple[int, int]
-    server: tuple[int, int]
+    client_fwd: Work
+    client_bwd: tuple[Work, Work]
+    server: tuple[Work, Work]
     up: int
     down: int
     host_up: int
@@ -85,8 +87,8 @@ class ClientNode:
         """Durations known in advance: no shared medium, no rates changing over time, no round cut short."""
         return self.medium is None and not self.traced and not self.fleet.effects.cuts_rounds_short
 
-    def compute_seconds(self, flops: float) -> float:
-        seconds = compute_seconds(flops, self.spec.device, self.spec.precision)
+    def compute_seconds(self, work: Work) -> float:
+        seconds = compute_seconds(work, self.spec.device, self.spec.precision)
         return seconds * self.compute_factor if self.compute_factor != 1.0 else seconds
 
     def _rate_mbps(self, up: bool) -> float:
@@ -100,11 +102,12 @@ class ClientNode:
     def down_seconds(self, nbytes: int) -> float:
         return transfer_seconds(nbytes, self._rate_mbps(False), self.spec.link.latency_ms)
 
-    def compute(self, round_index: int, kind: str, flops: float):
+    def compute(self, round_index: int, kind: str, work: Work):
         sim = self.fleet.sim
         start = sim.env.now
         try:
-            yield from sim.hold(round_index, self.index, kind, self.device, self.compute_seconds(flops), flops=flops)
+            yield from sim.hold(round_index, self.index, kind, self.device, self.compute_seconds(work),
+                                flops=work.flops)
         finally:  # the part done counts when a deadline cuts it short
             self.busy[0] += sim.env.now - start
 
@@ -179,11 +182,11 @@ class ServerNode:
     def __init__(self, fleet: "Fleet", device, accelerators: int, precision: str):
         self.fleet, self.device, self.accelerators, self.precision = fleet, device, accelerators, precision
 
-    def seconds(self, flops: float) -> float:
-        return compute_seconds(flops, self.device, self.precision)
+    def seconds(self, work: Work) -> float:
+        return compute_seconds(work, self.device, self.precision)
 
-    def compute(self, round_index: int, kind: str, flops: float, client: int = -1):
-        yield from self.fleet.sim.hold(round_index, client, kind, SERVER, self.seconds(flops), flops=flops)
+    def compute(self, round_index: int, kind: str, work: Work, client: int = -1):
+        yield from self.fleet.sim.hold(round_index, client, kind, SERVER, self.seconds(work), flops=work.flops)
 
     def mark(self, round_index: int, kind: str) -> None:
         """An instant on the server (evaluation: a measurement, not part of the protocol)."""
@@ -197,10 +200,13 @@ class ServerNode:
 class _SplitTiming:
     """One client's split iteration under one IterationCosts, as durations, computed once."""
 
-    __slots__ = ("costs", "factors", "fwd_s", "fwd_up_s", "server_s", "down_s", "down_bwd_s", "busy")
+    __slots__ = ("costs", "factors", "fwd_s", "fwd_up_s", "server_s", "down_s", "down_bwd_s", "busy", "flops")
 
     def __init__(self, client: ClientNode, server: ServerNode, costs: IterationCosts):
         self.costs, self.factors = costs, (client.compute_factor, client.bandwidth_factor)
+        # FLOPs for the events: client forward, server (plain, probing), client backward (plain, probing)
+        self.flops = (costs.client_fwd.flops, tuple(w.flops for w in costs.server),
+                      tuple(w.flops for w in costs.client_bwd))
         self.fwd_s = client.compute_seconds(costs.client_fwd)
         self.fwd_up_s = self.fwd_s + client.up_seconds(costs.up)
         self.server_s = tuple(server.seconds(f) for f in costs.server)
@@ -347,10 +353,9 @@ class Fleet:
         env, append, book = sim.env, sim.events.append, sim.server.book
         timeout = env.timeout
         r, device, up_res, down_res = round_index, client.device, client.up, client.down
-        fwd_s, fwd_up_s, fwd_flops, up_bytes, down_bytes = (timing.fwd_s, timing.fwd_up_s, costs.client_fwd,
-                                                            costs.up, costs.down)
-        server_s, server_flops, down_s, down_bwd_s, bwd_flops = (timing.server_s, costs.server, timing.down_s,
-                                                                 timing.down_bwd_s, costs.client_bwd)
+        fwd_flops, server_flops, bwd_flops = timing.flops
+        fwd_s, fwd_up_s, up_bytes, down_bytes = timing.fwd_s, timing.fwd_up_s, costs.up, costs.down
+        server_s, down_s, down_bwd_s = timing.server_s, timing.down_s, timing.down_bwd_s
         probe = 0 in probes
         if work is not None:
             work.forward(0, probe)
@@ -413,7 +418,7 @@ class Fleet:
             acquired = book(now, seconds)
             self.sim.record(round_index, k, "server_queue", SERVER, now, acquired)
             self.sim.record(round_index, k, "server_step", SERVER, acquired, acquired + seconds,
-                            flops=costs.server[probe])
+                            flops=costs.server[probe].flops)
             if work is not None:
                 work.server(step, probe)
             yield env.timeout(acquired + seconds - now)
@@ -424,20 +429,20 @@ class Fleet:
         if report:
             yield from client.upload(round_index, "adapter_upload", report)
 
-    def local_steps(self, round_index: int, client: ClientNode, flops: int, steps: int, work: StepWork | None,
-                    report: int):
+    def local_steps(self, round_index: int, client: ClientNode, step_work: Work, steps: int,
+                    work: StepWork | None, report: int):
         """Whole-model training steps on the client's own device (federated baselines), then the upload of
         `report` bytes (none: 0)."""
         for step in range(steps):
             if work is not None:
                 work.step(step)
-            yield from client.compute(round_index, "client_step", flops)
+            yield from client.compute(round_index, "client_step", step_work)
         if report:
             yield from client.upload(round_index, "adapter_upload", report)
 
-    def server_steps(self, round_index: int, flops: int, steps: int, work: StepWork | None):
+    def server_steps(self, round_index: int, step_work: Work, steps: int, work: StepWork | None):
         """Training steps on the server (centralised baselines)."""
         for step in range(steps):
             if work is not None:
                 work.step(step)
-            yield from self.server.compute(round_index, "central_step", flops)
+            yield from self.server.compute(round_index, "central_step", step_work)

@@ -1,20 +1,29 @@
-"""How long work takes: the time model turns the cost model's FLOPs and bytes into simulated seconds.
+"""How long work takes: the time model turns the cost model's work and bytes into simulated seconds.
 
 Every simulated duration comes from here, through the fleet's devices, links and server (fleet.py); algorithms
-state FLOPs and bytes and never divide by a rate. A budget in seconds (HSplitLoRA's time_budget_s) is turned
-into FLOPs here too, so the two directions cannot drift apart.
+state work (costs.Work) and bytes and never divide by a rate.
 """
 
-
-def compute_seconds(flops: float, device, precision: str = "fp32") -> float:
-    """A compute step at the device's peak rate in the number format times the fraction of it reached (its
-    efficiency)."""
-    return flops / (device.peak_tflops(precision) * 1e12 * device.efficiency)
+from hsplit_sim.scenario.schema import ELEMENT_BYTES
 
 
-def flops_within(seconds: float, device, precision: str = "fp32") -> float:
-    """The FLOPs a device computes in `seconds`: the inverse of compute_seconds."""
-    return seconds * device.peak_tflops(precision) * 1e12 * device.efficiency
+def compute_seconds(work, device, precision: str = "fp32") -> float:
+    """A roofline sum over the work's operations: each matmul takes the longer of its FLOPs at the device's
+    peak rate in the number format times its efficiency and its values at the memory bandwidth; memory-bound
+    operations take their values at the bandwidth; every kernel adds the device's launch overhead. A device
+    without a bandwidth or an overhead is not charged for that term."""
+    rate = device.peak_tflops(precision) * 1e12 * device.efficiency
+    value_bytes = ELEMENT_BYTES[precision]
+    bandwidth = device.memory_bandwidth_gbps
+    if bandwidth is None:
+        seconds = sum(count * flops for count, flops, _ in work.matmuls) / rate
+    else:
+        per_value = value_bytes / (bandwidth * 1e9)
+        seconds = sum(count * max(flops / rate, values * per_value) for count, flops, values in work.matmuls)
+        seconds += work.pointwise_values * per_value
+    if device.launch_overhead_us is not None:
+        seconds += work.kernels * device.launch_overhead_us * 1e-6
+    return seconds
 
 
 def transfer_seconds(nbytes: float, mbps: float, latency_ms: float) -> float:

@@ -38,7 +38,7 @@ CASES = {
     "splitlora-drop": ["algorithm.heterogeneity=drop"],
     "hsplitlora": ["algorithm.name=hsplitlora"],
     "hsplitlora-shared": ["algorithm.name=hsplitlora", "algorithm.server_adapters=shared"],
-    "hsplitlora-budget": ["algorithm.name=hsplitlora", "algorithm.time_budget_s=0.001"],
+    "hsplitlora-budget": ["algorithm.name=hsplitlora", "algorithm.time_budget_s=0.005"],
     "hsplitlora-no-naa": ["algorithm.name=hsplitlora", "algorithm.naa=false"],
     "hsplitlora-no-armsc": ["algorithm.name=hsplitlora", "algorithm.armsc=false"],
     "fedlora": ["algorithm.name=fedlora"],

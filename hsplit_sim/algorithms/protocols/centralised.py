@@ -37,9 +37,10 @@ class CentralisedProtocol(Algorithm):
     def setup(self) -> None:
         ctx, spec = self.ctx, self.ctx.spec
         ranks = self.ranks(ctx.scenario, spec)
-        self.step_flops = (costs.forward_flops(spec, 0, spec.n_layers, ctx.batch, ctx.seq, ranks, head=True)
-                           + costs.backward_flops(spec, 0, spec.n_layers, ctx.batch, ctx.seq, ranks, head=True,
-                                                  input_requires_grad=False, full_finetune=self.full_finetune))
+        forward, backward = costs.segment_work(spec, 0, spec.n_layers, ctx.batch, ctx.seq, ranks, True, False,
+                                               self.full_finetune)
+        self.step_work = forward + backward + costs.optimizer_work(spec, ranks, ctx.scenario.training.weight_decay,
+                                                                   self.full_finetune)
         self.configure(ranks)
 
     def configure(self, ranks: costs.Ranks) -> None:
@@ -49,7 +50,7 @@ class CentralisedProtocol(Algorithm):
         ctx = self.ctx
         steps = ctx.scenario.training.local_steps * len(ctx.clients)
         work = ctx.backend.step_work(round_index, None, self.adapter, steps)
-        yield from ctx.fleet.server_steps(round_index, self.step_flops, steps, work)
+        yield from ctx.fleet.server_steps(round_index, self.step_work, steps, work)
 
     def eval_adapters(self) -> list[str]:
         return [self.adapter] if self.adapter else []

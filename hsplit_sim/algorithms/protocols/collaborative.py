@@ -8,6 +8,7 @@ missed (the latest result where a rule replaces adapters, every missed update wh
 into the weights).
 """
 
+from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import data_weights
 from hsplit_sim.algorithms.base import Algorithm, Outcome, Planned
 
@@ -88,7 +89,7 @@ class Collaborative(Algorithm):
                                               uploads, self.server_side_adapters(reporting))
         planned = self.planned(reporting)
         outcome = backend.aggregate(self, contributions, planned)
-        yield from fleet.server.compute(round_index, "aggregate", planned.flops)
+        yield from fleet.server.compute(round_index, "aggregate", costs.Work.compute_bound(planned.flops))
         self.after_aggregation(round_index)
         yield fleet.sim.all_of(self.deliver(round_index, ctx.clients[k], planned) for k in taking_part.selected)
         selected = set(taking_part.selected)

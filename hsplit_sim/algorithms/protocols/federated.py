@@ -66,8 +66,8 @@ class FederatedProtocol(Collaborative):
         ctx = self.ctx
         self.ranks = self.client_ranks(ctx.scenario, ctx.spec, ctx.clients)
         self.r_max = max(self.ranks)
-        by_rank = {r: self.whole_step_flops(r) for r in set(self.ranks)}
-        self.step_flops = [by_rank[r] for r in self.ranks]
+        by_rank = {r: self.whole_step_work(r) for r in set(self.ranks)}
+        self.step_work = [by_rank[r] for r in self.ranks]
         ctx.backend.configure(None, "global", self.rank_layout(self.r_max), self.config.alpha)
         for c in self.active_clients():
             self.configure_client(c.index)
@@ -75,12 +75,12 @@ class FederatedProtocol(Collaborative):
     def rank_layout(self, rank: int) -> costs.Ranks:
         return costs.uniform_ranks(self.ctx.spec, self.config.targets, range(self.ctx.spec.n_layers), rank)
 
-    def whole_step_flops(self, rank: int) -> int:
+    def whole_step_work(self, rank: int) -> costs.Work:
+        """One local step at a rank: forward, backward and the optimiser step of the whole model."""
         ctx, n = self.ctx, self.ctx.spec.n_layers
         ranks = self.rank_layout(rank)
-        return (costs.forward_flops(ctx.spec, 0, n, ctx.batch, ctx.seq, ranks, head=True)
-                + costs.backward_flops(ctx.spec, 0, n, ctx.batch, ctx.seq, ranks, head=True,
-                                       input_requires_grad=False))
+        forward, backward = costs.segment_work(ctx.spec, 0, n, ctx.batch, ctx.seq, ranks, True, False)
+        return forward + backward + costs.optimizer_work(ctx.spec, ranks, ctx.scenario.training.weight_decay)
 
     def configure_client(self, client: int) -> None:
         """A fresh adapter (A from the shared seed, B zero) at the client's rank, with its optimizer."""
@@ -93,7 +93,7 @@ class FederatedProtocol(Collaborative):
     def train(self, round_index: int, client, steps: int, report: int):
         ctx, k = self.ctx, client.index
         work = ctx.backend.step_work(round_index, k, self.client_adapter(k), steps)
-        return ctx.fleet.local_steps(round_index, ctx.fleet.clients[k], self.step_flops[k], steps, work, report)
+        return ctx.fleet.local_steps(round_index, ctx.fleet.clients[k], self.step_work[k], steps, work, report)
 
     def module_shapes(self) -> list[tuple[int, int]]:
         """(d_in, d_out) of every weight a client's adapter covers (the same at every rank)."""
@@ -128,8 +128,8 @@ class FederatedProtocol(Collaborative):
         node = self.ctx.fleet.clients[client.index]
         host = planned.predicted["broadcast bytes"][client.index]
         yield from node.download(round_index, "broadcast", host * client.element_bytes // costs.FP32)
-        if planned.client_flops:
-            yield from node.compute(round_index, "merge", planned.client_flops)
+        if planned.client_merges:
+            yield from node.compute(round_index, "merge", costs.merge_work(planned.client_merges))
 
     def eval_adapters(self) -> list[str]:
         return ["global"]

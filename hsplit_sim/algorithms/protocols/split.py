@@ -13,23 +13,25 @@ from hsplit_sim.sim.fleet import IterationCosts
 
 
 class PlanCosts:
-    """FLOPs and bytes of one iteration under a plan (probe: weight gradients of the frozen projections), the
-    adapter a client uploads (in the client's precision, and as the host's fp32 tensors), and the plan's
-    columns of the clients table."""
+    """Work and bytes of one iteration under a plan (probe: weight gradients of the frozen projections; each
+    backward ends with the optimiser step over its adapters), the adapter a client uploads (in the client's
+    precision, and as the host's fp32 tensors), and the plan's columns of the clients table."""
 
-    def __init__(self, spec: costs.ModelSpec, plan: ClientPlan, batch: int, seq: int, element_bytes: int):
+    def __init__(self, spec: costs.ModelSpec, plan: ClientPlan, batch: int, seq: int, element_bytes: int,
+                 weight_decay: float):
         s, n = plan.split, spec.n_layers
-        client_fwd = costs.forward_flops(spec, 0, s, batch, seq, plan.client_ranks, head=False)
-        server_fwd = costs.forward_flops(spec, s, n, batch, seq, plan.server_ranks, head=True)
-        client_bwd = tuple(costs.backward_flops(spec, 0, s, batch, seq, plan.client_ranks, head=False,
-                                                input_requires_grad=False, weight_grads=probe)
-                           for probe in (False, True))
-        server_bwd = tuple(costs.backward_flops(spec, s, n, batch, seq, plan.server_ranks, head=True,
-                                                input_requires_grad=True, weight_grads=probe)
-                           for probe in (False, True))
+        client = [costs.segment_work(spec, 0, s, batch, seq, plan.client_ranks, False, False, weight_grads=probe)
+                  for probe in (False, True)]
+        server = [costs.segment_work(spec, s, n, batch, seq, plan.server_ranks, True, True, weight_grads=probe)
+                  for probe in (False, True)]
+        client_step = costs.optimizer_work(spec, plan.client_ranks, weight_decay)
+        server_step = costs.optimizer_work(spec, plan.server_ranks, weight_decay)
+        client_fwd = client[0][0]
+        client_bwd = tuple(backward + client_step for _, backward in client)
+        server_work = tuple(forward + backward + server_step for forward, backward in server)
         e = element_bytes
         self.iteration = IterationCosts(
-            client_fwd, client_bwd, tuple(server_fwd + b for b in server_bwd),
+            client_fwd, client_bwd, server_work,
             costs.smashed_bytes(spec, batch, seq, e), costs.gradient_bytes(spec, batch, seq, e),
             costs.smashed_bytes(spec, batch, seq), costs.gradient_bytes(spec, batch, seq))
         self.adapter = costs.adapter_bytes(spec, plan.client_ranks, e)
@@ -73,7 +75,8 @@ class SplitProtocol(Collaborative):
         key = (plan.split, ranks_key(plan.client_ranks), ranks_key(plan.server_ranks), e)
         shared = self.__dict__.setdefault("_plan_costs", {})
         if key not in shared:
-            shared[key] = PlanCosts(self.ctx.spec, plan, self.ctx.batch, self.ctx.seq, e)
+            shared[key] = PlanCosts(self.ctx.spec, plan, self.ctx.batch, self.ctx.seq, e,
+                                    self.ctx.scenario.training.weight_decay)
         mine[client] = (plan, shared[key])
         return shared[key]
 
