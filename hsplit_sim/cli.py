@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     devices = commands.add_parser("devices", help="list the built-in devices and links with their sources")
     devices.set_defaults(handler=_devices)
 
+    calibrate = commands.add_parser(
+        "calibrate", help="time real segment steps on this machine and write a device entry fitted to them")
+    calibrate.add_argument("--models", default="tiny-gpt2,tiny-llama,smollm2-135m",
+                           help="built-in models whose segments are timed, comma-separated (default: %(default)s)")
+    calibrate.add_argument("--repeats", type=_positive, default=5, metavar="N",
+                           help="timed repeats per step, after one warm-up; the median counts (default: 5)")
+    calibrate.add_argument("--name", default="host", help="the device entry's name (default: host)")
+    calibrate.add_argument("--out", default="host-device.yaml", metavar="FILE",
+                           help="where the device entry is written (default: host-device.yaml); never overwritten")
+    calibrate.set_defaults(handler=_calibrate)
+
     schema = commands.add_parser("schema", help="print the scenario JSON schema")
     schema.set_defaults(handler=_schema)
 
@@ -212,6 +223,55 @@ def _devices(args: argparse.Namespace) -> int:
     console.print("Sources", style="bold")
     for spec in [*DEVICES.values(), *LINKS.values()]:
         console.print(f"{spec.name}: {spec.source}", markup=False)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import datetime
+    import os
+    import platform
+    from pathlib import Path
+
+    import yaml
+
+    from hsplit_sim.scenario.models import BUILTIN_MODELS, CONFIG_ONLY
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in BUILTIN_MODELS or m in CONFIG_ONLY]
+    if unknown or not models:
+        trainable = ", ".join(m for m in BUILTIN_MODELS if m not in CONFIG_ONLY)
+        raise ScenarioError(f"--models: {', '.join(unknown) or 'none given'}; built-in models with weights: {trainable}")
+    out = Path(args.out)
+    if out.exists():
+        raise ScenarioError(f"--out: {out} exists; calibrate never overwrites a file")
+
+    from hsplit_sim.sim.calibration import host_device, relative_errors, step_work
+    from hsplit_sim.training import calibration
+
+    shapes = calibration.default_shapes(models)
+    print(f"timing {len(shapes)} segment shapes x 3 steps, {args.repeats} repeats each", file=sys.stderr)
+    tflops, bandwidth = calibration.matmul_tflops(), calibration.memory_bandwidth_gbps()
+    measured = calibration.measure_shapes(
+        shapes, args.repeats, lambda done, total: print(f"  {done}/{total} shapes", file=sys.stderr))
+    works = [step_work(m.shape.model, m.kind, m.shape.split, m.shape.batch, m.shape.seq) for m in measured]
+    seconds = [m.seconds for m in measured]
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    where = f"{datetime.date.today()}, {platform.node() or 'this host'} ({platform.processor() or platform.machine()}"
+    where += f", {calibration.torch_threads()} torch threads)"
+    device = host_device(args.name, works, seconds, tflops, bandwidth, memory_gb, where)
+    out.write_text(yaml.safe_dump(device.model_dump(exclude_none=True), sort_keys=False, width=120))
+
+    errors = relative_errors(device, works, seconds)
+    print(f"{'model':14s} {'split':>5s} {'tokens':>9s} {'step':12s} {'measured ms':>12s} {'predicted ms':>13s} "
+          f"{'error':>7s}")
+    for m, error in zip(measured, errors):
+        tokens = f"{m.shape.batch}x{m.shape.seq}"
+        print(f"{m.shape.model:14s} {m.shape.split:5d} {tokens:>9s} {m.kind:12s} {m.seconds * 1e3:12.3f} "
+              f"{m.seconds * (1 + error) * 1e3:13.3f} {error:+7.1%}")
+    print(f"peak {device.tflops:g} TFLOPS (measured), efficiency {device.efficiency:g}, bandwidth "
+          f"{device.memory_bandwidth_gbps:g} GB/s (measured), launch overhead {device.launch_overhead_us:g} us")
+    print(f"wrote {out}: use it inline as a device, e.g. --set 'clients.0.device="
+          f"{json.dumps(device.model_dump(exclude_none=True, exclude={'source'}))}'")
     return 0
 
 
