@@ -85,3 +85,19 @@ def test_the_papers_models_are_configs_for_timing():
         preflight(scenario_from_dict(BASE, [*paper, "runtime.timing_only=true"]))  # fp32 weights alone: 26 GB
     preflight(scenario_from_dict(BASE, [*paper, "runtime.timing_only=true", "precision=fp16"]))
     preflight(scenario_from_dict(BASE, ["model.name=gpt2-large", "runtime.timing_only=true"]))
+
+
+def test_a_server_state_larger_than_one_accelerator_is_spread_over_several(tmp_path):
+    """FT of LLaMA-2-7B (16 bytes a trained parameter) fits no single RTX 3090 but fits five of the paper's
+    eight; a state that fits one is replicated."""
+    paper = ["model.name=llama-2-7b", "server.device=rtx-3090", "runtime.timing_only=true", "precision=fp16",
+             "training.local_steps=1", f"output.dir={tmp_path}"]
+    with pytest.raises(ScenarioError, match=r"^server.device: rtx-3090 needs 10\d.\d\d GB for ft but has 24 GB x 4 "
+                                            r"accelerators$"):
+        preflight(scenario_from_dict(BASE, [*paper, "algorithm.name=ft", "server.accelerators=4"]))
+    ft = scenario_from_dict(BASE, [*paper, "algorithm.name=ft", "server.accelerators=8"])
+    assert preflight(ft) == 5
+    summary = json.loads((run_scenario(ft, progress=False) / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["server_placement"] == {"accelerators_per_copy": 5, "copies": 1}
+    assert preflight(scenario_from_dict(BASE, [*paper, "server.accelerators=8"])) == 1  # SplitLoRA's server side

@@ -76,7 +76,8 @@ def runs(tmp_path_factory):
 SPLIT = ("split", ())
 SPLIT_AGAIN = ("split-again", ())
 LLAMA = ("llama", ("model.name=tiny-llama", "algorithm.split_layer=2", "algorithm.targets=[q, v, o]",
-                   "clients=[{count: 3, device: jetson-agx-orin, link: wifi-6}]", "server.accelerators=3"))
+                   "clients=[{count: 3, device: jetson-agx-orin, link: wifi-6}]", "server.accelerators=3",
+                   "algorithm.server_adapters=per_client"))
 CENLORA = ("cenlora", ("algorithm.name=cenlora",))
 
 
@@ -148,7 +149,10 @@ def expected_costs(overrides: tuple[str, ...]):
         "adapter_upload": costs.adapter_bytes(spec, client_ranks),
         "broadcast": costs.adapter_bytes(spec, client_ranks),
     }
-    flops["aggregate"] = 2 * len(expanded_clients(sc)) * costs.adapter_params(spec, client_ranks)
+    averaged = costs.adapter_params(spec, client_ranks)
+    if getattr(algo, "server_adapters", "shared") == "per_client":  # each client's server side is averaged too
+        averaged += costs.adapter_params(spec, server_ranks)
+    flops["aggregate"] = 2 * len(expanded_clients(sc)) * averaged
     decay = sc.training.weight_decay
     client, server = costs.segment_work(spec, 0, s, b, L, client_ranks, False, False), \
         costs.segment_work(spec, s, n, b, L, server_ranks, True, True)
@@ -226,8 +230,9 @@ def test_one_accelerator_makes_clients_queue(runs):
     assert overlaps(steps) == 0
 
 
-def test_one_accelerator_per_client_runs_server_steps_at_once(runs):
-    """Also: tiny-llama, split after block 2, runs end to end."""
+def test_one_accelerator_per_client_runs_separate_server_adapters_at_once(runs, tmp_path):
+    """Also: tiny-llama, split after block 2, runs end to end. A shared server-side adapter is updated by one
+    step at a time, so there its steps queue whatever the accelerators."""
     run_dir = runs(*LLAMA)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["n_clients"] == 3
@@ -238,6 +243,12 @@ def test_one_accelerator_per_client_runs_server_steps_at_once(runs):
     queue = events[events["kind"] == "server_queue"]
     assert ((queue["end_s"] - queue["start_s"]) == 0).all()
     assert overlaps(intervals(events, "server_step")) > 0
+
+    shared = run_scenario(scenario(tmp_path, *LLAMA[1], "algorithm.server_adapters=shared",
+                                   "runtime.timing_only=true"), progress=False)
+    events = read(shared)["events"]
+    queue = events[events["kind"] == "server_queue"]
+    assert overlaps(intervals(events, "server_step")) == 0 and (queue["end_s"] > queue["start_s"]).any()
 
 
 def test_cenlora_runs_end_to_end(runs):

@@ -6,11 +6,13 @@ whether training is real: the run's backend (real workers, timing-only, or a rep
 the work or skips it behind one interface.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hsplit_sim import costs
+from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario.schema import ClientSpec, Scenario
 from hsplit_sim.sim.fleet import Fleet
 
@@ -96,8 +98,9 @@ class Algorithm:
         return False
 
     @classmethod
-    def check_memory(cls, scenario: Scenario, spec: costs.ModelSpec, clients: list[ClientSpec], server_device) -> None:
-        """Raise a ScenarioError if a device cannot hold what this algorithm asks of it (before the run)."""
+    def check_memory(cls, scenario: Scenario, spec: costs.ModelSpec, clients: list[ClientSpec], server_device) -> int:
+        """Raise a ScenarioError if a device cannot hold what this algorithm asks of it (before the run); return
+        how many of the server's accelerators one copy of its server-side state takes (`server_placement`)."""
         raise NotImplementedError
 
     def setup(self) -> None:
@@ -121,3 +124,16 @@ class Algorithm:
         """The optimiser every trained adapter gets: one for every method."""
         training = self.ctx.scenario.training
         return {"lr": training.lr, "weight_decay": training.weight_decay}
+
+
+def server_placement(need_bytes: float, scenario: Scenario, server_device, what: str = "") -> int:
+    """How many accelerators one copy of the server's state takes: 1 where it fits one (every accelerator then
+    holds a replica), else the fewest that hold it with its layers spread over them (plain model parallelism:
+    they run one after another, so a step takes as long as on one accelerator; the hand-offs between them are not
+    charged). A ScenarioError where all of them together cannot hold it."""
+    accelerators, each = scenario.server.accelerators, server_device.memory_gb * 1e9
+    if need_bytes > accelerators * each:
+        pooled = f" x {accelerators} accelerators" if accelerators > 1 else ""
+        raise ScenarioError(f"server.device: {server_device.name} needs {need_bytes / 1e9:.2f} GB{what} but has "
+                            f"{server_device.memory_gb:g} GB{pooled}")
+    return max(1, math.ceil(need_bytes / each))

@@ -32,7 +32,7 @@ from hsplit_sim.algorithms.aggregation import (
     stack,
     zero_pad_average,
 )
-from hsplit_sim.algorithms.base import Outcome, Planned
+from hsplit_sim.algorithms.base import Outcome, Planned, server_placement
 from hsplit_sim.algorithms.plans import ClientPlan
 from hsplit_sim.algorithms.protocols.split import SplitProtocol
 from hsplit_sim.algorithms.registry import register
@@ -152,7 +152,7 @@ class HSplitLoRA(SplitProtocol):
         return cls.shared_server_side(scenario, spec, plans, uniform, cost)
 
     @classmethod
-    def check_memory(cls, scenario, spec, clients, server_device) -> None:
+    def check_memory(cls, scenario, spec, clients, server_device) -> int:
         for client, plan in zip(clients, cls.initial_plans(scenario, spec, clients)):
             if plan is None:
                 raise ScenarioError(
@@ -166,9 +166,7 @@ class HSplitLoRA(SplitProtocol):
         need = costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
                                            scenario.data.max_length, everything, embeddings=True, head=True,
                                            element_bytes=ELEMENT_BYTES[server_precision(scenario)])
-        if need > server_device.memory_gb * GB:
-            raise ScenarioError(f"server.device: {server_device.name} needs up to {need / GB:.2f} GB but has "
-                                f"{server_device.memory_gb:g} GB")
+        return server_placement(need, scenario, server_device, " at most")
 
     def setup(self) -> None:
         ctx = self.ctx

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import adapter_update, exact_update, fedavg
-from hsplit_sim.algorithms.base import Outcome, Planned
+from hsplit_sim.algorithms.base import Outcome, Planned, server_placement
 from hsplit_sim.algorithms.plans import ClientPlan
 from hsplit_sim.algorithms.protocols.split import SplitProtocol
 from hsplit_sim.algorithms.registry import register
@@ -83,15 +83,13 @@ class SplitLoRA(SplitProtocol):
         return algo.split_layer, algo.rank, active
 
     @classmethod
-    def check_memory(cls, scenario, spec, clients, server_device) -> None:
+    def check_memory(cls, scenario, spec, clients, server_device) -> int:
         split, rank, _ = cls.configuration(scenario, spec, clients)
         server_ranks = costs.uniform_ranks(spec, scenario.algorithm.targets, range(split, spec.n_layers), rank)
         server = costs.training_memory_bytes(spec, split, spec.n_layers, scenario.training.batch_size,
                                              scenario.data.max_length, server_ranks, embeddings=False, head=True,
                                              element_bytes=ELEMENT_BYTES[server_precision(scenario)])
-        if server > server_device.memory_gb * GB:
-            raise ScenarioError(f"server.device: {server_device.name} needs {server / GB:.2f} GB but has "
-                                f"{server_device.memory_gb:g} GB")
+        return server_placement(server, scenario, server_device)
 
     def setup(self) -> None:
         ctx, targets = self.ctx, self.config.targets

@@ -74,7 +74,8 @@ def run_scenario(scenario: Scenario, progress: bool = True):
 
 
 def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | None, note: dict | None = None):
-    preflight(scenario)
+    per_copy = preflight(scenario)
+    copies = scenario.server.accelerators // per_copy
     spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
     clients = expanded_clients(scenario)
     timing_only = scenario.runtime.timing_only or replay is not None
@@ -91,11 +92,12 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | No
                "timing_only": timing_only, "training_key": training_key(scenario),
                "precision": {"server": server_precision(scenario),
                              "clients": sorted({c.precision for c in clients})},
+               "server_placement": {"accelerators_per_copy": per_copy, "copies": copies},
                "trajectory": "retimed" if replay else "timing-only" if timing_only else "trained",
                "replayed_from": str(replay.run_dir) if replay else None, "results_version": RESULTS_VERSION,
                **(note or {})}
     writer.write_summary(summary)
-    sim = Simulation(scenario.server.accelerators)
+    sim = Simulation(copies)
     fleet = Fleet(sim, clients, resolve_device(scenario.server.device), scenario.server.accelerators,
                   scenario.system, scenario.seed, server_precision(scenario))
     writer.write_table("resources", fleet.resources())
@@ -120,6 +122,8 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | No
             ctx = RunContext(scenario, spec, clients, fleet, backend, partition_sizes, stats)
             algorithm = ALGORITHMS[scenario.algorithm.name](ctx)
             algorithm.setup()
+            if algorithm.order_sensitive:
+                fleet.server_steps_in_turn()
             simulated = time.monotonic()
             sim.run(_rounds(ctx, algorithm, writer, rounds, started, progress_line, totals))
             summary["simulation_wall_s"] = time.monotonic() - simulated

@@ -15,7 +15,7 @@ import simpy
 from hsplit_sim.costs import Work
 from hsplit_sim.errors import RunError
 from hsplit_sim.sim.effects import SystemEffects
-from hsplit_sim.sim.engine import Simulation
+from hsplit_sim.sim.engine import ServerQueue, Simulation
 from hsplit_sim.sim.medium import Medium
 from hsplit_sim.sim.timemodel import compute_seconds, transfer_seconds
 
@@ -326,6 +326,11 @@ class Fleet:
         if not self.effects.online(node.index, self.sim.now):
             return "offline at the end"
         return "reported"
+
+    def server_steps_in_turn(self) -> None:
+        """Clients share one server-side state that every step updates (a shared server-side adapter): server
+        steps run one at a time, whatever the accelerators; the others stay idle."""
+        self.sim.server = ServerQueue(1)
 
     def split_iterations(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
                          probes: frozenset[int], work: SplitWork | None, report: int):

@@ -5,8 +5,7 @@ split round, so rounds see the same number of examples.
 """
 
 from hsplit_sim import costs
-from hsplit_sim.algorithms.base import Algorithm
-from hsplit_sim.errors import ScenarioError
+from hsplit_sim.algorithms.base import Algorithm, server_placement
 from hsplit_sim.scenario.load import server_precision
 from hsplit_sim.scenario.schema import ELEMENT_BYTES
 
@@ -25,14 +24,12 @@ class CentralisedProtocol(Algorithm):
         raise NotImplementedError
 
     @classmethod
-    def check_memory(cls, scenario, spec, clients, server_device) -> None:
+    def check_memory(cls, scenario, spec, clients, server_device) -> int:
         need = costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
                                            scenario.data.max_length, cls.ranks(scenario, spec), embeddings=True,
                                            head=True, full_finetune=cls.full_finetune,
                                            element_bytes=ELEMENT_BYTES[server_precision(scenario)])
-        if need > server_device.memory_gb * GB:
-            raise ScenarioError(f"server.device: {server_device.name} needs {need / GB:.2f} GB for {cls.name} but "
-                                f"has {server_device.memory_gb:g} GB")
+        return server_placement(need, scenario, server_device, f" for {cls.name}")
 
     def setup(self) -> None:
         ctx, spec = self.ctx, self.ctx.spec

@@ -9,7 +9,7 @@ import numpy as np
 
 from hsplit_sim import costs
 from hsplit_sim.algorithms.aggregation import exact_update, lora_pairs
-from hsplit_sim.algorithms.base import Planned
+from hsplit_sim.algorithms.base import Planned, server_placement
 from hsplit_sim.algorithms.protocols.collaborative import Collaborative
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario.load import server_precision
@@ -49,7 +49,7 @@ class FederatedProtocol(Collaborative):
                 for c in clients]
 
     @classmethod
-    def check_memory(cls, scenario, spec, clients, server_device) -> None:
+    def check_memory(cls, scenario, spec, clients, server_device) -> int:
         if not any(cls.client_ranks(scenario, spec, clients)):
             smallest = min(cls.candidate_ranks(scenario))
             need = min(cls.whole_model_memory(scenario, spec, smallest, c.element_bytes) for c in clients)
@@ -58,9 +58,7 @@ class FederatedProtocol(Collaborative):
                                 f"{max(c.memory_budget_gb for c in clients):g} GB)")
         weights = costs.weights_bytes(spec, 0, spec.n_layers, embeddings=True, head=True,
                                       element_bytes=ELEMENT_BYTES[server_precision(scenario)])
-        if weights > server_device.memory_gb * GB:
-            raise ScenarioError(f"server.device: {server_device.name} needs {weights / GB:.2f} GB to evaluate "
-                                f"the model but has {server_device.memory_gb:g} GB")
+        return server_placement(weights, scenario, server_device, " to evaluate the model")
 
     def setup(self) -> None:
         ctx = self.ctx
