@@ -76,7 +76,8 @@ def _run_labels(runs: list[Run]) -> list[str]:
     algorithms = [run.algorithm for run in runs]
     labels = algorithms if len(set(algorithms)) == len(runs) else [run.name for run in runs]
     return [
-        f"{label} (failed)" if run.summary.get("status") == "failed" else label
+        f"{label} (failed)" if run.summary.get("status") == "failed"
+        else f"{label} (projected)" if run.summary.get("trajectory") == "projected" else label
         for label, run in zip(labels, runs)
     ]
 
@@ -116,6 +117,9 @@ def plot_perplexity(runs: list[Run] | Run, out_base: Path) -> list[Path]:
             )
         ax.set_xlabel(f"Simulated time ({unit})")
         ax.set_ylabel("Evaluation perplexity")
+        if any(run.summary.get("trajectory") == "projected" for run in runs):
+            ax.set_title("Projected: a trained run's perplexity per round, this system's time per round",
+                         fontsize=8)
         ax.grid(True, which="major", alpha=0.3)
         if len(curves) <= 4:
             ax.legend(loc="best", frameon=False)

@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     devices = commands.add_parser("devices", help="list the built-in devices and links with their sources")
     devices.set_defaults(handler=_devices)
 
+    project = commands.add_parser(
+        "project", help="a trained run's accuracy beside the per-round times of another scenario (timing only)")
+    project.add_argument("trained_run", metavar="TRAINED_RUN", help="a completed trained run directory")
+    project.add_argument("--system", required=True, metavar="SCENARIO",
+                         help="the scenario whose devices, links and model time the rounds (same algorithm), or the "
+                              "name of a shipped example; it runs as many rounds as the trained run unless --set "
+                              "training.rounds says fewer")
+    project.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a field of the --system scenario (repeatable)")
+    project.set_defaults(handler=_project)
+
     calibrate = commands.add_parser(
         "calibrate", help="time real segment steps on this machine and write a device entry fitted to them")
     calibrate.add_argument("--models", default="tiny-gpt2,tiny-llama,smollm2-135m",
@@ -146,6 +157,23 @@ def _run(args: argparse.Namespace) -> int:
     from hsplit_sim.experiment.run import run_scenario
 
     run_dir = run_scenario(scenario)
+    _plot(run_dir)
+    print(run_dir)
+    return 0
+
+
+def _project(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hsplit_sim.scenario import load_scenario, scenario_path
+
+    summary = Path(args.trained_run) / "summary.json"
+    rounds = json.loads(summary.read_text()).get("rounds_completed") if summary.is_file() else None
+    defaults = ["runtime.timing_only=true"] + ([f"training.rounds={rounds}"] if rounds else [])
+    scenario = load_scenario(scenario_path(args.system), [*defaults, *args.overrides])
+    from hsplit_sim.experiment.run import project_run
+
+    run_dir = project_run(args.trained_run, scenario)
     _plot(run_dir)
     print(run_dir)
     return 0

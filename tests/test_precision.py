@@ -5,6 +5,7 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 from durations import seconds, transfer
 
 from hsplit_sim import costs
@@ -101,3 +102,29 @@ def test_a_server_state_larger_than_one_accelerator_is_spread_over_several(tmp_p
     assert summary["status"] == "completed"
     assert summary["server_placement"] == {"accelerators_per_copy": 5, "copies": 1}
     assert preflight(scenario_from_dict(BASE, [*paper, "server.accelerators=8"])) == 1  # SplitLoRA's server side
+
+
+def test_a_trained_run_projected_to_the_papers_scale(tmp_path):
+    """The tiny run's perplexity per round beside LLaMA-2-7B's time per round on the paper's server; the run
+    directory and the figure say it is a projection."""
+    from hsplit_sim.cli import main
+
+    trained = run_scenario(scenario_from_dict(BASE, [f"output.dir={tmp_path / 'trained'}",
+                                                     "training.rounds=2"]), progress=False)
+    paper = {**BASE, "model": {"name": "llama-2-7b"}, "precision": "fp16",
+             "server": {"device": "rtx-3090", "accelerators": 8}, "output": {"dir": str(tmp_path / "projected")}}
+    system = tmp_path / "paper.yaml"
+    system.write_text(yaml.safe_dump(paper))
+    assert main(["project", str(trained), "--system", str(system)]) == 0
+    projected = next((tmp_path / "projected").iterdir())
+    summary = json.loads((projected / "summary.json").read_text())
+    assert summary["trajectory"] == "projected" and summary["replayed_from"] == str(trained)
+    assert summary["projection_differs_in"] == {"model.name": ["tiny-llama", "llama-2-7b"]}
+    mine, theirs = (pd.read_parquet(d / "rounds.parquet") for d in (projected, trained))
+    pd.testing.assert_series_equal(mine["eval_ppl"], theirs["eval_ppl"])
+    assert (mine["sim_time_s"].iloc[1:] > 10 * theirs["sim_time_s"].iloc[1:]).all()  # 7B on Jetsons takes longer
+    assert (projected / "plots" / "perplexity.svg").is_file()
+    assert "Projected" in (projected / "plots" / "perplexity.svg").read_text()
+
+    assert main(["project", str(trained), "--system", str(system), "--set", "algorithm.name=hsplitlora"]) == 2
+    assert main(["project", str(trained), "--system", str(system), "--set", "training.rounds=3"]) == 2

@@ -1,6 +1,11 @@
 """Replay: a trained run's trajectory re-timed under another system. Nothing trains (as in timing-only); the
 accuracy columns, generation scores and HSplitLoRA's plans come from the trained run's directory.
 
+Projection (ProjectionBackend) goes further: the trained run's accuracy round by round beside the per-round times
+of the same algorithm under another scenario, whose model may differ (a config-only LLaMA-2-7B). That carries an
+assumption the replay does not: that the other model needs as many rounds to each accuracy. The other scenario
+plans for itself, and nothing is checked against the trained run but its algorithm and round count.
+
 Whether the two runs share a training key is checked by the caller (experiment/trajectory.py), which knows what
 can change training. What the key cannot see: clients taking turns on one shared server-side adapter train in
 the order their server steps happen in simulated time, so a system change that reorders them changes
@@ -12,6 +17,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from hsplit_sim.algorithms.plans import ClientPlan
 from hsplit_sim.backends import TimingBackend
@@ -29,24 +35,36 @@ class ReplayMismatch(RunError):
         self.run_dir = run_dir
 
 
+def trained_summary(run_dir: Path, field: str) -> dict:
+    """The summary of a completed trained run; a ScenarioError naming `field` otherwise."""
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        raise ScenarioError(f"{field}: {run_dir} is not a run directory (no summary.json)")
+    summary = json.loads(summary_file.read_text())
+    if summary.get("status") != "completed" or summary.get("trajectory") != "trained":
+        raise ScenarioError(f"{field}: {run_dir} is not a completed trained run "
+                            f"(status {summary.get('status')}, trajectory {summary.get('trajectory')})")
+    return summary
+
+
+def _accuracy_by_round(run_dir: Path) -> dict[int, dict[str, float]]:
+    rounds = pd.read_parquet(run_dir / "rounds.parquet")
+    return {int(r["round"]): {c: float(r[c]) for c in ACCURACY_COLUMNS} for _, r in rounds.iterrows()}
+
+
 class ReplayBackend(TimingBackend):
     """A trained run's record, read from its run directory."""
 
+    trajectory = "retimed"
+
     def __init__(self, run_dir: str | Path, training_key: str):
         self.run_dir = run_dir = Path(run_dir)
-        summary_file = run_dir / "summary.json"
-        if not summary_file.is_file():
-            raise ScenarioError(f"runtime.replay_from: {run_dir} is not a run directory (no summary.json)")
-        self.summary = json.loads(summary_file.read_text())
-        if self.summary.get("status") != "completed" or self.summary.get("trajectory") != "trained":
-            raise ScenarioError(f"runtime.replay_from: {run_dir} is not a completed trained run "
-                                f"(status {self.summary.get('status')}, trajectory {self.summary.get('trajectory')})")
+        self.summary = trained_summary(run_dir, "runtime.replay_from")
         if self.summary.get("training_key") != training_key:
             raise ScenarioError(f"runtime.replay_from: {run_dir} trained under training key "
                                 f"{self.summary.get('training_key')}, this scenario's is {training_key}: something "
                                 f"that can change training differs, so it must train")
-        rounds = pd.read_parquet(run_dir / "rounds.parquet")
-        self.rounds = {int(r["round"]): {c: float(r[c]) for c in ACCURACY_COLUMNS} for _, r in rounds.iterrows()}
+        self.rounds = _accuracy_by_round(run_dir)
         self.plans_by_round: dict[int, list[dict]] = {}
         if (run_dir / "plans.parquet").is_file():
             for row in pd.read_parquet(run_dir / "plans.parquet").to_dict("records"):
@@ -88,4 +106,53 @@ class ReplayBackend(TimingBackend):
         """What training wrote besides the rounds (generations, importance) and the generation scores."""
         tables = {name: pd.read_parquet(self.run_dir / f"{name}.parquet") for name in COPIED_TABLES
                   if (self.run_dir / f"{name}.parquet").is_file()}
+        return tables, {k: self.summary[k] for k in ("generation", "generation_unavailable") if k in self.summary}
+
+
+class ProjectionBackend(TimingBackend):
+    """A trained run's accuracy, round by round, under another scenario's timing (module docstring)."""
+
+    trajectory = "projected"
+    # What decides what a round learns, compared between the two set-ups (differences)
+    COMPARED = ("model", "data.name", "data.max_length", "training.local_steps", "training.batch_size",
+                "training.lr", "algorithm")
+
+    def __init__(self, run_dir: str | Path, algorithm: str, rounds: int):
+        self.run_dir = run_dir = Path(run_dir)
+        self.summary = trained_summary(run_dir, "TRAINED_RUN")
+        if self.summary.get("algorithm") != algorithm:
+            raise ScenarioError(f"--system: the scenario's algorithm is {algorithm}, the trained run's "
+                                f"{self.summary.get('algorithm')}: a projection carries one method's trajectory")
+        self.rounds = _accuracy_by_round(run_dir)
+        if max(self.rounds) < rounds:
+            raise ScenarioError(f"training.rounds: the scenario asks for {rounds} rounds, the trained run has "
+                                f"{max(self.rounds)}")
+
+    def differences(self, resolved: dict) -> dict[str, list]:
+        """Fields that decide what a round learns, where the projected scenario differs from the trained run:
+        [trained, projected] by dotted path (the summary shows them beside the assumption)."""
+        trained = yaml.safe_load((self.run_dir / "scenario.resolved.yaml").read_text())
+        found = {}
+        for path in self.COMPARED:
+            theirs, mine = trained, resolved
+            for key in path.split("."):
+                theirs, mine = (theirs or {}).get(key), (mine or {}).get(key)
+            if theirs != mine:
+                if isinstance(theirs, dict) and isinstance(mine, dict):
+                    found.update({f"{path}.{k}": [theirs.get(k), mine.get(k)]
+                                  for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)})
+                else:
+                    found[path] = [theirs, mine]
+        counts = [sum(group.get("count", 1) for group in side.get("clients", [])) for side in (trained, resolved)]
+        if counts[0] != counts[1]:
+            found["clients"] = counts
+        return found
+
+    def round_done(self, round_index, events, order_sensitive) -> dict:
+        return dict(self.rounds[round_index])
+
+    def outputs(self, adapters) -> tuple[dict, dict]:
+        """The trained model's decodings and scores: what the projection assumes the other model reaches."""
+        generations = self.run_dir / "generations.parquet"
+        tables = {"generations": pd.read_parquet(generations)} if generations.is_file() else {}
         return tables, {k: self.summary[k] for k in ("generation", "generation_unavailable") if k in self.summary}

@@ -15,7 +15,7 @@ from hsplit_sim.algorithms import ALGORITHMS, RunContext
 from hsplit_sim.algorithms.base import RoundStats
 from hsplit_sim.backends import TimingBackend
 from hsplit_sim.backends.real import RealBackend
-from hsplit_sim.backends.replay import ReplayBackend, ReplayMismatch
+from hsplit_sim.backends.replay import ProjectionBackend, ReplayBackend, ReplayMismatch
 from hsplit_sim.errors import RunError
 from hsplit_sim.experiment.preflight import preflight
 from hsplit_sim.experiment.progress import ProgressLine
@@ -73,7 +73,18 @@ def run_scenario(scenario: Scenario, progress: bool = True):
                              {"replay_rejected": str(mismatch)})
 
 
-def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | None, note: dict | None = None):
+def project_run(trained_dir, scenario: Scenario, progress: bool = True):
+    """A run directory marked `projected`: the trained run's accuracy round by round beside the per-round times
+    of the same algorithm under `scenario` (its system and model), which runs timing-only
+    (backends/replay.py: ProjectionBackend, and the assumption it carries)."""
+    projection = ProjectionBackend(trained_dir, scenario.algorithm.name, scenario.training.rounds)
+    runtime = scenario.runtime.model_copy(update={"timing_only": True, "replay_from": None})
+    return _run_scenario(scenario.model_copy(update={"runtime": runtime}), progress, projection,
+                         {"projection_differs_in": projection.differences(resolved_dict(scenario))})
+
+
+def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | ProjectionBackend | None,
+                  note: dict | None = None):
     per_copy = preflight(scenario)
     copies = scenario.server.accelerators // per_copy
     spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
@@ -93,7 +104,7 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | No
                "precision": {"server": server_precision(scenario),
                              "clients": sorted({c.precision for c in clients})},
                "server_placement": {"accelerators_per_copy": per_copy, "copies": copies},
-               "trajectory": "retimed" if replay else "timing-only" if timing_only else "trained",
+               "trajectory": replay.trajectory if replay else "timing-only" if timing_only else "trained",
                "replayed_from": str(replay.run_dir) if replay else None, "results_version": RESULTS_VERSION,
                **(note or {})}
     writer.write_summary(summary)

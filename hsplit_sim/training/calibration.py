@@ -59,7 +59,7 @@ def default_shapes(models: list[str]) -> list[Shape]:
     step here)."""
     shapes = []
     for model in models:
-        n = BUILTIN_MODELS[model]["num_hidden_layers" if "num_hidden_layers" in BUILTIN_MODELS[model] else "n_layer"]
+        n = costs.ModelSpec.from_hf_config(BUILTIN_MODELS[model]).n_layers
         if model in ("tiny-gpt2", "tiny-llama"):
             batches = [(1, 16), (2, 32), (4, 64), (8, 128)]
         else:
