@@ -9,6 +9,7 @@ host trains in and what real frames carry.
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 # Logical weight names -> module-name suffixes per architecture family.
 TARGET_MODULES = {
@@ -120,7 +121,7 @@ class Work:
     pointwise_values: int = 0
     kernels: int = 0
 
-    @property
+    @cached_property  # on every simulated step's event
     def flops(self) -> int:
         return sum(count * flops for count, flops, _ in self.matmuls)
 

@@ -70,6 +70,25 @@ class Participation:
     reported: list[int]  # whose updates arrived in time, in client order
 
 
+class _Durations:
+    """A device's compute seconds per work, remembered: every step of a run asks about one of a few works (a
+    federated client's step, a split plan's passes), millions of times in a timing-only run."""
+
+    def __init__(self, device, precision: str):
+        self.device, self.precision = device, precision
+        self.known: dict[int, tuple[Work, float]] = {}  # by id; the work held here keeps its id from being reused
+
+    def of(self, work: Work) -> float:
+        found = self.known.get(id(work))
+        if found is not None and found[0] is work:
+            return found[1]
+        seconds = compute_seconds(work, self.device, self.precision)
+        if len(self.known) >= 64:  # works made once a round (merges, aggregations) must not pile up
+            self.known.clear()
+        self.known[id(work)] = (work, seconds)
+        return seconds
+
+
 class ClientNode:
     """A client's device and its up- and downlink, each a resource of its own; its links may go through a
     shared medium. Compute and bandwidth factors are the round's jitter (1 without)."""
@@ -79,6 +98,7 @@ class ClientNode:
         self.device, self.up, self.down = f"client{self.index}", f"client{self.index}.up", f"client{self.index}.down"
         self.compute_factor = self.bandwidth_factor = 1.0
         self.busy = [0.0, 0.0, 0.0]  # seconds computing, sending, receiving since the round started (energy)
+        self.durations = _Durations(spec.device, spec.precision)
         effects = fleet.effects
         self.traced = effects.bandwidth is not None and effects.bandwidth.covers(self.index)
 
@@ -88,7 +108,7 @@ class ClientNode:
         return self.medium is None and not self.traced and not self.fleet.effects.cuts_rounds_short
 
     def compute_seconds(self, work: Work) -> float:
-        seconds = compute_seconds(work, self.spec.device, self.spec.precision)
+        seconds = self.durations.of(work)
         return seconds * self.compute_factor if self.compute_factor != 1.0 else seconds
 
     def _rate_mbps(self, up: bool) -> float:
@@ -181,9 +201,10 @@ class ServerNode:
 
     def __init__(self, fleet: "Fleet", device, accelerators: int, precision: str):
         self.fleet, self.device, self.accelerators, self.precision = fleet, device, accelerators, precision
+        self.durations = _Durations(device, precision)
 
     def seconds(self, work: Work) -> float:
-        return compute_seconds(work, self.device, self.precision)
+        return self.durations.of(work)
 
     def compute(self, round_index: int, kind: str, work: Work, client: int = -1):
         yield from self.fleet.sim.hold(round_index, client, kind, SERVER, self.seconds(work), flops=work.flops)
