@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from analysis.load import Run, load_run, read_table  # noqa: E402
 from analysis.metrics import BREAKDOWN, BREAKDOWN_COLUMNS, bytes_per_round, time_breakdown  # noqa: E402
@@ -313,6 +313,48 @@ def _energy(run: Run, out_base: Path) -> tuple[str | None, list[Path]]:
     return _energy_bars({run.algorithm: run}, out_base)
 
 
+HOST_TIMES = ("Every real operation of the run: the seconds the time model gives the simulated device it stands for "
+              "against the seconds it took on this host. Points on the dashed line: model and host agree (as they "
+              "should where the simulated device is this host's calibrated entry); elsewhere the distance is the "
+              "simulated device's speed against this host's, and its spread what the model leaves out.")
+
+
+def _host_times(run: Run, out_base: Path) -> tuple[str | None, list[Path]]:
+    host = read_table(run.path, "host_times")
+    if host.empty:
+        return None, []
+    kinds = sorted(host["kind"].unique())
+    events = run.read("events", ["round", "client", "kind", "start_s", "end_s"], sorted(host["round"].unique()))
+    events = events[events["kind"].isin(kinds)].astype({"kind": str})
+    events = events.assign(step=events.groupby(["round", "client", "kind"]).cumcount(),
+                           simulated_s=events["end_s"] - events["start_s"])
+    joined = host.merge(events, on=["round", "client", "kind", "step"])
+    joined = joined[(joined["host_s"] > 0) & (joined["simulated_s"] > 0)]
+    if joined.empty:
+        return None, []
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.0, 3.6))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, (kind, rows) in enumerate(joined.groupby("kind")):
+            ax.scatter(rows["host_s"], rows["simulated_s"], s=10, alpha=0.6, color=colors[i % len(colors)],
+                       label=f"{kind} ({len(rows)})")
+        low = min(joined["host_s"].min(), joined["simulated_s"].min())
+        high = max(joined["host_s"].max(), joined["simulated_s"].max())
+        ax.plot([low, high], [low, high], "k--", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # milliseconds at 1, 2, 5 of each decade: plain numbers
+            axis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * 1e3:g}"))
+            axis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("Measured on this host (ms)")
+        ax.set_ylabel("Simulated (ms)")
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+        return HOST_TIMES, _save(fig, out_base)
+
+
 RUN_FIGURES = (
     Figure("perplexity", "Perplexity against simulated time", _perplexity, at_run_end=True),
     Figure("timeline", "Timeline", _timeline, at_run_end=True, caption=TIMELINE),
@@ -321,6 +363,7 @@ RUN_FIGURES = (
     Figure("memory", "Memory against budget", _memory),
     Figure("participation", "Participation", _participation_bars),
     Figure("energy", "Energy", _energy),
+    Figure("host_times", "Simulated against measured seconds", _host_times, at_run_end=True, caption=HOST_TIMES),
 )
 
 

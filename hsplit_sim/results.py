@@ -54,10 +54,16 @@ PARTICIPATION_OUTCOMES = ("reported", "dropped", "late", "offline at the end", "
 ENERGY_COLUMNS = ("round", "client", "compute_s", "transmit_s", "receive_s", "idle_s", "compute_j", "transmit_j",
                   "receive_j", "idle_j", "energy_j")
 
+# The host's measured seconds of each real operation an event stands for (a trained run's client_fwd,
+# server_step, client_bwd, client_step, central_step): `step` numbers them within (round, client, kind) in the
+# order the events table holds them, so the two join on (round, client, kind, step).
+HOST_TIME_COLUMNS = ("round", "client", "kind", "step", "host_s")
+HOST_TIMED_KINDS = ("client_fwd", "server_step", "client_bwd", "client_step", "central_step")
+
 # Tables of a run directory: the small ones rewritten after every round, the large ones (events, clients,
 # participation, energy) written as parts per round and combined when the run ends.
 TABLES = ("rounds", "events", "clients", "resources", "participation", "energy", "plans", "importance",
-          "generations")
+          "generations", "host_times")
 
 # The E2E challenge's scores of decoded test texts (summary.json's `generation`, hsplit_sim/textmetrics.py), in
 # the order tables show them.

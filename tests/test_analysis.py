@@ -120,6 +120,19 @@ def test_plot_run_writes_figures(tmp_path):
     assert all(p.parent == tmp_path / "run" / "plots" for p in paths)
 
 
+def test_plot_run_draws_simulated_against_measured_when_the_host_timed_the_run(tmp_path):
+    run_dir = make_run(tmp_path / "run")
+    events = pd.read_parquet(run_dir / "events.parquet")
+    timed = events[events["kind"].isin(["client_fwd", "server_step", "client_bwd"])]
+    host = timed.assign(step=timed.groupby(["round", "client", "kind"]).cumcount(),
+                        host_s=(timed["end_s"] - timed["start_s"]) / 100)
+    host[["round", "client", "kind", "step", "host_s"]].to_parquet(run_dir / "host_times.parquet", index=False)
+    paths = plot_run(run_dir)
+    _assert_figures(paths, ["perplexity.png", "perplexity.svg", "timeline.png", "timeline.svg", "host_times.png",
+                            "host_times.svg"])
+    assert "client_fwd (12)" in (run_dir / "plots" / "host_times.svg").read_text()  # 3 rounds x 2 clients x 2 steps
+
+
 def test_plot_run_csv_only(tmp_path):
     paths = plot_run(make_run(tmp_path / "run", formats=("csv",)))
     _assert_figures(paths, ["perplexity.png", "perplexity.svg", "timeline.png", "timeline.svg"])

@@ -114,6 +114,14 @@ def test_run_directory_contract(runs):
     assert counts["aggregate", -1] == ROUNDS and counts["eval", -1] == ROUNDS + 1
     assert set(tables["clients"]["client"]) == set(range(4))
 
+    # Every real operation's host seconds, joinable to its event by (round, client, kind, step).
+    host = pd.read_parquet(run_dir / "host_times.parquet")
+    assert (host["host_s"] > 0).all()
+    assert host.groupby(["kind", "client"]).size().to_dict() == {
+        (kind, k): per_client for kind in ("client_bwd", "client_fwd", "server_step") for k in range(4)}
+    steps = host.groupby(["round", "client", "kind"])["step"].agg(list)
+    assert steps.map(lambda numbers: numbers == list(range(LOCAL_STEPS))).all()
+
 
 def test_two_runs_of_one_seed_are_identical(runs):
     first, second = read(runs(*SPLIT)), read(runs(*SPLIT_AGAIN))
@@ -262,6 +270,9 @@ def test_cenlora_runs_end_to_end(runs):
     kinds = set(events["kind"])
     assert "central_step" in kinds and not kinds & {"upload", "download", "server_step", "adapter_upload"}
     assert (events["kind"] == "central_step").sum() == ROUNDS * LOCAL_STEPS * 4
+    host = pd.read_parquet(run_dir / "host_times.parquet")
+    assert set(host["kind"]) == {"central_step"} and set(host["client"]) == {-1}
+    assert len(host) == ROUNDS * LOCAL_STEPS * 4
     assert overlaps(intervals(events, "central_step")) == 0
     assert set(tables["clients"]["status"]) == {"data-only"}
 

@@ -2,6 +2,7 @@
 model predicted (frame bytes, an aggregation's FLOPs and shapes) is checked against the real tensors."""
 
 import logging
+import math
 
 import numpy as np
 
@@ -10,6 +11,7 @@ from hsplit_sim.algorithms.base import Contributions, RoundStats
 from hsplit_sim.algorithms.plans import ranks_to_wire
 from hsplit_sim.backends import Backend
 from hsplit_sim.errors import RunError
+from hsplit_sim.results import HOST_TIME_COLUMNS
 from hsplit_sim.runtime.connection import WorkerConnection
 from hsplit_sim.runtime.wire import Message
 from hsplit_sim.sim.fleet import SplitWork, StepWork
@@ -50,6 +52,12 @@ class RealBackend(Backend):
                  partitions: list[np.ndarray], stats: RoundStats):
         self.scenario, self.server, self.client_workers = scenario, server, client_workers
         self.partitions, self.stats = partitions, stats
+        self.host_times: list[tuple] = []  # results.HOST_TIME_COLUMNS: what each real operation took here
+
+    def timed(self, reply: Message, round_index: int, client: int, kind: str, step: int) -> Message:
+        """Keep the host seconds the worker measured for the operation an event of `kind` stands for."""
+        self.host_times.append((round_index, client, kind, step, reply.header.get("seconds", math.nan)))
+        return reply
 
     def worker_of(self, client: int) -> WorkerConnection:
         """Clients are dealt to client workers in turn."""
@@ -115,9 +123,11 @@ class RealBackend(Backend):
         return reply.header["result"]["loss"]
 
     def outputs(self, adapters) -> tuple[dict, dict]:
-        """The test MRs decoded greedily by the final global model, scored against all their references."""
+        """The host's measured seconds per operation, and the test MRs decoded greedily by the final global model,
+        scored against all their references."""
+        host = {"host_times": [dict(zip(HOST_TIME_COLUMNS, row)) for row in self.host_times]} if self.host_times else {}
         if not self.scenario.data.test_examples:
-            return {}, {}
+            return host, {}
         from hsplit_sim.textmetrics import score_corpus, unavailable_metrics
 
         result = self.server.call("generate", args={"adapters": adapters, "batch_size": 16}).header["result"]
@@ -125,7 +135,7 @@ class RealBackend(Backend):
                 for mr, hypothesis, refs in zip(result["mrs"], result["hypotheses"], result["references"])]
         scores = score_corpus(result["hypotheses"], result["references"])
         log.info("generation scores: %s", scores)
-        return {"generations": rows}, {"generation": scores, "generation_unavailable": unavailable_metrics()}
+        return {**host, "generations": rows}, {"generation": scores, "generation_unavailable": unavailable_metrics()}
 
     def plans(self, round_index, proposed, previous) -> list:
         return proposed
@@ -148,20 +158,23 @@ class _RealSplitWork(SplitWork):
 
     def forward(self, step, probe) -> None:
         batch = self.backend.batch(self.backend.partitions[self.client], self.round, self.steps, step)
-        self.smashed = self.worker.call("forward", client=self.client, args={"adapter": self.adapter, "probe": probe},
-                                        tensors={"batch": batch})
+        self.smashed = self.backend.timed(self.worker.call(
+            "forward", client=self.client, args={"adapter": self.adapter, "probe": probe}, tensors={"batch": batch}),
+            self.round, self.client, "client_fwd", step)
         checked_bytes(self.smashed, self.costs.host_up, "upload of activations")
 
     def server(self, step, probe) -> None:
-        self.reply = self.backend.server.call("step", client=self.client, tensors=self.smashed.tensors, args={
-            "adapter": self.server_adapter, "split": self.split, "probe": probe, "measure": self.measure})
+        self.reply = self.backend.timed(self.backend.server.call(
+            "step", client=self.client, tensors=self.smashed.tensors, args={
+                "adapter": self.server_adapter, "split": self.split, "probe": probe, "measure": self.measure}),
+            self.round, self.client, "server_step", step)
         self.backend.stats.losses.append(self.reply.header["result"]["loss"])
         checked_bytes(self.reply, self.costs.host_down, "download of gradients")
 
     def backward(self, step, probe) -> None:
-        backward = self.worker.call("backward", client=self.client, args={"adapter": self.adapter,
-                                                                           "measure": self.measure},
-                                    tensors={"grad": self.reply.tensors["grad"]})
+        backward = self.backend.timed(self.worker.call(
+            "backward", client=self.client, args={"adapter": self.adapter, "measure": self.measure},
+            tensors={"grad": self.reply.tensors["grad"]}), self.round, self.client, "client_bwd", step)
         if probe:
             self.on_importance(self.client, {**backward.header["result"]["importance"],
                                              **self.reply.header["result"]["importance"]})
@@ -179,6 +192,7 @@ class _RealStepWork(StepWork):
 
     def step(self, step) -> None:
         batch = self.backend.batch(self.indices, self.round, self.steps, step)
-        reply = self.worker.call("full_step", client=self.client, args={"adapter": self.adapter},
-                                 tensors={"batch": batch})
+        kind, client = ("central_step", -1) if self.client is None else ("client_step", self.client)
+        reply = self.backend.timed(self.worker.call("full_step", client=self.client, args={"adapter": self.adapter},
+                                                    tensors={"batch": batch}), self.round, client, kind, step)
         self.backend.stats.losses.append(reply.header["result"]["loss"])

@@ -7,6 +7,7 @@ serving. The worker exits when asked, or when the process that started it is gon
 import argparse
 import os
 import sys
+import time
 import traceback
 
 import zmq
@@ -61,8 +62,11 @@ def serve(name: str, endpoint: str) -> None:
         try:
             message = decode(frames, required=("op", "id"))
             request_id, op = message.header["id"], message.header["op"]
+            started = time.perf_counter()
             result, tensors = worker.handle(message)
-            sock.send_multipart(encode({"id": request_id, "ok": True, "result": result}, tensors), copy=False)
+            seconds = time.perf_counter() - started  # the host's measurement, beside the simulated duration
+            sock.send_multipart(encode({"id": request_id, "ok": True, "result": result, "seconds": seconds},
+                                       tensors), copy=False)
         except ProtocolError as exc:
             sock.send_multipart(encode({"id": request_id, "ok": False, "error": f"malformed request: {exc}"}))
         except Exception as exc:  # noqa: BLE001 - any failure of one request becomes its error reply
