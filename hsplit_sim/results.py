@@ -61,7 +61,7 @@ HOST_TIME_COLUMNS = ("round", "client", "kind", "step", "host_s")
 HOST_TIMED_KINDS = ("client_fwd", "server_step", "client_bwd", "client_step", "central_step")
 
 # Tables of a run directory: the small ones rewritten after every round, the large ones (events, clients,
-# participation, energy) written as parts per round and combined when the run ends.
+# participation, energy, host_times) written as parts per round and combined when the run ends.
 TABLES = ("rounds", "events", "clients", "resources", "participation", "energy", "plans", "importance",
           "generations", "host_times")
 

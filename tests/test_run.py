@@ -409,3 +409,4 @@ def test_sigterm_interrupts_the_run_like_ctrl_c(tmp_path):
     assert "Traceback" not in stderr.decode()
     summary = json.loads((rounds_csv.parent / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["rounds_completed"] >= 1  # round 0 is evaluation
+    assert 1 in set(pd.read_parquet(rounds_csv.parent / "host_times.parquet")["round"])  # finished rounds kept

@@ -62,6 +62,11 @@ class Backend:
         """Columns of the round's row that come from elsewhere (a replay's accuracy); {} otherwise."""
         raise NotImplementedError
 
+    def take_host_times(self) -> list[dict]:
+        """The host's measured seconds of the real operations since the last call (results.HOST_TIME_COLUMNS);
+        [] where nothing runs for real."""
+        raise NotImplementedError
+
 
 class TimingBackend(Backend):
     """Timing-only: nothing trains; every operation is free and returns nothing."""
@@ -99,3 +104,6 @@ class TimingBackend(Backend):
 
     def round_done(self, round_index, events, order_sensitive) -> dict:
         return {}
+
+    def take_host_times(self) -> list[dict]:
+        return []

@@ -157,7 +157,7 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
     finally:
         writer.append_events(sim.take_events())
         writer.finish_events()
-        for name in ("clients", "participation", "energy"):
+        for name in ("clients", "participation", "energy", "host_times"):
             writer.finish_parts(name)
         summary["events"] = sim.n_events
         summary["simpy_events"] = _simpy_events(sim)
@@ -216,6 +216,7 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
         row.update(ctx.backend.round_done(round_index, sim.events, algorithm.order_sensitive))
         rows.append(row)
         writer.append_rows("clients", clients)
+        writer.append_rows("host_times", ctx.backend.take_host_times())
         writer.write_rounds(rows)
         writer.append_events(sim.take_events())
         for name, table in algorithm.tables().items():
