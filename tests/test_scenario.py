@@ -1,6 +1,7 @@
 """Scenario loading: the shipped files load, overrides work, and every bad input is one line naming its field."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -137,9 +138,20 @@ def test_inline_device_and_link():
         (["clients.2.count=1"], "--set clients.2.count: clients.2 is not an index"),
         (["seed.value=1"], "--set seed.value: seed is 0, not a mapping"),
         (["training.rounds"], "--set training.rounds: expected KEY.PATH=VALUE"),
+        (["training.rounds=true"], "training.rounds: Input should be a valid integer (got true)"),
+        (["runtime.timing_only=yes"], None),  # YAML's yes is true: a switch takes it
+        (["training.lr=.inf"], "training.lr: Input should be a finite number"),
+        (["clients.0.device={tflops: .nan, efficiency: 1, memory_gb: 1}"], "clients.0.device.tflops: "),
+        (["clients.1.link={up_mbps: 20, down_mbps: 100, latency_ms: .inf}"], "clients.1.link.latency_ms: "),
+        (["clients.0.link={up_mbps: 1, up_mbps: 2, down_mbps: 1, latency_ms: 1}"],
+         "--set clients.0.link: value is not valid YAML (YAML syntax error at line 1, column 14: key 'up_mbps' "
+         "appears twice"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_field(overrides, expected):
+    if expected is None:
+        scenario_from_dict(quickstart_data(), overrides)
+        return
     with pytest.raises(ScenarioError) as raised:
         scenario_from_dict(quickstart_data(), overrides)
     message = str(raised.value)
@@ -189,6 +201,25 @@ def test_file_errors(tmp_path):
     listed.write_text("- 1\n")
     with pytest.raises(ScenarioError, match="top level must be a mapping"):
         load_scenario(listed)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: x\ntraining: {rounds: 2}\ntraining: {lr: 0.1}\n")  # the second would reset rounds
+    with pytest.raises(ScenarioError, match=r"twice.yaml: YAML syntax error at line 3, column 1: key 'training' "
+                                            r"appears twice in one mapping$"):
+        load_scenario(twice)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ScenarioError, match=r"latin.yaml: not UTF-8 text$"):
+        load_scenario(latin)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ScenarioError, match=r"deep.yaml: nested too deeply$"):
+        load_scenario(deep)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ScenarioError, match=r"fifo.yaml: not a regular file$"):  # reading it would wait for ever
+        load_scenario(fifo)
+    with pytest.raises(ScenarioError, match=r": not a regular file$"):
+        load_scenario(tmp_path)
 
 
 def test_catalog_resolution():

@@ -6,15 +6,16 @@ of hardware) or at its memory bandwidth, whichever is slower; memory-bound opera
 a launch overhead (the per-operation cost of eager PyTorch on that class of host processor).
 """
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.strict import StrictModel
 
 
-class PowerSpec(BaseModel):
+class PowerSpec(StrictModel):
     """A device's power draw in each state, watts: training, sending, receiving, and waiting."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True)
 
     compute: float = Field(gt=0)
     transmit: float = Field(gt=0)
@@ -22,10 +23,10 @@ class PowerSpec(BaseModel):
     idle: float = Field(gt=0)
 
 
-class DeviceSpec(BaseModel):
+class DeviceSpec(StrictModel):
     """A compute device; scenarios may give one inline instead of naming a built-in one."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True)
 
     name: str = "custom"
     tflops: float = Field(gt=0, description="peak FP32 TFLOPS")
@@ -45,10 +46,10 @@ class DeviceSpec(BaseModel):
         return {"fp32": self.tflops, "fp16": self.tflops_fp16, "bf16": self.tflops_bf16}[precision]
 
 
-class LinkSpec(BaseModel):
+class LinkSpec(StrictModel):
     """A client's network link to the server, as effective throughput and one-way latency."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True)
 
     name: str = "custom"
     up_mbps: float = Field(gt=0)

@@ -5,6 +5,7 @@ Every problem becomes one ScenarioError line that names the field path, so the C
 
 import copy
 import os
+import re
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -28,19 +29,59 @@ _VERSIONED = ("torch", "transformers", "peft", "simpy", "pyzmq", "pandas")
 def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
     """Read a scenario file, apply `key.path=value` overrides, validate and check it."""
     path = Path(path)
+    return scenario_from_dict(read_mapping(path, "scenario fields"), overrides, relative_to=path.parent)
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML whose mappings may not repeat a key: with PyYAML's default the last one silently wins."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+# YAML 1.2's floats: PyYAML (YAML 1.1) reads 1e-3 as the string "1e-3"; a scenario is validated strictly, so
+# what looks like a number must be one.
+_UniqueKeys.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """YAML as every scenario, sweep and override is read: duplicate keys refused."""
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_mapping(path: Path, what: str = "fields") -> dict:
+    """A YAML file whose top level is a mapping; every problem with it is one ScenarioError line."""
+    if path.exists() and not path.is_file():
+        raise ScenarioError(f"{path}: not a regular file")
     try:
-        text = path.read_text()
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ScenarioError(f"{path}: no such file") from None
     except OSError as e:
         raise ScenarioError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{path}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise ScenarioError(f"{path}: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise ScenarioError(f"{path}: nested too deeply") from None
     if not isinstance(data, dict):
-        raise ScenarioError(f"{path}: the top level must be a mapping of scenario fields")
-    return scenario_from_dict(data, overrides, relative_to=path.parent)
+        raise ScenarioError(f"{path}: the top level must be a mapping of {what}")
+    return data
 
 
 def scenario_from_dict(data: dict, overrides: list[str] = (), relative_to: Path | None = None) -> Scenario:
@@ -80,9 +121,11 @@ def apply_override(data: dict, override: str) -> None:
     if not sep or not key:
         raise ScenarioError(f"--set {override}: expected KEY.PATH=VALUE")
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError as e:
         raise ScenarioError(f"--set {key}: value is not valid YAML ({_yaml_problem(e)})") from None
+    except RecursionError:
+        raise ScenarioError(f"--set {key}: value nested too deeply") from None
     parts = key.split(".")
     node: Any = data
     for depth, part in enumerate(parts):
@@ -293,7 +336,7 @@ def _first_error(error: ValidationError, data: dict) -> str:
     message = first["msg"].removeprefix("Value error, ")
     value = first.get("input")
     if first["type"] != "value_error" and isinstance(value, (str, int, float, bool)):
-        shown = repr(value)
+        shown = str(value).lower() if isinstance(value, bool) else repr(value)  # as YAML spells it
         message += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
     return f"{path}: {message}"
 

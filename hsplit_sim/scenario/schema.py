@@ -24,6 +24,7 @@ from hsplit_sim.scenario.catalog import (
     resolve_device,
     resolve_link,
 )
+from hsplit_sim.scenario.strict import StrictModel
 
 # Number formats the simulated devices compute and communicate in (host training stays fp32).
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -70,11 +71,7 @@ LinkRef = Annotated[
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelRef(_Strict):
+class ModelRef(StrictModel):
     """A built-in model by name, or a local Hugging Face checkpoint directory by path."""
 
     name: str | None = None
@@ -87,11 +84,11 @@ class ModelRef(_Strict):
         return self
 
 
-class IidPartition(_Strict):
+class IidPartition(StrictModel):
     kind: Literal["iid"] = "iid"
 
 
-class DirichletPartition(_Strict):
+class DirichletPartition(StrictModel):
     """Non-IID: each client's share of every value of one MR attribute follows Dirichlet(alpha)."""
 
     kind: Literal["dirichlet"]
@@ -102,7 +99,7 @@ class DirichletPartition(_Strict):
 Partition = Annotated[Union[IidPartition, DirichletPartition], Field(discriminator="kind")]
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     name: Literal["e2e-synthetic", "e2e"]
     dir: str | None = Field(None, description="E2E CSV directory (devset.csv, testset_w_refs.csv, optionally "
                             "trainset.csv; plain or .gz); defaults to $HSPLIT_SIM_E2E_DIR, else the development and "
@@ -116,7 +113,7 @@ class DataSpec(_Strict):
     max_new_tokens: int = Field(48, gt=0, description="longest generated reference")
 
 
-class AlgorithmConfig(_Strict):
+class AlgorithmConfig(StrictModel):
     """What every algorithm of a comparison is configured with (each reads the part it needs). An algorithm's
     module adds its own fields in a subclass (hsplit_sim/algorithms/<name>.py: Config), and a scenario's
     algorithm section is validated against the class of its `name`: a key of another algorithm is an error."""
@@ -151,7 +148,9 @@ class AlgorithmConfig(_Strict):
 
 def algorithm_config(data: dict) -> AlgorithmConfig:
     """The algorithm section validated against the config class its name registers (hsplit_sim.algorithms)."""
-    from hsplit_sim.algorithms import ALGORITHMS  # the registry imports this module: looked up when validating
+    from hsplit_sim.algorithms import (
+        ALGORITHMS,  # the registry imports this module: looked up when validating
+    )
 
     name = data.get("name")
     if name not in ALGORITHMS:
@@ -176,7 +175,7 @@ def _algorithm_names(names: tuple[str, ...]) -> type[BaseModel]:
     return create_model("AlgorithmName", __config__=ConfigDict(extra="allow"), name=(Literal[names], ...))
 
 
-class TrainingSpec(_Strict):
+class TrainingSpec(StrictModel):
     rounds: int = Field(3, gt=0)
     local_steps: int = Field(4, gt=0)
     batch_size: int = Field(4, gt=0)
@@ -185,13 +184,13 @@ class TrainingSpec(_Strict):
     eval_every: int = Field(1, ge=1, description="evaluate every this many rounds")
 
 
-class ServerSpec(_Strict):
+class ServerSpec(StrictModel):
     device: DeviceRef
     accelerators: int = Field(1, ge=1)
     precision: Precision | None = Field(None, description="the server's number format; none: the scenario's")
 
 
-class ClientGroup(_Strict):
+class ClientGroup(StrictModel):
     """`count` identical clients: same device, same link."""
 
     count: int = Field(1, gt=0)
@@ -204,7 +203,7 @@ class ClientGroup(_Strict):
                                         "the scenario's; none: the scenario's")
 
 
-class Availability(_Strict):
+class Availability(StrictModel):
     """When clients are online: a trace of online windows, or alternating online and offline periods of
     exponentially distributed length (seeded). A client offline at a round's start sits the round out; one
     offline when its work would finish loses that work."""
@@ -223,7 +222,7 @@ class Availability(_Strict):
         return self
 
 
-class Selection(_Strict):
+class Selection(StrictModel):
     """Who trains in a round: FedScale's over-commitment picks clients_per_round x (1 + over_commit) of the
     online clients at random, and the round takes the first clients_per_round updates to arrive."""
 
@@ -231,14 +230,14 @@ class Selection(_Strict):
     over_commit: float = Field(0.0, ge=0)
 
 
-class Jitter(_Strict):
+class Jitter(StrictModel):
     """Seeded lognormal factors (median 1) per client and round on compute durations and on link rates."""
 
     compute_sigma: float = Field(0.0, ge=0)
     bandwidth_sigma: float = Field(0.0, ge=0)
 
 
-class Medium(_Strict):
+class Medium(StrictModel):
     """A shared wireless medium (one access point): the transfers of every client behind it share its capacity
     (processor sharing), each also capped by its own link's rate."""
 
@@ -247,7 +246,7 @@ class Medium(_Strict):
     down_mbps: float = Field(gt=0)
 
 
-class SystemSpec(_Strict):
+class SystemSpec(StrictModel):
     """Behaviour of the fleet beyond each device's speed and link: who is online, who drops, deadlines,
     shared media, variability. Everything off by default."""
 
@@ -264,7 +263,7 @@ class SystemSpec(_Strict):
     media: list[Medium] = Field(default_factory=list)
 
 
-class RuntimeSpec(_Strict):
+class RuntimeSpec(StrictModel):
     client_workers: int = Field(1, gt=0)
     torch_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     request_timeout_s: float = Field(600.0, gt=0)
@@ -280,11 +279,11 @@ class RuntimeSpec(_Strict):
         "stop with an error, or train anew")
 
 
-class OutputSpec(_Strict):
+class OutputSpec(StrictModel):
     dir: str = "runs"
 
 
-class Scenario(_Strict):
+class Scenario(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="names the run directory")
     seed: int = Field(0, ge=0)
     precision: Precision = Field("fp32", description="the number format of the simulated training: it sets each "

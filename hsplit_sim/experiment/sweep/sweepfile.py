@@ -14,8 +14,7 @@ import yaml
 
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario import apply_override, scenario_from_dict
-from hsplit_sim.scenario.load import absolute_trace_paths
-from hsplit_sim.scenario.load import _yaml_problem
+from hsplit_sim.scenario.load import absolute_trace_paths, read_mapping
 
 SWEEP_KEYS = ("name", "base", "set", "grid", "zip", "seeds", "target_ppl", "reference")
 
@@ -46,7 +45,7 @@ class Sweep:
 def load_sweep_file(path: str | Path, overrides: list[str] = ()) -> Sweep:
     """Read a sweep file, expand grid x zip x seeds and validate every point; errors name the point."""
     path = Path(path)
-    spec = _read_mapping(path)
+    spec = read_mapping(path)
     unknown = sorted(set(spec) - set(SWEEP_KEYS))
     if unknown:
         raise ScenarioError(f"{path}: {unknown[0]}: unknown key (known: {', '.join(SWEEP_KEYS)})")
@@ -200,22 +199,10 @@ def _base(path: Path, base: Any) -> dict:
     if isinstance(base, dict):
         return copy.deepcopy(base)
     if isinstance(base, str):
-        data = _read_mapping(path.parent / base)
+        data = read_mapping(path.parent / base)
         absolute_trace_paths(data, (path.parent / base).parent)  # a base file's traces lie beside it
         return data
     raise ScenarioError(f"{path}: base: expected a scenario file path (relative to the sweep file) or a mapping")
 
 
-def _read_mapping(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ScenarioError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ScenarioError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ScenarioError(f"{path}: {_yaml_problem(e)}") from None
-    if not isinstance(data, dict):
-        raise ScenarioError(f"{path}: the top level must be a mapping")
-    return data
 
