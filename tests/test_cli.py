@@ -133,3 +133,17 @@ def test_examples_list_copy_and_run_by_name(capsys, tmp_path):
 def test_usage_errors_return_2(capsys):
     assert main(["frobnicate"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_an_output_dir_that_cannot_hold_the_run_is_one_line(capsys, tmp_path):
+    """A file, a dangling link (it used to loop for ever) and a name too long for the file system."""
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    timing = ["--timing-only", "--set", "training.rounds=1"]
+    for output, fragment in ((tmp_path / "file", "exists and is not a directory"),
+                             (tmp_path / "dangling", "exists and is not a directory")):
+        assert main(["run", "tiny", *timing, "--set", f"output.dir={output}"]) == 2
+        assert_one_error_line(capsys, f"output.dir: {output}", fragment)
+    assert main(["run", "tiny", *timing, "--set", f"output.dir={tmp_path}", "--set", "name=" + "n" * 300]) == 2
+    assert_one_error_line(capsys, "output.dir: cannot create", "File name too long")
+    assert main(["run", "tiny", *timing, "--set", f"output.dir={tmp_path / 'new' / 'runs'}"]) == 0

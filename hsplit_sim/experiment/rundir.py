@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from hsplit_sim.errors import ScenarioError
 from hsplit_sim.results import EVENT_COLUMNS
 
 # The contract names the columns; their types are the writer's: a column added there without a type here fails
@@ -43,17 +44,27 @@ class RunWriter:
 
     @classmethod
     def create(cls, root: str, name: str) -> "RunWriter":
-        """runs/<name>-<UTC timestamp>, with a counter if two runs start in the same second."""
+        """runs/<name>-<UTC timestamp>, with a counter if two runs start in the same second. An output dir that
+        cannot hold it (a file, a dangling link, a name too long, no permission) is one ScenarioError line."""
+        root = Path(root)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise ScenarioError(f"output.dir: {root} exists and is not a directory") from None
+        except OSError as e:
+            raise ScenarioError(f"output.dir: cannot create {root} ({e.strerror})") from None
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        base = Path(root) / f"{name}-{stamp}"
+        base = root / f"{name}-{stamp}"
         path, n = base, 1
         while True:
             try:
-                path.mkdir(parents=True)
+                path.mkdir()
                 break
-            except FileExistsError:
+            except FileExistsError:  # another run started in the same second
                 n += 1
                 path = base.with_name(f"{base.name}-{n}")
+            except OSError as e:
+                raise ScenarioError(f"output.dir: cannot create {path.name} in {root} ({e.strerror})") from None
         return cls(path)
 
     def _replace(self, name: str, write) -> None:
