@@ -139,6 +139,10 @@ def test_inline_device_and_link():
         (["seed.value=1"], "--set seed.value: seed is 0, not a mapping"),
         (["training.rounds"], "--set training.rounds: expected KEY.PATH=VALUE"),
         (["training.rounds=true"], "training.rounds: Input should be a valid integer (got true)"),
+        (["server.accelerators=1000000000000"], "server.accelerators: Input should be less than or equal to 4096"),
+        (["runtime.client_workers=10000"], "runtime.client_workers: Input should be less than or equal to 256"),
+        (["clients.0.count=100000000000"], "clients.0.count: Input should be less than or equal to 1000000"),
+        (["seed=4294967296"], "seed: Input should be less than 4294967296"),
         (["runtime.timing_only=yes"], None),  # YAML's yes is true: a switch takes it
         (["training.lr=.inf"], "training.lr: Input should be a finite number"),
         (["clients.0.device={tflops: .nan, efficiency: 1, memory_gb: 1}"], "clients.0.device.tflops: "),

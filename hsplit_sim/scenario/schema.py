@@ -186,14 +186,15 @@ class TrainingSpec(StrictModel):
 
 class ServerSpec(StrictModel):
     device: DeviceRef
-    accelerators: int = Field(1, ge=1)
+    accelerators: int = Field(1, ge=1, le=4096, description="identical devices (at most 4,096: a cap, so that a "
+                              "mistyped count cannot exhaust memory)")
     precision: Precision | None = Field(None, description="the server's number format; none: the scenario's")
 
 
 class ClientGroup(StrictModel):
     """`count` identical clients: same device, same link."""
 
-    count: int = Field(1, gt=0)
+    count: int = Field(1, gt=0, le=1_000_000, description="at most a million a group")
     device: DeviceRef
     link: LinkRef
     memory_budget_gb: float | None = Field(None, gt=0, description="defaults to the device's memory_gb")
@@ -264,7 +265,7 @@ class SystemSpec(StrictModel):
 
 
 class RuntimeSpec(StrictModel):
-    client_workers: int = Field(1, gt=0)
+    client_workers: int = Field(1, gt=0, le=256, description="client worker processes (at most 256)")
     torch_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     request_timeout_s: float = Field(600.0, gt=0)
     transport: Literal["ipc", "tcp"] = "ipc"
@@ -285,7 +286,7 @@ class OutputSpec(StrictModel):
 
 class Scenario(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="names the run directory")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds every random draw (numpy's range: below 2^32)")
     precision: Precision = Field("fp32", description="the number format of the simulated training: it sets each "
                                  "device's peak rate and the bytes of weights, activations and what crosses links "
                                  "(mixed precision: trainable weights keep fp32 optimizer state); the host trains "
