@@ -47,6 +47,13 @@ def trained_summary(run_dir: Path, field: str) -> dict:
     return summary
 
 
+def _trained_outputs(run_dir: Path, summary: dict, tables: tuple[str, ...]) -> tuple[dict, dict]:
+    """The tables of `tables` the trained run wrote, and its generation scores."""
+    found = {name: pd.read_parquet(run_dir / f"{name}.parquet") for name in tables
+             if (run_dir / f"{name}.parquet").is_file()}
+    return found, {k: summary[k] for k in ("generation", "generation_unavailable") if k in summary}
+
+
 def _accuracy_by_round(run_dir: Path) -> dict[int, dict[str, float]]:
     rounds = pd.read_parquet(run_dir / "rounds.parquet")
     return {int(r["round"]): {c: float(r[c]) for c in ACCURACY_COLUMNS} for _, r in rounds.iterrows()}
@@ -104,9 +111,7 @@ class ReplayBackend(TimingBackend):
 
     def outputs(self, adapters) -> tuple[dict, dict]:
         """What training wrote besides the rounds (generations, importance) and the generation scores."""
-        tables = {name: pd.read_parquet(self.run_dir / f"{name}.parquet") for name in COPIED_TABLES
-                  if (self.run_dir / f"{name}.parquet").is_file()}
-        return tables, {k: self.summary[k] for k in ("generation", "generation_unavailable") if k in self.summary}
+        return _trained_outputs(self.run_dir, self.summary, COPIED_TABLES)
 
 
 class ProjectionBackend(TimingBackend):
@@ -153,6 +158,4 @@ class ProjectionBackend(TimingBackend):
 
     def outputs(self, adapters) -> tuple[dict, dict]:
         """The trained model's decodings and scores: what the projection assumes the other model reaches."""
-        generations = self.run_dir / "generations.parquet"
-        tables = {"generations": pd.read_parquet(generations)} if generations.is_file() else {}
-        return tables, {k: self.summary[k] for k in ("generation", "generation_unavailable") if k in self.summary}
+        return _trained_outputs(self.run_dir, self.summary, ("generations",))
