@@ -293,8 +293,10 @@ def test_real_aggregation_combines_exactly_the_reported_updates(algorithm, tmp_p
         return outcome
 
     monkeypatch.setattr(RealBackend, "aggregate", recording)
+    # HSplitLoRA with one server-side adapter per client: each reported client's update is its own two sides.
+    per_client = ["algorithm.server_adapters=per_client"] if algorithm == "hsplitlora" else []
     tables = run(tmp_path, "runtime.timing_only=false", "system.dropout=0.4", "training.rounds=3",
-                 f"algorithm.name={algorithm}", "training.local_steps=2")
+                 f"algorithm.name={algorithm}", "training.local_steps=2", *per_client)
     participation = tables["participation"]
     for round_index, (clients, error) in enumerate(seen, start=1):
         assert clients == participation.query(f"round == {round_index} and outcome == 'reported'")["client"].tolist()

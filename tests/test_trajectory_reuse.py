@@ -50,8 +50,10 @@ def test_training_key_ignores_the_system_and_sees_training():
 
 def test_hsplitlora_retimed_equals_a_full_rerun(tmp_path):
     """Train at one uplink, re-time at another: rounds (accuracy included), plans and events equal a real run
-    at the other uplink, because HSplitLoRA's training cannot depend on timing."""
-    common = ["algorithm.name=hsplitlora", "training.rounds=2", "training.local_steps=2"]
+    at the other uplink, because HSplitLoRA's training with one server-side adapter per client cannot depend
+    on timing."""
+    common = ["algorithm.name=hsplitlora", "algorithm.server_adapters=per_client", "training.rounds=2",
+              "training.local_steps=2"]
     trained = run(tmp_path / "trained", *common, LINK % 1)
     rerun = run(tmp_path / "rerun", *common, LINK % 64)
     retimed = run(tmp_path / "retimed", *common, LINK % 64, f"runtime.replay_from={trained}")

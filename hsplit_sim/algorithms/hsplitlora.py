@@ -34,7 +34,7 @@ from hsplit_sim.algorithms.aggregation import (
 )
 from hsplit_sim.algorithms.base import Outcome, Planned, server_placement
 from hsplit_sim.algorithms.plans import ClientPlan
-from hsplit_sim.algorithms.protocols.split import SplitProtocol
+from hsplit_sim.algorithms.protocols.split import PlanCosts, SplitProtocol, iteration_estimate
 from hsplit_sim.algorithms.registry import register
 from hsplit_sim.algorithms.splitlora import fitting_configuration
 from hsplit_sim.errors import ScenarioError
@@ -78,12 +78,16 @@ class HSplitLoRA(SplitProtocol):
     class Config(AlgorithmConfig):
         name: Literal["hsplitlora"]
         server_adapters: Literal["shared", "per_client"] = Field(
-            "per_client", description="one server-side adapter per client, or one the clients train in turn; "
-            "either way aggregated by NAA block by block with the weight of the clients it stands for")
+            "shared", description="one server-side adapter the clients train in turn (as SplitLoRA's default), "
+            "or one per client; either way aggregated by NAA block by block with the weight of the clients it "
+            "stands for")
         importance: Literal["abs_sum", "sum_abs"] = Field(
             "abs_sum", description="IWI's gradient-weight product: |sum w*g| or sum |w*g|")
         resplit_threshold: float = Field(0.1, ge=0, description="re-split when the client side's share of "
                                          "importance moves by more than this")
+        adapter_budget: float = Field(
+            1.0, gt=0, description="trainable adapter parameters of a client's plan per block, on either side of "
+            "the cut, as a multiple of what SplitLoRA's configuration (targets at rank) gives a block")
         time_budget_s: float | None = Field(
             None, gt=0, description="longest client compute per local iteration (forward, backward and "
             "optimiser step of its segment on its device), seconds; none: memory alone bounds a client's plan")
@@ -99,9 +103,10 @@ class HSplitLoRA(SplitProtocol):
                                    scenario.data.max_length) for k in keys}
 
     @classmethod
-    def solve(cls, scenario, spec, client, importance: dict[str, float], cost: dict[str, float],
+    def solve(cls, scenario, spec, client, n_clients: int, importance: dict[str, float],
               splits: list[int]) -> ClientPlan | None:
-        """A client's plan: ARMSC on the client side, importance quantiles on the server side."""
+        """A client's plan by ARMSC: the split of least estimated iteration time among those within its budgets,
+        with IWI's selection of weights and ranks on both sides of it."""
         algo = scenario.algorithm
         batch, seq = scenario.training.batch_size, scenario.data.max_length
         within_time = None
@@ -109,25 +114,37 @@ class HSplitLoRA(SplitProtocol):
             def within_time(split: int, ranks: costs.Ranks) -> bool:
                 work = iwi.client_work(spec, split, batch, seq, ranks, scenario.training.weight_decay)
                 return compute_seconds(work, client.device, client.precision) <= algo.time_budget_s
-        found = iwi.configure_client(spec, importance, cost, client.memory_budget_gb * GB, algo.rank_set,
-                                     batch, seq, splits, within_time, client.element_bytes)
-        if found is None or not found[1]:
-            return None
-        split, client_ranks = found
-        server = iwi.server_ranks(iwi.candidate_weights(spec, split, spec.n_layers), importance, cost, algo.rank_set)
-        return ClientPlan(split, client_ranks, server)
+
+        def seconds(split: int, client_ranks: costs.Ranks, server_ranks: costs.Ranks) -> float:
+            iteration = PlanCosts(spec, ClientPlan(split, client_ranks, server_ranks), batch, seq,
+                                  client.element_bytes, scenario.training.weight_decay).iteration
+            return iteration_estimate(scenario, client, n_clients, iteration).total_s
+
+        found = iwi.configure_client(spec, importance, cls.block_adapter_budget(scenario, spec),
+                                     client.memory_budget_gb * GB, algo.rank_set, batch, seq, splits, seconds,
+                                     within_time, client.element_bytes)
+        return None if found is None else ClientPlan(*found)
+
+    @staticmethod
+    def block_adapter_budget(scenario, spec) -> int:
+        """Trainable adapter parameters per block, on whichever side holds it: what SplitLoRA's configuration
+        (algorithm.targets at algorithm.rank) gives a block, times algorithm.adapter_budget."""
+        algo = scenario.algorithm
+        block = costs.uniform_ranks(spec, algo.targets, [0], algo.rank)
+        return int(algo.adapter_budget * costs.adapter_params(spec, block))
 
     @classmethod
-    def shared_server_side(cls, scenario, spec, plans: list[ClientPlan | None], importance: dict[str, float],
-                           cost: dict[str, float]) -> list[ClientPlan | None]:
-        """With one shared server-side adapter: its ranks by importance quantile over every block some client
-        leaves to the server; each plan keeps the part its own server side runs."""
+    def shared_server_side(cls, scenario, plans: list[ClientPlan | None]) -> list[ClientPlan | None]:
+        """With one shared server-side adapter: each weight at the largest rank any client's plan gives it on
+        the server side; each plan keeps the part its own server side runs (and trains)."""
         if scenario.algorithm.server_adapters != "shared" or not scenario.algorithm.armsc or not all(plans):
             return plans
-        first = min(p.split for p in plans)
-        ranks = iwi.server_ranks(iwi.candidate_weights(spec, first, spec.n_layers), importance, cost,
-                                 scenario.algorithm.rank_set)
-        return [ClientPlan(p.split, p.client_ranks, {b: m for b, m in ranks.items() if b >= p.split}, p.active)
+        shared: costs.Ranks = {}
+        for plan in plans:
+            for layer, modules in plan.server_ranks.items():
+                for module, rank in modules.items():
+                    shared.setdefault(layer, {})[module] = max(rank, shared.get(layer, {}).get(module, 0))
+        return [ClientPlan(p.split, p.client_ranks, {b: m for b, m in shared.items() if b >= p.split}, p.active)
                 for p in plans]
 
     @classmethod
@@ -145,11 +162,10 @@ class HSplitLoRA(SplitProtocol):
     def initial_plans(cls, scenario, spec, clients) -> list[ClientPlan | None]:
         if not scenario.algorithm.armsc:
             return [cls.fixed_plan(scenario, spec, clients)] * len(clients)
-        cost = cls.weight_costs(scenario, spec)
-        uniform = {k: 1.0 for k in cost}
+        uniform = {k: 1.0 for k in iwi.candidate_weights(spec, 0, spec.n_layers)}
         splits = list(range(1, spec.n_layers))
-        plans = [cls.solve(scenario, spec, c, uniform, cost, splits) for c in clients]
-        return cls.shared_server_side(scenario, spec, plans, uniform, cost)
+        plans = [cls.solve(scenario, spec, c, len(clients), uniform, splits) for c in clients]
+        return cls.shared_server_side(scenario, plans)
 
     @classmethod
     def check_memory(cls, scenario, spec, clients, server_device) -> int:
@@ -287,8 +303,7 @@ class HSplitLoRA(SplitProtocol):
         """New importance and plans (ARMSC); the backend may impose a trained run's plans (replay)."""
         ctx, previous = self.ctx, self.plans
         self.update_importance(round_index)
-        proposed = self.shared_server_side(ctx.scenario, ctx.spec, self.next_plans(previous),
-                                           self.importance or {k: 1.0 for k in self.cost}, self.cost)
+        proposed = self.shared_server_side(ctx.scenario, self.next_plans(previous))
         self.plans = ctx.backend.plans(round_index + 1, proposed, previous)
         self.plan_rows(round_index + 1)
 
@@ -340,7 +355,7 @@ class HSplitLoRA(SplitProtocol):
             share = iwi.client_side_share(self.importance, plan.split)
             resplit = abs(share - self.shares[client.index]) > algo.resplit_threshold
             splits = list(range(1, ctx.spec.n_layers)) if resplit else [plan.split]
-            solved = self.solve(ctx.scenario, ctx.spec, client, self.importance, self.cost, splits) or plan
+            solved = self.solve(ctx.scenario, ctx.spec, client, len(ctx.clients), self.importance, splits) or plan
             if solved.split != plan.split:
                 self.shares[client.index] = iwi.client_side_share(self.importance, solved.split)
             plans.append(solved)

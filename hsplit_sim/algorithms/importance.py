@@ -54,17 +54,17 @@ def client_side_share(importance: dict[str, float], split: int) -> float:
     return sum(v for k, v in importance.items() if parse_key(k)[0] < split) / total if total > 0 else 0.0
 
 
-def assign_ranks(keys: list[str], importance: dict[str, float], cost: dict[str, float], rank_set: list[int],
-                 fits) -> costs.Ranks:
-    """Greedy: weights in descending importance / cost, each the highest rank of Q that still fits."""
+def assign_ranks(keys: list[str], importance: dict[str, float], rank_set: list[int],
+                 fits: Callable[[costs.Ranks, int, str, int], bool]) -> costs.Ranks:
+    """Greedy: weights in descending importance (already per unit cost C(W)), each the highest rank of Q that
+    `fits(ranks, layer, module, rank)` allows beside those already given; rank 0 (no adapter) when none does."""
     ranks: costs.Ranks = {}
     positive = sorted((r for r in rank_set if r > 0), reverse=True)
-    for key in sorted(keys, key=lambda k: (-importance[k] / cost[k], k)):
+    for key in sorted(keys, key=lambda k: (-importance[k], parse_key(k))):  # ties: shallower block first
         layer, module = parse_key(key)
         for rank in positive:
-            trial = {**ranks, layer: {**ranks.get(layer, {}), module: rank}}
-            if fits(trial):
-                ranks = trial
+            if fits(ranks, layer, module, rank):
+                ranks.setdefault(layer, {})[module] = rank
                 break
     return ranks
 
@@ -75,62 +75,110 @@ def score(ranks: costs.Ranks, importance: dict[str, float], rank_set: list[int])
     return sum(importance[weight_key(layer, m)] * r / top for layer, ms in ranks.items() for m, r in ms.items())
 
 
-def configure_client(spec: costs.ModelSpec, importance: dict[str, float], cost: dict[str, float],
-                     budget_bytes: float, rank_set: list[int], batch: int, seq: int,
-                     splits: list[int], within_time: Callable[[int, costs.Ranks], bool] | None = None,
-                     element_bytes: int = costs.FP32) -> tuple[int, costs.Ranks] | None:
-    """ARMSC for one client: the best (split, client-side ranks) within its memory budget (and, if given, a
-    per-iteration compute budget: `within_time(split, ranks)` says whether the client's iteration fits it);
-    ties go deeper.
+def configure_client(spec: costs.ModelSpec, importance: dict[str, float], block_params: int,
+                     budget_bytes: float, rank_set: list[int], batch: int, seq: int, splits: list[int],
+                     iteration_seconds: Callable[[int, costs.Ranks, costs.Ranks], float],
+                     within_time: Callable[[int, costs.Ranks], bool] | None = None,
+                     element_bytes: int = costs.FP32) -> tuple[int, costs.Ranks, costs.Ranks] | None:
+    """ARMSC for one client: at every split within its budgets, IWI's ranks there (split_ranks); of those
+    splits, the one whose iteration is estimated fastest (`iteration_seconds(split, client ranks, server
+    ranks)`); ties go shallower. A memory or time budget is a cap: it bounds the splits, it does not pull the
+    cut towards it. Returns (split, client-side ranks, server-side ranks).
 
     splits: the split points to consider (all of them, or only the current one when not re-splitting).
-    None when no split holds even the bare segment.
-
-    The first adapted block decides how many blocks save activations (the segment's largest memory
-    term, which no per-weight C(W) carries), so for each split the greedy also runs with adapters
-    only from block f on, for every f: without that, a larger budget could let the greedy put an
-    adapter early, pay every block's activations, and end with a lower score than a smaller budget.
+    None when no split leaves both sides at least one adapter (the client side within its budgets).
     """
     best = None
     for split in sorted(splits):
-        memory = segment_memory(spec, split, batch, seq, element_bytes)
-
-        def fits(ranks, split=split, memory=memory):
-            if memory(ranks) > budget_bytes:
-                return False
-            return within_time is None or within_time(split, ranks)
-
-        if not fits({}):
+        found = split_ranks(spec, importance, block_params, budget_bytes, rank_set, batch, seq, split,
+                            within_time, element_bytes)
+        if found is None:
             break
-        for first in range(split):
-            ranks = assign_ranks(candidate_weights(spec, first, split), importance, cost, rank_set, fits)
-            value = score(ranks, importance, rank_set)
-            if best is None or value >= best[0]:
-                best = (value, split, ranks)
-    return None if best is None else (best[1], best[2])
+        client, server = found
+        if not client or not server:  # a side with nothing to train (as in SplitLoRA, both sides train)
+            continue
+        seconds = iteration_seconds(split, client, server)
+        if best is None or seconds < best[0]:
+            best = (seconds, split, client, server)
+    return None if best is None else best[1:]
 
 
-def segment_memory(spec: costs.ModelSpec, split: int, batch: int, seq: int, element_bytes: int = costs.FP32):
-    """costs.training_memory_bytes of the client segment as a fast function of its ranks (ARMSC calls it
+def split_ranks(spec: costs.ModelSpec, importance: dict[str, float], block_params: int, budget_bytes: float,
+                rank_set: list[int], batch: int, seq: int, split: int,
+                within_time: Callable[[int, costs.Ranks], bool] | None = None,
+                element_bytes: int = costs.FP32) -> tuple[costs.Ranks, costs.Ranks] | None:
+    """IWI's selection at one split, each side under its own adapter budget of `block_params` trainable
+    parameters per block it holds (so moving the cut moves budget with the blocks and changes no capacity),
+    filled greedily in importance order; the client side also within the client's memory (and compute)
+    budget. (client ranks, server ranks); None when even the bare client segment does not fit.
+
+    The first adapted client block decides how many blocks save activations (the segment's largest memory
+    term, which no per-weight C(W) carries), so the client greedy also runs with adapters only from block f
+    on, for every f, and the best score stands: without that, the greedy could put an early adapter on the
+    client, pay every block's activations, and crowd out the rest.
+    """
+    memory = SegmentMemory(spec, split, batch, seq, element_bytes)
+    if memory({}) > budget_bytes or (within_time is not None and not within_time(split, {})):
+        return None
+
+    def within_params(cap: int, used: dict):
+        def fits(ranks, layer, module, rank):
+            params = rank * memory.sizes[module]
+            if used["params"] + params > cap:
+                return False
+            used["params"] += params
+            return True
+        return fits
+
+    server = assign_ranks(candidate_weights(spec, split, spec.n_layers), importance, rank_set,
+                          within_params(block_params * (spec.n_layers - split), {"params": 0}))
+    best = None
+    for first in range(split):
+        used = {"params": 0, "first adapted": split}
+        params_fit = within_params(block_params * split, used)
+
+        def fits(ranks, layer, module, rank, used=used, params_fit=params_fit):
+            first_adapted = min(used["first adapted"], layer)
+            if memory.of(first_adapted, used["params"] + rank * memory.sizes[module]) > budget_bytes:
+                return False
+            if within_time is not None and not within_time(split, {**ranks, layer: {**ranks.get(layer, {}),
+                                                                                      module: rank}}):
+                return False
+            if not params_fit(ranks, layer, module, rank):
+                return False
+            used["first adapted"] = first_adapted
+            return True
+
+        client = assign_ranks(candidate_weights(spec, first, split), importance, rank_set, fits)
+        value = score(client, importance, rank_set)
+        if best is None or value > best[0]:
+            best = (value, client)
+    return best[1], server
+
+
+class SegmentMemory:
+    """costs.training_memory_bytes of a client segment as a fast function of its ranks (ARMSC asks it
     hundreds of thousands of times): the bare segment, plus the activations saved from the first adapted
     block on, plus 16 bytes per adapter parameter."""
-    bare = costs.training_memory_bytes(spec, 0, split, batch, seq, {}, embeddings=True, head=False,
-                                       element_bytes=element_bytes)
-    probe = next(iter(costs.TARGET_MODULES[spec.family].values()))
-    saved = [costs.training_memory_bytes(spec, 0, split, batch, seq, {first: {probe: 1}}, embeddings=True,
-                                         head=False, element_bytes=element_bytes)
-             - bare - 16 * costs.adapter_params(spec, {first: {probe: 1}})
-             for first in range(split)]
-    sizes = {m: sum(costs.module_shape(spec, m)) for m in set(costs.TARGET_MODULES[spec.family].values())}
 
-    def memory(ranks: costs.Ranks) -> int:
+    def __init__(self, spec: costs.ModelSpec, split: int, batch: int, seq: int, element_bytes: int = costs.FP32):
+        self.bare = costs.training_memory_bytes(spec, 0, split, batch, seq, {}, embeddings=True, head=False,
+                                                element_bytes=element_bytes)
+        probe = next(iter(costs.TARGET_MODULES[spec.family].values()))
+        self.saved = [costs.training_memory_bytes(spec, 0, split, batch, seq, {first: {probe: 1}},
+                                                  embeddings=True, head=False, element_bytes=element_bytes)
+                      - self.bare - 16 * costs.adapter_params(spec, {first: {probe: 1}})
+                      for first in range(split)]
+        self.sizes = {m: sum(costs.module_shape(spec, m)) for m in set(costs.TARGET_MODULES[spec.family].values())}
+
+    def of(self, first_adapted: int, params: int) -> int:
+        """With adapters from block first_adapted on (the split itself: none) holding `params` parameters."""
+        return self.bare if first_adapted >= len(self.saved) else self.bare + self.saved[first_adapted] + 16 * params
+
+    def __call__(self, ranks: costs.Ranks) -> int:
         adapted = [layer for layer, modules in ranks.items() if any(modules.values())]
-        if not adapted:
-            return bare
-        params = sum(rank * sizes[m] for modules in ranks.values() for m, rank in modules.items())
-        return bare + saved[min(adapted)] + 16 * params
-
-    return memory
+        params = sum(rank * self.sizes[m] for modules in ranks.values() for m, rank in modules.items())
+        return self.of(min(adapted, default=len(self.saved)), params)
 
 
 def client_work(spec: costs.ModelSpec, split: int, batch: int, seq: int, ranks: costs.Ranks,
@@ -138,16 +186,3 @@ def client_work(spec: costs.ModelSpec, split: int, batch: int, seq: int, ranks: 
     """A client's compute in one local iteration: forward, backward and optimiser step of its segment."""
     forward, backward = costs.segment_work(spec, 0, split, batch, seq, ranks, False, False)
     return forward + backward + costs.optimizer_work(spec, ranks, weight_decay)
-
-
-def server_ranks(keys: list[str], importance: dict[str, float], cost: dict[str, float],
-                 rank_set: list[int]) -> costs.Ranks:
-    """Server-side weights have no budget: rank by importance quantile over Q (least important: Q's lowest)."""
-    order = sorted(keys, key=lambda k: (importance[k] / cost[k], k))
-    ranks: costs.Ranks = {}
-    for position, key in enumerate(order):
-        rank = rank_set[min(len(rank_set) - 1, position * len(rank_set) // len(order))]
-        if rank > 0:
-            layer, module = parse_key(key)
-            ranks.setdefault(layer, {})[module] = rank
-    return ranks

@@ -4,6 +4,8 @@ Every simulated duration comes from here, through the fleet's devices, links and
 state work (costs.Work) and bytes and never divide by a rate.
 """
 
+from dataclasses import dataclass
+
 from hsplit_sim.scenario.schema import ELEMENT_BYTES
 
 
@@ -29,3 +31,31 @@ def compute_seconds(work, device, precision: str = "fp32") -> float:
 def transfer_seconds(nbytes: float, mbps: float, latency_ms: float) -> float:
     """One message over a link: latency plus serialisation at the link rate."""
     return latency_ms / 1000 + nbytes * 8 / (mbps * 1e6)
+
+
+@dataclass(frozen=True)
+class SplitIterationEstimate:
+    """One split iteration of a client, as HSplitLoRA's ARMSC weighs a split point: its compute (forward,
+    backward and optimiser step), the smashed data up, its share of the server (its own server step times the
+    clients taking turns on one server copy), the gradient down."""
+
+    client_s: float
+    upload_s: float
+    server_s: float
+    download_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.client_s + self.upload_s + self.server_s + self.download_s
+
+
+def split_iteration_estimate(client_work, server_work, up_bytes: int, down_bytes: int, client, server_device,
+                             server_precision: str, server_turns: float) -> SplitIterationEstimate:
+    """The nominal estimate: the client's device and link at their catalog rates (no jitter, traces or shared
+    medium), and every client of its server copy queueing once per iteration (`server_turns` server steps)."""
+    link = client.link
+    return SplitIterationEstimate(
+        compute_seconds(client_work, client.device, client.precision),
+        transfer_seconds(up_bytes, link.up_mbps, link.latency_ms),
+        server_turns * compute_seconds(server_work, server_device, server_precision),
+        transfer_seconds(down_bytes, link.down_mbps, link.latency_ms))

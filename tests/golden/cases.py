@@ -37,7 +37,7 @@ CASES = {
     "splitlora-per-client": ["algorithm.server_adapters=per_client"],
     "splitlora-drop": ["algorithm.heterogeneity=drop"],
     "hsplitlora": ["algorithm.name=hsplitlora"],
-    "hsplitlora-shared": ["algorithm.name=hsplitlora", "algorithm.server_adapters=shared"],
+    "hsplitlora-per-client": ["algorithm.name=hsplitlora", "algorithm.server_adapters=per_client"],
     "hsplitlora-budget": ["algorithm.name=hsplitlora", "algorithm.time_budget_s=0.005"],
     "hsplitlora-no-naa": ["algorithm.name=hsplitlora", "algorithm.naa=false"],
     "hsplitlora-no-armsc": ["algorithm.name=hsplitlora", "algorithm.armsc=false"],

@@ -9,7 +9,13 @@ are the real frames, checked against it.
 from hsplit_sim import costs
 from hsplit_sim.algorithms.plans import ClientPlan, ranks_key
 from hsplit_sim.algorithms.protocols.collaborative import Collaborative
+from hsplit_sim.scenario.catalog import resolve_device
+from hsplit_sim.scenario.load import server_precision
 from hsplit_sim.sim.fleet import IterationCosts
+from hsplit_sim.sim.timemodel import SplitIterationEstimate, split_iteration_estimate
+
+ESTIMATE_COLUMNS = ("estimated_client_s", "estimated_upload_s", "estimated_server_s", "estimated_download_s",
+                    "estimated_iteration_s")
 
 
 class PlanCosts:
@@ -41,6 +47,17 @@ class PlanCosts:
                     "adapter_params": costs.adapter_params(spec, plan.client_ranks),
                     "memory_bytes": costs.training_memory_bytes(spec, 0, s, batch, seq, plan.client_ranks,
                                                                 embeddings=True, head=False, element_bytes=e)}
+
+
+def iteration_estimate(scenario, client, n_clients: int, iteration: IterationCosts) -> SplitIterationEstimate:
+    """A client's estimated split iteration without a probe (HSplitLoRA's ARMSC chooses splits by it; the plans
+    table shows it for every split method). With one shared server-side adapter every client's server step
+    waits for the others' (steps in turn); with one per client, the clients share the server's accelerators."""
+    turns = (n_clients if scenario.algorithm.server_adapters == "shared"
+             else max(1.0, n_clients / scenario.server.accelerators))
+    return split_iteration_estimate(iteration.client_fwd + iteration.client_bwd[0], iteration.server[0],
+                                    iteration.up, iteration.down, client, resolve_device(scenario.server.device),
+                                    server_precision(scenario), turns)
 
 
 class SplitProtocol(Collaborative):
@@ -81,15 +98,19 @@ class SplitProtocol(Collaborative):
         return shared[key]
 
     def plan_rows(self, round_index: int) -> list[dict]:
-        """Rows of the plans table for plans in force from round_index on: only clients whose plan changed."""
+        """Rows of the plans table for plans in force from round_index on: only clients whose plan changed; each
+        with its estimated iteration under this run's system (iteration_estimate)."""
+        ctx = self.ctx
         last = self.__dict__.setdefault("_recorded_plans", {})
         rows = []
-        for c in self.ctx.clients:
+        for c in ctx.clients:
             plan = self.plans[c.index]
             if last.get(c.index) == plan:
                 continue
             last[c.index] = plan
-            rows.append(plan.row(round_index, c.index))
+            e = iteration_estimate(ctx.scenario, c, len(ctx.clients), self.plan_costs(c.index).iteration)
+            rows.append({**plan.row(round_index, c.index), **dict(zip(ESTIMATE_COLUMNS, (
+                e.client_s, e.upload_s, e.server_s, e.download_s, e.total_s)))})
         self.__dict__.setdefault("_plan_rows", []).extend(rows)
         return rows
 
