@@ -337,7 +337,8 @@ def alive(pid: int) -> bool:
 @contextlib.contextmanager
 def long_run(tmp_path: Path):
     """A 30-round tiny run as `hsplit-sim run`, yielded once it has written two rounds with (process, its
-    rounds.csv, its worker pids); whatever is still alive afterwards is killed."""
+    rounds.csv, its worker pids); whatever is still alive afterwards is killed. Its temporary files (the ipc
+    socket folder) go to tmp_path."""
     data = json.loads(json.dumps(BASE))
     data["training"]["rounds"] = 30
     data["output"] = {"dir": str(tmp_path / "runs")}
@@ -345,7 +346,7 @@ def long_run(tmp_path: Path):
     path.write_text(yaml.safe_dump(data))
     process = subprocess.Popen([sys.executable, "-m", "hsplit_sim.cli", "run", str(path)], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+                               env=dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path)))
     workers: list[int] = []
     try:
         deadline, rounds_csv = time.monotonic() + 120, None
@@ -405,6 +406,7 @@ def test_sigterm_interrupts_the_run_like_ctrl_c(tmp_path):
             time.sleep(0.1)
         assert not [pid for pid in workers if alive(pid)]
 
+    assert not list(tmp_path.glob("hsplit-sim-*")), "the socket folder outlived the run"
     assert process.returncode == 130, stderr.decode()
     assert "Traceback" not in stderr.decode()
     summary = json.loads((rounds_csv.parent / "summary.json").read_text())

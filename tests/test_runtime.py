@@ -13,6 +13,7 @@ import zmq
 
 from hsplit_sim.errors import RunError
 from hsplit_sim.runtime.connection import WorkerConnection
+from hsplit_sim.runtime.heartbeat import Heartbeats
 from hsplit_sim.runtime.wire import PROTOCOL_VERSION, ProtocolError, decode, encode
 
 
@@ -118,20 +119,24 @@ def test_decode_rejects_oversized_header():
 
 @pytest.fixture
 def worker(tmp_path):
-    """A worker process on an ipc endpoint; killed whatever the test does."""
+    """A worker process on an ipc endpoint, beating to this process; killed whatever the test does."""
     endpoint = f"ipc://{tmp_path}/w.sock"
+    context = zmq.Context()
+    heartbeats = Heartbeats(context, f"ipc://{tmp_path}/heartbeat.sock")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     process = subprocess.Popen([sys.executable, "-m", "hsplit_sim.runtime.worker", "--name", "t",
-                                "--endpoint", endpoint], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                "--endpoint", endpoint, "--heartbeat", heartbeats.endpoint,
+                                "--parent", str(os.getpid())], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env=env)
-    context = zmq.Context()
+    heartbeats.watch("t", process)
     try:
-        yield process, endpoint, context
+        yield process, endpoint, context, heartbeats
     finally:
         if process.poll() is None:
             process.kill()
         process.wait(10)
         process.stdout.close()
+        heartbeats.close()
         context.destroy(linger=0)
 
 
@@ -142,7 +147,7 @@ def request(sock, frames, timeout_s=20.0) -> dict:
 
 
 def test_worker_answers_garbage_with_errors_and_keeps_serving(worker):
-    process, endpoint, context = worker
+    process, endpoint, context, _ = worker
     sock = context.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
@@ -177,8 +182,8 @@ def test_worker_answers_garbage_with_errors_and_keeps_serving(worker):
 
 
 def test_connection_notices_a_dead_worker(worker):
-    process, endpoint, context = worker
-    connection = WorkerConnection(context, "t", endpoint, process, timeout_s=30)
+    process, endpoint, context, heartbeats = worker
+    connection = WorkerConnection(context, "t", endpoint, process, 30, heartbeats)
     try:
         assert connection.call("ping", timeout_s=20).header["result"]["pid"] == process.pid
         process.send_signal(signal.SIGKILL)
@@ -192,8 +197,8 @@ def test_connection_notices_a_dead_worker(worker):
 
 
 def test_connection_reports_a_failed_request(worker):
-    process, endpoint, context = worker
-    connection = WorkerConnection(context, "t", endpoint, process, timeout_s=30)
+    process, endpoint, context, heartbeats = worker
+    connection = WorkerConnection(context, "t", endpoint, process, 30, heartbeats)
     try:
         with pytest.raises(RunError, match="failed on 'backward'.*before init"):
             connection.call("backward", client=0, timeout_s=20)

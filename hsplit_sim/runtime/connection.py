@@ -1,4 +1,5 @@
-"""The coordinator's side of a worker: requests with timeouts that notice a dead worker within a second."""
+"""The coordinator's side of a worker: requests with timeouts that notice a dead worker within a second and a
+stopped or unreachable one within seconds (heartbeat.py)."""
 
 import itertools
 import subprocess
@@ -8,18 +9,20 @@ import zmq
 
 from hsplit_sim.errors import RunError
 from hsplit_sim.runtime import stop
+from hsplit_sim.runtime.heartbeat import HEARTBEAT_TIMEOUT_S, Heartbeats
 from hsplit_sim.runtime.wire import Message, ProtocolError, decode, encode
 
 POLL_MS = 200
 
 
 class WorkerConnection:
-    def __init__(self, context: zmq.Context, name: str, endpoint: str, process: subprocess.Popen | None,
-                 timeout_s: float):
+    def __init__(self, context: zmq.Context, name: str, endpoint: str, process: subprocess.Popen,
+                 timeout_s: float, heartbeats: Heartbeats):
         self.name = name
         self.endpoint = endpoint
         self.process = process
         self.timeout_s = timeout_s
+        self.heartbeats = heartbeats
         self.socket = context.socket(zmq.REQ)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(endpoint)
@@ -64,12 +67,17 @@ class WorkerConnection:
     def _receive(self, op: str, timeout_s: float) -> Message:
         waited_ms = 0
         while not self.socket.poll(POLL_MS):
-            if stop.requested():
+            if stop.requested() and op != "shutdown":
                 raise KeyboardInterrupt
             waited_ms += POLL_MS
-            if self.process is not None and self.process.poll() is not None:
+            if self.process.poll() is not None:
                 raise self._fail(f"worker {self.name} died (exit status {self.process.returncode}) during {op!r}; "
                                  "see log.txt in the run directory")
+            stale = self.heartbeats.stale()
+            if stale:
+                raise self._fail(f"worker {stale[0]} stopped answering heartbeats (none for "
+                                 f"{HEARTBEAT_TIMEOUT_S:.0f} s while waiting for {self.name}'s reply to {op!r}): "
+                                 "it is stopped, hung or unreachable")
             if waited_ms >= timeout_s * 1000:
                 raise self._fail(f"worker {self.name} did not answer {op!r} within {timeout_s:.0f} s")
         try:

@@ -2,9 +2,12 @@
 leaves that ZeroMQ REQ socket waiting for its reply; so once a stop is requested, every later request (other
 than the shutdown that ends the run) raises KeyboardInterrupt instead of touching a socket."""
 
+import contextlib
 import signal
 
 _requested = False
+_deferring = False
+_deferred = False
 
 
 def requested() -> bool:
@@ -12,9 +15,27 @@ def requested() -> bool:
 
 
 def _on_signal(signum, frame) -> None:
-    global _requested
+    global _requested, _deferred
     _requested = True
+    if _deferring:
+        _deferred = True
+        return
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred():
+    """Cleanup that a second Ctrl-C must not cut short (it would leave worker processes and the socket folder
+    behind): a signal that arrives inside is raised as KeyboardInterrupt once the block has ended, unless the block
+    already ends with an exception."""
+    global _deferring, _deferred
+    _deferring, _deferred = True, False
+    try:
+        yield
+    finally:
+        _deferring = False
+    if _deferred:
+        raise KeyboardInterrupt
 
 
 def install() -> None:

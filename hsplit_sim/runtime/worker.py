@@ -1,7 +1,7 @@
 """A worker process: serves requests over ZeroMQ, one at a time, and hands the real work to a training role.
 
 Every header is validated; a malformed or unknown request gets an error reply and the worker keeps
-serving. The worker exits when asked, or when the process that started it is gone.
+serving. The worker exits when asked, or when the process that started it is gone (heartbeat.py).
 """
 
 import argparse
@@ -12,9 +12,8 @@ import traceback
 
 import zmq
 
+from hsplit_sim.runtime.heartbeat import start_beating
 from hsplit_sim.runtime.wire import Message, ProtocolError, decode, encode
-
-PARENT_CHECK_MS = 1000
 
 
 class Worker:
@@ -46,17 +45,12 @@ class Worker:
 
 
 def serve(name: str, endpoint: str) -> None:
-    parent = os.getppid()
     context = zmq.Context()
     sock = context.socket(zmq.REP)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.bind(endpoint)
     worker = Worker(name)
     while True:
-        if not sock.poll(PARENT_CHECK_MS):
-            if os.getppid() != parent:
-                break
-            continue
         frames = sock.recv_multipart(copy=False)
         request_id = op = None
         try:
@@ -82,7 +76,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="hsplit-sim worker process")
     parser.add_argument("--name", required=True)
     parser.add_argument("--endpoint", required=True, help="ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555")
+    parser.add_argument("--heartbeat", required=True, help="the coordinator's heartbeat endpoint to connect to")
+    parser.add_argument("--parent", required=True, type=int, help="the coordinator's pid: the worker exits without it")
     args = parser.parse_args(argv)
+    start_beating(args.name, args.heartbeat, args.parent, args.endpoint)
     serve(args.name, args.endpoint)
 
 

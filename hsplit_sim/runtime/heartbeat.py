@@ -1,0 +1,92 @@
+"""Liveness of workers and coordinator, independent of how long a request may take.
+
+Each worker sends its name every HEARTBEAT_INTERVAL_S from a thread of its own, on a PUSH socket connected to the
+one PULL socket the coordinator binds. The coordinator drains them while it waits for any reply and fails the run
+when a live worker's last heartbeat is older than HEARTBEAT_TIMEOUT_S: a stopped, hung or unreachable worker is
+found in seconds even with runtime.request_timeout_s at 600. The same thread ends the worker when its coordinator
+is gone, mid-request included (the request loop cannot look while torch computes).
+
+The thread keeps beating while the worker's main thread computes: torch releases the GIL inside its operators and
+Python hands the GIL over every 5 ms (sys.getswitchinterval) otherwise; tests/test_liveness.py checks the gaps
+while a process imports torch and multiplies matrices.
+"""
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import zmq
+
+HEARTBEAT_INTERVAL_S = 1.0
+HEARTBEAT_TIMEOUT_S = 5.0
+
+
+class Heartbeats:
+    """The coordinator's end: when each worker was last heard from (by the coordinator's clock, at draining)."""
+
+    def __init__(self, context: zmq.Context, endpoint: str):
+        """endpoint: an ipc path, or tcp://HOST:* for a free port (self.endpoint then names the port)."""
+        self.socket = context.socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(endpoint)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._last: dict[str, float] = {}
+        self._processes: dict[str, subprocess.Popen] = {}
+
+    def watch(self, name: str, process: subprocess.Popen) -> None:
+        """Expect heartbeats from a worker just started (the clock starts now, its first beat is due soon)."""
+        self._last[name] = time.monotonic()
+        self._processes[name] = process
+
+    def stale(self) -> list[str]:
+        """Live workers not heard from for HEARTBEAT_TIMEOUT_S; drains every heartbeat waiting first. One that
+        has exited is left to its connection, which reports how it ended (or it was shut down)."""
+        while self.socket.poll(0):
+            name = self.socket.recv().decode(errors="replace")
+            if name in self._last:
+                self._last[name] = time.monotonic()
+        now = time.monotonic()
+        return [name for name, last in self._last.items()
+                if now - last > HEARTBEAT_TIMEOUT_S and self._processes[name].poll() is None]
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def start_beating(name: str, endpoint: str, parent: int, serving: str) -> None:
+    """The worker's end, started before anything heavy is imported. parent: the coordinator's pid, passed on the
+    command line so that a coordinator gone before the worker started is noticed too; serving: the worker's own
+    endpoint."""
+    ipc_paths = [e.removeprefix("ipc://") for e in (serving, endpoint) if e.startswith("ipc://")]
+    threading.Thread(target=_beat, args=(name, endpoint, parent, ipc_paths), name="heartbeat", daemon=True).start()
+
+
+def _beat(name: str, endpoint: str, parent: int, ipc_paths: list[str]) -> None:
+    socket = zmq.Context().socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 10)
+    socket.connect(endpoint)
+    while True:
+        if os.getppid() != parent:
+            _coordinator_gone(name, parent, ipc_paths)
+        try:
+            socket.send(name.encode(), zmq.NOBLOCK)
+        except zmq.Again:  # the coordinator is not reading (busy or stopped): it counts from its last drain
+            pass
+        time.sleep(HEARTBEAT_INTERVAL_S)
+
+
+def _coordinator_gone(name: str, parent: int, ipc_paths: list[str]) -> None:
+    """Exit at once, even mid-request: nobody is waiting for the result. The socket files and their folder would
+    otherwise stay behind, the coordinator that made them being gone."""
+    print(f"worker {name}: the coordinator (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
+    for path in ipc_paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    for folder in {os.path.dirname(path) for path in ipc_paths}:
+        with contextlib.suppress(OSError):  # the last worker out finds it empty
+            os.rmdir(folder)
+    os._exit(3)

@@ -1,0 +1,140 @@
+"""Liveness (#13): heartbeats find a stopped worker in seconds whatever the request timeout, and workers leave with
+their coordinator.
+
+The design promises detection within 10 s (a heartbeat timeout of 5 s) and workers gone about a second after
+their coordinator; the bounds here are 20 s, so that a loaded machine does not fail them.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+import zmq
+
+from hsplit_sim.errors import RunError
+from hsplit_sim.runtime.connection import WorkerConnection
+from hsplit_sim.runtime.heartbeat import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, Heartbeats
+from test_run import alive, cmdline, long_run
+
+BOUND_S = 20
+
+# What a worker does: heartbeats first, then the imports of `init` (torch, transformers, peft), then computation.
+BUSY_WORKER = """
+import os, sys, time
+from hsplit_sim.runtime.heartbeat import start_beating
+start_beating("busy", sys.argv[1], os.getppid(), "tcp://127.0.0.1:1")
+import torch
+from hsplit_sim.training.roles import make_role
+print(time.monotonic(), flush=True)
+a = torch.randn(512, 512)
+end = time.monotonic() + 3
+while time.monotonic() < end:
+    a = torch.tanh(a @ a)
+"""
+
+# Answers pings at once, never anything else, and sends no heartbeats.
+SILENT_WORKER = """
+import sys, time, zmq
+from hsplit_sim.runtime.wire import decode, encode
+sock = zmq.Context().socket(zmq.REP)
+sock.bind(sys.argv[1])
+while True:
+    header = decode(sock.recv_multipart(), required=("op", "id")).header
+    if header["op"] != "ping":
+        time.sleep(3600)
+    sock.send_multipart(encode({"id": header["id"], "ok": True, "result": {}}))
+"""
+
+
+def test_heartbeats_go_out_before_torch_loads_and_keep_coming_while_it_computes():
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.bind("tcp://127.0.0.1:*")
+    process = subprocess.Popen([sys.executable, "-c", BUSY_WORKER, pull.getsockopt_string(zmq.LAST_ENDPOINT)],
+                               stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    beats = []
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and time.monotonic() < deadline:
+            if pull.poll(50):
+                assert pull.recv() == b"busy"
+                beats.append(time.monotonic())
+        imported = float(process.stdout.read())  # CLOCK_MONOTONIC: one clock for every process of the machine
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stdout.close()
+        context.destroy(linger=0)
+    assert process.returncode == 0
+    assert beats and beats[0] < imported
+    assert len([b for b in beats if b > imported]) >= 3 * 0.5 / HEARTBEAT_INTERVAL_S  # 3 s of matmuls
+    gaps = [later - earlier for earlier, later in zip(beats, beats[1:])]
+    assert max(gaps) < HEARTBEAT_TIMEOUT_S, gaps
+
+
+def test_a_worker_without_heartbeats_fails_a_request_long_before_its_timeout(tmp_path):
+    """Its socket works (it answers a ping), but the request it leaves unanswered fails after the heartbeat
+    timeout, although the connection's request timeout is 600 s (and the call's 60 s, so a regression fails with
+    another message instead of hanging)."""
+    context = zmq.Context()
+    heartbeats = Heartbeats(context, f"ipc://{tmp_path}/heartbeat.sock")
+    endpoint = f"ipc://{tmp_path}/w.sock"
+    process = subprocess.Popen([sys.executable, "-c", SILENT_WORKER, endpoint], stdin=subprocess.DEVNULL)
+    heartbeats.watch("silent", process)
+    connection = WorkerConnection(context, "silent", endpoint, process, 600, heartbeats)
+    try:
+        assert connection.call("ping", timeout_s=BOUND_S).header["ok"] is True
+        started = time.monotonic()
+        with pytest.raises(RunError, match=r"worker silent stopped answering heartbeats \(none for 5 s while waiting "
+                                           r"for silent's reply to 'forward'\): it is stopped, hung or unreachable"):
+            connection.call("forward", timeout_s=60)
+        assert time.monotonic() - started < BOUND_S
+    finally:
+        connection.close()
+        heartbeats.close()
+        process.kill()
+        process.wait()
+        context.destroy(linger=0)
+
+
+def test_a_stopped_worker_ends_the_run_in_seconds(tmp_path):
+    with long_run(tmp_path) as (process, rounds_csv, workers):
+        client = [pid for pid in workers if "--name clients0" in cmdline(pid)]
+        assert len(client) == 1, [cmdline(pid) for pid in workers]
+        os.kill(client[0], signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        _, stderr = process.communicate(timeout=60)
+        took = time.monotonic() - stopped_at
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if alive(pid)], "worker processes outlived the run"
+
+    run_dir = rounds_csv.parent
+    assert yaml.safe_load((run_dir / "scenario.resolved.yaml").read_text())["runtime"]["request_timeout_s"] == 600
+    assert process.returncode == 1 and took < BOUND_S, (process.returncode, took)
+    errors = [line for line in stderr.decode().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "worker clients0 stopped answering heartbeats" in errors[0], stderr.decode()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] in errors[0]
+    assert not list(tmp_path.glob("hsplit-sim-*")), "the socket folder outlived the run"
+
+
+def test_workers_leave_with_a_killed_coordinator(tmp_path):
+    with long_run(tmp_path) as (process, rounds_csv, workers):
+        assert len(workers) == 2 and list(tmp_path.glob("hsplit-sim-*"))
+        process.kill()
+        process.wait()
+        killed_at = time.monotonic()
+        while any(alive(pid) for pid in workers) and time.monotonic() - killed_at < BOUND_S:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if alive(pid)], "workers outlived their coordinator"
+
+    assert not list(tmp_path.glob("hsplit-sim-*")), "the socket folder outlived the workers"
