@@ -204,7 +204,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import report
+    from hsplit_sim.experiment.coordinator import reconcile
 
+    reconcile(args.dir)  # a run directory whose coordinator died is reported as crashed, not running
     if args.refresh:
         from hsplit_sim.experiment.sweep import refresh_table
 

@@ -1,5 +1,5 @@
-"""Liveness (#13): heartbeats find a stopped worker in seconds whatever the request timeout, and workers leave with
-their coordinator.
+"""Liveness (#13): heartbeats find a stopped worker in seconds whatever the request timeout, workers leave with
+their coordinator, and a run whose coordinator is gone reads as crashed.
 
 The design promises detection within 10 s (a heartbeat timeout of 5 s) and workers gone about a second after
 their coordinator; the bounds here are 20 s, so that a loaded machine does not fail them.
@@ -11,15 +11,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 import zmq
 
-from hsplit_sim.errors import RunError
+from hsplit_sim.cli import main
+from hsplit_sim.errors import RunError, ScenarioError
+from hsplit_sim.experiment.coordinator import identity, reconcile
+from hsplit_sim.experiment.run import project_run, run_scenario
 from hsplit_sim.runtime.connection import WorkerConnection
 from hsplit_sim.runtime.heartbeat import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, Heartbeats
-from test_run import alive, cmdline, long_run
+from test_run import alive, cmdline, long_run, scenario
 
 BOUND_S = 20
 
@@ -127,7 +131,7 @@ def test_a_stopped_worker_ends_the_run_in_seconds(tmp_path):
     assert not list(tmp_path.glob("hsplit-sim-*")), "the socket folder outlived the run"
 
 
-def test_workers_leave_with_a_killed_coordinator(tmp_path):
+def test_workers_leave_with_a_killed_coordinator_and_the_run_reads_as_crashed(tmp_path):
     with long_run(tmp_path) as (process, rounds_csv, workers):
         assert len(workers) == 2 and list(tmp_path.glob("hsplit-sim-*"))
         process.kill()
@@ -138,3 +142,65 @@ def test_workers_leave_with_a_killed_coordinator(tmp_path):
         assert not [pid for pid in workers if alive(pid)], "workers outlived their coordinator"
 
     assert not list(tmp_path.glob("hsplit-sim-*")), "the socket folder outlived the workers"
+    run_dir = rounds_csv.parent
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"
+    assert main(["report", str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "crashed" and f"coordinator (pid {process.pid}) is gone" in summary["error"]
+
+
+# --- crashed runs ----------------------------------------------------------------------------------------
+
+
+def gone_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def run_dir_with(tmp_path: Path, status: str, **coordinator) -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    summary = {"status": status, "error": None, "trajectory": "trained", "algorithm": "splitlora",
+               "coordinator": {**identity(), **coordinator}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.mark.parametrize("status, coordinator, marked", [
+    ("running", {"pid": "gone"}, True),
+    ("running", {"start_ticks": -1}, True),  # this pid, another process: the pid was reused
+    ("running", {}, False),  # this very process
+    ("running", {"pid": "gone", "host": "another-host"}, False),  # cannot be checked from here
+    ("completed", {"pid": "gone"}, False),
+    ("failed", {"pid": "gone"}, False),
+], ids=["dead-pid", "reused-pid", "alive", "other-host", "completed", "failed"])
+def test_reconcile_marks_a_running_run_crashed_only_when_its_coordinator_is_gone(tmp_path, status, coordinator,
+                                                                                 marked):
+    if coordinator.get("pid") == "gone":
+        coordinator["pid"] = gone_pid()
+    run_dir = run_dir_with(tmp_path, status, **coordinator)
+    before = (run_dir / "summary.json").read_text()
+    summary = reconcile(run_dir)
+    assert summary == json.loads((run_dir / "summary.json").read_text())
+    if marked:
+        pid = coordinator.get("pid", os.getpid())
+        assert summary["status"] == "crashed" and summary["error"].startswith(f"the coordinator (pid {pid}) is gone")
+    else:
+        assert (run_dir / "summary.json").read_text() == before
+
+
+def test_reconcile_leaves_what_is_not_a_summary_alone(tmp_path):
+    assert reconcile(tmp_path) is None
+    (tmp_path / "summary.json").write_text("[1, 2]")
+    assert reconcile(tmp_path) is None
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "running"}))  # written before #13: no coordinator
+    assert reconcile(tmp_path) == {"status": "running"}
+
+
+def test_replay_and_projection_refuse_a_crashed_run(tmp_path):
+    run_dir = run_dir_with(tmp_path, "running", pid=gone_pid())
+    with pytest.raises(ScenarioError, match="runtime.replay_from: .* is not a completed trained run \\(status crashed"):
+        run_scenario(scenario(tmp_path, f"runtime.replay_from={run_dir}"), progress=False)
+    with pytest.raises(ScenarioError, match="TRAINED_RUN: .* is not a completed trained run \\(status crashed"):
+        project_run(run_dir, scenario(tmp_path, "runtime.timing_only=true"), progress=False)

@@ -17,6 +17,7 @@ from hsplit_sim.backends import TimingBackend
 from hsplit_sim.backends.real import RealBackend
 from hsplit_sim.backends.replay import ProjectionBackend, ReplayBackend, ReplayMismatch
 from hsplit_sim.errors import RunError
+from hsplit_sim.experiment.coordinator import identity, reconcile
 from hsplit_sim.experiment.preflight import preflight
 from hsplit_sim.experiment.progress import ProgressLine
 from hsplit_sim.experiment.rundir import RunWriter
@@ -58,8 +59,10 @@ def run_scenario(scenario: Scenario, progress: bool = True):
     workers (costs and bytes from the cost model, accuracy columns NaN); runtime.replay_from re-times a trained
     run of the same training key (trajectory.py, backends/replay.py).
     """
-    replay = (ReplayBackend(scenario.runtime.replay_from, training_key(scenario))
-              if scenario.runtime.replay_from else None)
+    replay = None
+    if scenario.runtime.replay_from:
+        reconcile(scenario.runtime.replay_from)  # a trained run whose coordinator died is refused as crashed
+        replay = ReplayBackend(scenario.runtime.replay_from, training_key(scenario))
     try:
         return _run_scenario(scenario, progress, replay)
     except ReplayMismatch as mismatch:
@@ -77,6 +80,7 @@ def project_run(trained_dir, scenario: Scenario, progress: bool = True):
     """A run directory marked `projected`: the trained run's accuracy round by round beside the per-round times
     of the same algorithm under `scenario` (its system and model), which runs timing-only
     (backends/replay.py: ProjectionBackend, and the assumption it carries)."""
+    reconcile(trained_dir)
     projection = ProjectionBackend(trained_dir, scenario.algorithm.name, scenario.training.rounds)
     runtime = scenario.runtime.model_copy(update={"timing_only": True, "replay_from": None})
     return _run_scenario(scenario.model_copy(update={"runtime": runtime}), progress, projection,
@@ -99,6 +103,7 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
     started = time.monotonic()
     summary = {"name": scenario.name, "algorithm": scenario.algorithm.name, "status": "running", "error": None,
                "run_dir": str(writer.path), "started_at": datetime.now(timezone.utc).isoformat(),
+               "coordinator": identity(),
                "n_clients": len(clients), "rounds_planned": scenario.training.rounds,
                "timing_only": timing_only, "training_key": training_key(scenario),
                "precision": {"server": server_precision(scenario),

@@ -1,7 +1,6 @@
 """The sweep table (sweep.parquet/.csv): one row per point, read from its run directories, and rebuilt from them
 on demand (refresh_table)."""
 
-import json
 import math
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.experiment.coordinator import reconcile
 from hsplit_sim.experiment.sweep.sweepfile import Point, Sweep, yaml_text
 from hsplit_sim.results import GENERATION_METRICS, UTILISATION_COLUMNS, time_to_target, utilisation
 
@@ -68,9 +68,8 @@ def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
     empty = pd.DataFrame({"sim_time_s": [], "eval_ppl": []})
     runs = []
     for summary_file in point_dir.glob("*/summary.json"):
-        try:
-            summary = json.loads(summary_file.read_text())
-        except (OSError, json.JSONDecodeError):
+        summary = reconcile(summary_file.parent)  # a point whose run was killed outright reads as crashed
+        if summary is None:
             continue
         runs.append((summary.get("status") == "completed", summary.get("started_at") or "", summary_file.parent,
                      summary))
