@@ -108,6 +108,40 @@ def test_a_worker_without_heartbeats_fails_a_request_long_before_its_timeout(tmp
         context.destroy(linger=0)
 
 
+def test_a_coordinator_stopped_with_its_workers_does_not_fail_them_once_resumed(tmp_path):
+    """Ctrl-Z stops the whole process group and fg resumes it: silence while the coordinator was not listening
+    is not held against the workers, and a worker that stays silent while it listens still is."""
+    context = zmq.Context()
+    heartbeats = Heartbeats(context, f"ipc://{tmp_path}/heartbeat.sock")
+    script = ("import os, sys, time; from hsplit_sim.runtime.heartbeat import start_beating; "
+              "start_beating('w', sys.argv[1], os.getppid(), 'tcp://127.0.0.1:1'); time.sleep(60)")
+    process = subprocess.Popen([sys.executable, "-c", script, heartbeats.endpoint], stdin=subprocess.DEVNULL)
+    heartbeats.watch("w", process)
+
+    def listen(seconds: float) -> None:
+        for _ in range(int(seconds / 0.2)):
+            assert heartbeats.stale() == []
+            time.sleep(0.2)
+
+    try:
+        listen(2)
+        process.send_signal(signal.SIGSTOP)  # the coordinator stops listening at the same time
+        time.sleep(HEARTBEAT_TIMEOUT_S + 2)
+        process.send_signal(signal.SIGCONT)
+        listen(2)
+        process.send_signal(signal.SIGSTOP)  # now the coordinator listens
+        stopped_at = time.monotonic()
+        while not heartbeats.stale() and time.monotonic() - stopped_at < BOUND_S:
+            time.sleep(0.2)
+        assert heartbeats.silent == {"w"}
+        assert HEARTBEAT_TIMEOUT_S - HEARTBEAT_INTERVAL_S - 0.5 < time.monotonic() - stopped_at < BOUND_S
+    finally:
+        heartbeats.close()
+        process.kill()
+        process.wait()
+        context.destroy(linger=0)
+
+
 def test_a_stopped_worker_ends_the_run_in_seconds(tmp_path):
     with long_run(tmp_path) as (process, rounds_csv, workers):
         client = [pid for pid in workers if "--name clients0" in cmdline(pid)]

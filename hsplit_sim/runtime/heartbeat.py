@@ -2,9 +2,9 @@
 
 Each worker sends its name every HEARTBEAT_INTERVAL_S from a thread of its own, on a PUSH socket connected to the
 one PULL socket the coordinator binds. The coordinator drains them while it waits for any reply and fails the run
-when a live worker's last heartbeat is older than HEARTBEAT_TIMEOUT_S: a stopped, hung or unreachable worker is
-found in seconds even with runtime.request_timeout_s at 600. The same thread ends the worker when its coordinator
-is gone, mid-request included (the request loop cannot look while torch computes).
+when it has listened for HEARTBEAT_TIMEOUT_S without hearing from a live worker: a stopped, hung or unreachable
+worker is found in seconds even with runtime.request_timeout_s at 600. The same thread ends the worker when its
+coordinator is gone, mid-request included (the request loop cannot look while torch computes).
 
 The thread keeps beating while the worker's main thread computes: torch releases the GIL inside its operators and
 Python hands the GIL over every 5 ms (sys.getswitchinterval) otherwise; tests/test_liveness.py checks the gaps
@@ -25,7 +25,7 @@ HEARTBEAT_TIMEOUT_S = 5.0
 
 
 class Heartbeats:
-    """The coordinator's end: when each worker was last heard from (by the coordinator's clock, at draining)."""
+    """The coordinator's end: when each worker was last heard from, by the coordinator's clock at draining."""
 
     def __init__(self, context: zmq.Context, endpoint: str):
         """endpoint: an ipc path, or tcp://HOST:* for a free port (self.endpoint then names the port)."""
@@ -33,8 +33,10 @@ class Heartbeats:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.bind(endpoint)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.silent: set[str] = set()  # every worker stale() has reported: close() kills them without asking
         self._last: dict[str, float] = {}
         self._processes: dict[str, subprocess.Popen] = {}
+        self._drained = time.monotonic()
 
     def watch(self, name: str, process: subprocess.Popen) -> None:
         """Expect heartbeats from a worker just started (the clock starts now, its first beat is due soon)."""
@@ -42,15 +44,23 @@ class Heartbeats:
         self._processes[name] = process
 
     def stale(self) -> list[str]:
-        """Live workers not heard from for HEARTBEAT_TIMEOUT_S; drains every heartbeat waiting first. One that
-        has exited is left to its connection, which reports how it ended (or it was shut down)."""
+        """Live workers not heard from while the coordinator listened for HEARTBEAT_TIMEOUT_S; drains every
+        heartbeat waiting first. One that has exited is left to its connection, which reports how it ended (or it
+        was shut down)."""
+        now = time.monotonic()
+        if now - self._drained > HEARTBEAT_INTERVAL_S:
+            # The coordinator was not listening (busy between requests, or stopped itself, as by Ctrl-Z and fg):
+            # heartbeats sent meanwhile may still be on their way, so silence counts from now.
+            self._last = dict.fromkeys(self._last, now)
+        self._drained = now
         while self.socket.poll(0):
             name = self.socket.recv().decode(errors="replace")
             if name in self._last:
-                self._last[name] = time.monotonic()
-        now = time.monotonic()
-        return [name for name, last in self._last.items()
-                if now - last > HEARTBEAT_TIMEOUT_S and self._processes[name].poll() is None]
+                self._last[name] = now
+        stale = [name for name, last in self._last.items()
+                 if now - last > HEARTBEAT_TIMEOUT_S and self._processes[name].poll() is None]
+        self.silent.update(stale)
+        return stale
 
     def close(self) -> None:
         self.socket.close(linger=0)

@@ -77,16 +77,16 @@ class WorkerPool:
         connection failed (its REQ socket is out of step) or that stopped answering heartbeats (a stopped process
         never answers) is killed at once. Another Ctrl-C waits until this is done."""
         with stop.deferred():
-            stale = set(self.heartbeats.stale())
             for connection in self.connections.values():
-                if connection.process.poll() is None and not connection.failure and connection.name not in stale:
+                if (connection.process.poll() is None and not connection.failure
+                        and connection.name not in self.heartbeats.silent):
                     try:
                         connection.call("shutdown", timeout_s=SHUTDOWN_GRACE_S)
                     except Exception:  # noqa: BLE001 - a worker that cannot stop politely is killed below
                         pass
                 connection.close()
             for connection in self.connections.values():
-                if connection.failure or connection.name in stale:
+                if connection.failure or connection.name in self.heartbeats.silent:
                     connection.process.kill()
             for process in self._processes:
                 try:
