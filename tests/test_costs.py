@@ -27,7 +27,7 @@ def spec_of(name: str) -> ModelSpec:
 
 def lora_model(name: str, targets: list[str], layers: list[int]):
     spec = spec_of(name)
-    config = lora_config(spec.family, costs.uniform_ranks(spec, targets, layers, RANK), 2 * RANK)
+    config = lora_config(spec.family, costs.uniform_ranks(spec, targets, layers, RANK), 2.0)
     return get_peft_model(plain_model(name), config, adapter_name="c0")
 
 

@@ -293,7 +293,7 @@ PROBE_CASES = [
 @pytest.mark.parametrize("name, ranks", PROBE_CASES)
 def test_probe_backward_flops_match_flop_counter(name, ranks):
     spec = spec_of(name)
-    model = get_peft_model(plain_model(name), lora_config(spec.family, ranks, 16), adapter_name="c0")
+    model = get_peft_model(plain_model(name), lora_config(spec.family, ranks, 2.0), adapter_name="c0")
     lm = SplitLM(model)
     n = spec.n_layers
     torch.manual_seed(1)

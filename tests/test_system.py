@@ -288,7 +288,7 @@ def test_real_aggregation_combines_exactly_the_reported_updates(algorithm, tmp_p
             adapter = dict(contributions.client_side[k])
             adapter.update(contributions.server_side.get(f"s{k}", {}))
             adapters.append(adapter)
-        exact = exact_update(adapters, contributions.weights, algorithm.config.alpha, algorithm.config.contributors)
+        exact = exact_update(adapters, contributions.weights, algorithm.config.scaling, algorithm.config.contributors)
         seen.append((list(contributions.clients), relative_error(outcome.used, exact)))
         return outcome
 

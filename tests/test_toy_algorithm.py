@@ -42,7 +42,7 @@ class EqualFedLoRA(FederatedProtocol):
         adapters = [contributions.client_side[k] for k in contributions.clients]
         equal = np.full(len(adapters), 1 / len(adapters))
         merged = fedavg(adapters, equal)
-        return Outcome(used=adapter_update(merged, self.config.alpha), exact=self.exact(contributions),
+        return Outcome(used=adapter_update(merged, self.config.scaling), exact=self.exact(contributions),
                        measured={"FLOPs": 2 * sum(t.size for t in merged.values()) * len(adapters),
                                  "broadcast bytes": {k: sum(t.nbytes for t in merged.values())
                                                      for k in contributions.active}},

@@ -1,8 +1,8 @@
 """Aggregation rules for LoRA adapters as pure numpy functions, and the error each rule makes.
 
 An adapter is a dict of PEFT state-dict arrays; every adapted module has a "<module>.lora_A.weight"
-(r x d_in) and a "<module>.lora_B.weight" (d_out x r). Its update is s * B @ A with PEFT's scaling
-s = alpha / r, so adapters of different ranks under one alpha have different scalings.
+(r x d_in) and a "<module>.lora_B.weight" (d_out x r). Its update is s * B @ A, with one scaling s for every
+adapter whatever its rank (algorithm.alpha / algorithm.rank: alpha proportional to rank).
 """
 
 import numpy as np
@@ -53,21 +53,21 @@ def contributions(adapters: list[dict[str, np.ndarray]], weights: np.ndarray,
     return dict(sorted(found.items()))
 
 
-def exact_update(adapters: list[dict[str, np.ndarray]], weights: np.ndarray, alpha: float,
+def exact_update(adapters: list[dict[str, np.ndarray]], weights: np.ndarray, scaling: float,
                  contributors: str = "renormalised") -> dict[str, np.ndarray]:
-    """sum_k p_k s_k B_k A_k per module, s_k = alpha / r_k: the update every rule is judged against."""
-    return {m: sum(p * (alpha / a.shape[0]) * b.astype(np.float64) @ a.astype(np.float64) for a, b, p in held)
+    """s sum_k p_k B_k A_k per module: the update every rule is judged against."""
+    return {m: scaling * sum(p * b.astype(np.float64) @ a.astype(np.float64) for a, b, p in held)
             for m, held in contributions(adapters, weights, contributors).items()}
 
 
-def stack(adapters: list[dict[str, np.ndarray]], weights: np.ndarray, alpha: float,
+def stack(adapters: list[dict[str, np.ndarray]], weights: np.ndarray, scaling: float,
           contributors: str = "renormalised") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """module -> (B_stack = [B_1|...|B_K], A_stack = [p_1 s_1 A_1; ...]): NAA's and FLoRA's factors.
+    """module -> (B_stack = [B_1|...|B_K], A_stack = [p_1 s A_1; ...]): NAA's and FLoRA's factors.
 
-    B_stack @ A_stack is exactly sum_k p_k s_k B_k A_k (no cross terms), whatever the ranks.
+    B_stack @ A_stack is exactly s sum_k p_k B_k A_k (no cross terms), whatever the ranks.
     """
     return {m: (np.concatenate([b for _, b, _ in held], axis=1).astype(np.float32),
-                np.concatenate([p * (alpha / a.shape[0]) * a.astype(np.float64) for a, _, p in held],
+                np.concatenate([p * scaling * a.astype(np.float64) for a, _, p in held],
                                axis=0).astype(np.float32))
             for m, held in contributions(adapters, weights, contributors).items()}
 
@@ -88,15 +88,15 @@ def _padded_average(held: list[tuple[np.ndarray, np.ndarray, float]], rank: int)
     return b_sum, a_sum
 
 
-def zero_pad_average(adapters: list[dict[str, np.ndarray]], weights: np.ndarray, alpha: float,
+def zero_pad_average(adapters: list[dict[str, np.ndarray]], weights: np.ndarray, scaling: float,
                      contributors: str = "renormalised") -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """module -> (B, A): A and B zero-padded to the module's largest rank and averaged apart, with the
-    scaling alpha / r_max folded into A so that B @ A is the update applied (HSplitLoRA without NAA)."""
+    scaling folded into A so that B @ A is the update applied (HSplitLoRA without NAA)."""
     factors = {}
     for m, held in contributions(adapters, weights, contributors).items():
         rank = max(a.shape[0] for a, _, _ in held)
         b, a = _padded_average(held, rank)
-        factors[m] = (b.astype(np.float32), ((alpha / rank) * a).astype(np.float32))
+        factors[m] = (b.astype(np.float32), (scaling * a).astype(np.float32))
     return factors
 
 
@@ -113,10 +113,10 @@ def hetlora_weights(held: list[tuple[np.ndarray, np.ndarray, float]]) -> np.ndar
 
 
 def hetlora_aggregate(adapters: list[dict[str, np.ndarray]], weights: np.ndarray,
-                      alpha: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                      scaling: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(global adapter at r_max, the update it applies): every module zero-padded to the largest rank of
-    any adapter, A and B averaged apart with HetLoRA's norm weights. The global adapter's scaling is
-    alpha / r_max, so lower-rank clients' updates shrink by r_k / r_max besides the cross terms."""
+    any adapter, A and B averaged apart with HetLoRA's norm weights; the global adapter has the clients'
+    scaling, so the error is the cross terms of averaging factors apart."""
     held_by_module = contributions(adapters, weights)
     rank = max(a.shape[0] for held in held_by_module.values() for a, _, _ in held)
     adapter = {}
@@ -124,7 +124,7 @@ def hetlora_aggregate(adapters: list[dict[str, np.ndarray]], weights: np.ndarray
         norm_weights = hetlora_weights(held)
         b, a = _padded_average([(a, b, w) for (a, b, _), w in zip(held, norm_weights)], rank)
         adapter[m + LORA_A], adapter[m + LORA_B] = a.astype(np.float32), b.astype(np.float32)
-    return adapter, adapter_update(adapter, alpha)
+    return adapter, adapter_update(adapter, scaling)
 
 
 def truncate(adapter: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
@@ -136,27 +136,26 @@ def truncate(adapter: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]
     return out
 
 
-def flexlora_aggregate(adapters: list[dict[str, np.ndarray]], weights: np.ndarray, alpha: float,
+def flexlora_aggregate(adapters: list[dict[str, np.ndarray]], weights: np.ndarray, scaling: float,
                        client_ranks: list[int], contributors: str = "renormalised") -> list[dict[str, np.ndarray]]:
-    """One adapter per entry of client_ranks: the rank-r truncated SVD of the dense sum_k p_k s_k B_k A_k.
+    """One adapter per entry of client_ranks: the rank-r truncated SVD of the dense s sum_k p_k B_k A_k.
 
-    With U S V^T that SVD and s = alpha / r, B = U_r sqrt(S_r) / sqrt(s) and A = sqrt(S_r) V_r^T / sqrt(s),
-    so the client's own scaling gives s B A = U_r S_r V_r^T, the best rank-r approximation (FlexLoRA,
-    Bai et al., 2402.11505).
+    With U S V^T that SVD, B = U_r sqrt(S_r) / sqrt(s) and A = sqrt(S_r) V_r^T / sqrt(s), so the client's
+    scaling gives s B A = U_r S_r V_r^T, the best rank-r approximation (FlexLoRA, Bai et al., 2402.11505).
     """
     out: list[dict[str, np.ndarray]] = [{} for _ in client_ranks]
-    for m, dense in exact_update(adapters, weights, alpha, contributors).items():
+    for m, dense in exact_update(adapters, weights, scaling, contributors).items():
         u, s, vt = np.linalg.svd(dense, full_matrices=False)
         for adapter, r in zip(out, client_ranks):
-            root = np.sqrt(s[:r] / (alpha / r))
+            root = np.sqrt(s[:r] / scaling)
             adapter[m + LORA_A] = (root[:, None] * vt[:r]).astype(np.float32)
             adapter[m + LORA_B] = (u[:, :r] * root).astype(np.float32)
     return out
 
 
-def adapter_update(adapter: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
+def adapter_update(adapter: dict[str, np.ndarray], scaling: float) -> dict[str, np.ndarray]:
     """s * B @ A per module of one adapter."""
-    return {m: (alpha / a.shape[0]) * b.astype(np.float64) @ a.astype(np.float64)
+    return {m: scaling * b.astype(np.float64) @ a.astype(np.float64)
             for m, (a, b) in lora_pairs(adapter).items()}
 
 

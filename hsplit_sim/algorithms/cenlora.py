@@ -21,4 +21,4 @@ class CenLoRA(CentralisedProtocol):
         return costs.uniform_ranks(spec, scenario.algorithm.targets, range(spec.n_layers), scenario.algorithm.rank)
 
     def configure(self, ranks: costs.Ranks) -> None:
-        self.ctx.backend.configure(None, self.adapter, ranks, self.config.alpha, optimizer=self.optimizer())
+        self.ctx.backend.configure(None, self.adapter, ranks, self.config.scaling, optimizer=self.optimizer())

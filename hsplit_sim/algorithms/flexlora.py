@@ -35,11 +35,11 @@ class FlexLoRA(FederatedProtocol):
         algo, clients, active = self.config, contributions.clients, contributions.active
         adapters = [contributions.client_side[k] for k in clients]
         ranks = [self.ranks[k] for k in active]
-        *per_client, global_adapter = flexlora_aggregate(adapters, contributions.weights, algo.alpha,
+        *per_client, global_adapter = flexlora_aggregate(adapters, contributions.weights, algo.scaling,
                                                          ranks + [self.r_max], algo.contributors)
         flops = products_flops(adapters) + sum(svd_flops(b.shape[0], a.shape[1])
                                                for a, b in lora_pairs(global_adapter).values())
-        return Outcome(used=adapter_update(global_adapter, algo.alpha), exact=self.exact(contributions),
+        return Outcome(used=adapter_update(global_adapter, algo.scaling), exact=self.exact(contributions),
                        measured={"FLOPs": flops, "broadcast bytes": {
                            k: sum(t.nbytes for t in adapter.values()) for k, adapter in zip(active, per_client)}},
                        client_adapters=dict(zip(active, per_client)), server_adapters={"global": global_adapter})

@@ -37,7 +37,7 @@ class FLoRA(FederatedProtocol):
     def aggregate(self, contributions) -> Outcome:
         algo = self.config
         factors = stack([contributions.client_side[k] for k in contributions.clients], contributions.weights,
-                        algo.alpha, algo.contributors)
+                        algo.scaling, algo.contributors)
         nbytes = sum(min(b.nbytes + a.nbytes, b.shape[0] * a.shape[1] * costs.FP32) for b, a in factors.values())
         return Outcome(used=factors_update(factors), exact=self.exact(contributions),
                        measured={"FLOPs": sum(a.size for _, a in factors.values()),

@@ -28,7 +28,7 @@ class HetLoRA(FederatedProtocol):
 
     def aggregate(self, contributions) -> Outcome:
         adapters = [contributions.client_side[k] for k in contributions.clients]
-        global_adapter, used = hetlora_aggregate(adapters, contributions.weights, self.config.alpha)
+        global_adapter, used = hetlora_aggregate(adapters, contributions.weights, self.config.scaling)
         per_client = {k: truncate(global_adapter, self.ranks[k]) for k in contributions.active}
         flops = products_flops(adapters) + 2 * sum(t.size for t in global_adapter.values()) * len(adapters)
         return Outcome(used=used, exact=self.exact(contributions),

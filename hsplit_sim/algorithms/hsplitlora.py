@@ -290,13 +290,13 @@ class HSplitLoRA(SplitProtocol):
             adapters = adapters + [piece for piece, keep in zip(pieces, held) if keep]
             weights = np.concatenate([weights, piece_weights[held]])
         rule = stack if algo.naa else zero_pad_average
-        factors = rule(adapters, weights, algo.alpha, algo.contributors)
+        factors = rule(adapters, weights, algo.scaling, algo.contributors)
         shapes = {}
         for path, (b, a) in factors.items():
             layer = module_layer(path)
             shapes[layer, path.split(f".{layer}.", 1)[1]] = (b.shape[0], b.shape[1], a.shape[1])
         return Outcome(used=factors_update(factors),
-                       exact=exact_update(adapters, weights, algo.alpha, algo.contributors),
+                       exact=exact_update(adapters, weights, algo.scaling, algo.contributors),
                        measured={"shapes of the aggregated adapters": shapes}, merge=factors)
 
     def after_aggregation(self, round_index: int) -> None:

@@ -102,7 +102,7 @@ class SplitLoRA(SplitProtocol):
                                         if self.per_client else [])
         for adapter in server_adapters:
             ctx.backend.configure(None, adapter, self.server_ranks, split=self.split, **self.adapter_config())
-        ctx.backend.configure(None, "global_client", self.client_ranks, self.config.alpha)
+        ctx.backend.configure(None, "global_client", self.client_ranks, self.config.scaling)
         for client in self.active_clients():
             self.configure_client(client.index)
 
@@ -142,13 +142,13 @@ class SplitLoRA(SplitProtocol):
             server_merged = fedavg(servers, weights)
             for adapter, server in zip(adapters, servers):
                 adapter.update(server)
-        alpha = self.config.alpha
+        scaling = self.config.scaling
         server_adapters = {"global_client": merged}
         if self.per_client:
             server_adapters.update({name: server_merged for name in ["server"] + self.server_side_adapters(
                 [self.ctx.clients[k] for k in contributions.active])})
-        return Outcome(used=adapter_update({**merged, **server_merged}, alpha),
-                       exact=exact_update(adapters, weights, alpha),
+        return Outcome(used=adapter_update({**merged, **server_merged}, scaling),
+                       exact=exact_update(adapters, weights, scaling),
                        measured={"bytes of the averaged adapter": sum(t.nbytes for t in merged.values())},
                        client_adapters={k: merged for k in contributions.active}, server_adapters=server_adapters)
 

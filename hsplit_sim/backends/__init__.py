@@ -10,7 +10,7 @@ class Backend:
     """The operations of training that protocols ask for. Durations never come from here: the fleet charges
     them from the cost model whatever the backend does."""
 
-    def configure(self, client: int | None, adapter: str, ranks, alpha: float, split: int | None = None,
+    def configure(self, client: int | None, adapter: str, ranks, scaling: float, split: int | None = None,
                   optimizer: dict | None = None) -> None:
         """A fresh adapter (A from the run's seed, B zero) on a client (None: on the server), with an optimiser
         when it trains."""
@@ -71,7 +71,7 @@ class Backend:
 class TimingBackend(Backend):
     """Timing-only: nothing trains; every operation is free and returns nothing."""
 
-    def configure(self, client, adapter, ranks, alpha, split=None, optimizer=None) -> None:
+    def configure(self, client, adapter, ranks, scaling, split=None, optimizer=None) -> None:
         pass
 
     def setup_full(self, optimizer) -> None:

@@ -68,8 +68,8 @@ class RealBackend(Backend):
         return batch_indices(client_indices, training.batch_size, (round_index - 1) * steps + step,
                              self.scenario.seed)
 
-    def configure(self, client, adapter, ranks, alpha, split=None, optimizer=None) -> None:
-        args = {"adapter": adapter, "alpha": alpha, "ranks": ranks_to_wire(ranks), **(optimizer or {})}
+    def configure(self, client, adapter, ranks, scaling, split=None, optimizer=None) -> None:
+        args = {"adapter": adapter, "scaling": scaling, "ranks": ranks_to_wire(ranks), **(optimizer or {})}
         if split is not None:
             args["split"] = split
         if client is None:

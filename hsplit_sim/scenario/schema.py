@@ -120,7 +120,8 @@ class AlgorithmConfig(StrictModel):
 
     name: str
     rank: int = Field(8, gt=0, description="LoRA rank of the algorithms with one rank")
-    alpha: int = Field(16, gt=0)
+    alpha: int = Field(16, gt=0, description="LoRA alpha at algorithm.rank: every adapter, whatever its rank, "
+                       "updates with scaling alpha / rank (alpha proportional to rank)")
     targets: list[Literal[TARGETS]] = Field(default_factory=lambda: ["q", "v"], min_length=1)
     split_layer: int = Field(1, ge=1, description="number of blocks on the client side (split algorithms)")
     rank_set: list[int] = Field(
@@ -130,6 +131,12 @@ class AlgorithmConfig(StrictModel):
     contributors: Literal["renormalised", "global"] = Field(
         "renormalised", description="aggregation weights p_k: over the clients that trained a weight, or over all"
     )
+
+    @property
+    def scaling(self) -> float:
+        """s in s * B @ A for every adapter of every method: one rule for all ranks, so an adapter's rank sets
+        its capacity, not its step size."""
+        return self.alpha / self.rank
 
     @field_validator("rank_set")
     @classmethod

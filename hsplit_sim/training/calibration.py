@@ -74,7 +74,7 @@ def _adapted(name: str):
     spec = costs.ModelSpec.from_hf_config(BUILTIN_MODELS[name])
     ranks = costs.uniform_ranks(spec, TARGETS, range(spec.n_layers), RANK)
     torch.manual_seed(0)
-    peft = get_peft_model(model, lora_config(family_of(model), ranks, 2 * RANK), adapter_name="c0")
+    peft = get_peft_model(model, lora_config(family_of(model), ranks, 2.0), adapter_name="c0")
     return peft, spec, ranks
 
 

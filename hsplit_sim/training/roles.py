@@ -92,7 +92,7 @@ class Role:
         re-created adapter is a fresh one (A random, B zero).
         """
         name = args["adapter"]
-        config = lora_config(self.lm.family, ranks_from_wire(args["ranks"]), args["alpha"])
+        config = lora_config(self.lm.family, ranks_from_wire(args["ranks"]), args["scaling"])
         if self.peft is not None and name in self.peft.peft_config:
             self.peft.delete_adapter(name)
         torch.manual_seed(self.seed)

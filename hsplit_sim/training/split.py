@@ -21,19 +21,21 @@ def module_key(family: str, layer: int, module: str) -> str:
     return f"{LAYERS_PATTERN[family]}.{layer}.{module}"
 
 
-def lora_config(family: str, ranks: dict[int, dict[str, int]], alpha: float) -> LoraConfig:
+def lora_config(family: str, ranks: dict[int, dict[str, int]], scaling: float) -> LoraConfig:
     """LoRA with its own rank on every listed weight (layer -> {module suffix: rank}); dropout 0 keeps
-    split and unsplit runs identical. The scaling of each weight is alpha / its rank."""
+    split and unsplit runs identical. Every weight updates with the same scaling (its alpha is scaling x its
+    rank; PEFT's scaling is alpha / rank)."""
     pattern = {module_key(family, layer, module): rank
                for layer, modules in ranks.items() for module, rank in modules.items() if rank > 0}
     if not pattern:
         raise ValueError("an adapter needs at least one weight with a positive rank")
     return LoraConfig(
         r=max(pattern.values()),
-        lora_alpha=alpha,
+        lora_alpha=scaling * max(pattern.values()),
         lora_dropout=0.0,
         target_modules=sorted(pattern),
         rank_pattern=pattern,
+        alpha_pattern={key: scaling * rank for key, rank in pattern.items()},
         bias="none",
         fan_in_fan_out=family == "gpt2",
     )

@@ -66,7 +66,7 @@ class FederatedProtocol(Collaborative):
         self.r_max = max(self.ranks)
         by_rank = {r: self.whole_step_work(r) for r in set(self.ranks)}
         self.step_work = [by_rank[r] for r in self.ranks]
-        ctx.backend.configure(None, "global", self.rank_layout(self.r_max), self.config.alpha)
+        ctx.backend.configure(None, "global", self.rank_layout(self.r_max), self.config.scaling)
         for c in self.active_clients():
             self.configure_client(c.index)
 
@@ -83,7 +83,7 @@ class FederatedProtocol(Collaborative):
     def configure_client(self, client: int) -> None:
         """A fresh adapter (A from the shared seed, B zero) at the client's rank, with its optimizer."""
         self.ctx.backend.configure(client, self.client_adapter(client), self.rank_layout(self.ranks[client]),
-                                   self.config.alpha, optimizer=self.optimizer())
+                                   self.config.scaling, optimizer=self.optimizer())
 
     def active_clients(self):
         return [c for c in self.ctx.clients if self.ranks[c.index] > 0]
@@ -119,7 +119,7 @@ class FederatedProtocol(Collaborative):
     def exact(self, contributions) -> dict[str, np.ndarray]:
         """The exact weighted sum of the reporting clients' updates, every rule's yardstick."""
         return exact_update([contributions.client_side[k] for k in contributions.clients], contributions.weights,
-                            self.config.alpha, self.config.contributors)
+                            self.config.scaling, self.config.contributors)
 
     def deliver(self, round_index: int, client, planned: Planned):
         """The rule's result for the client, in its precision: every tensor of it is a floating-point one."""

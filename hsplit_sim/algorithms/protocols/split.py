@@ -118,7 +118,7 @@ class SplitProtocol(Collaborative):
         return {"plans": self.__dict__.get("_plan_rows", [])}
 
     def adapter_config(self) -> dict:
-        return {"alpha": self.config.alpha, "optimizer": self.optimizer()}
+        return {"scaling": self.config.scaling, "optimizer": self.optimizer()}
 
     def configure_client(self, client: int) -> None:
         plan = self.plans[client]
