@@ -38,6 +38,7 @@ KIND_COLORS = {
     "broadcast": "#98df8a",
     "eval": "#8c564b",
     "central_step": "#e377c2",
+    "data_upload": "#aec7e8",
 }
 SPARE_COLORS = ["#7f7f7f", "#bcbd22", "#c5b0d5", "#f7b6d2", "#c49c94", "#dbdb8d", "#9edae5"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]

@@ -398,6 +398,11 @@ def smashed_bytes(spec: ModelSpec, batch: int, seq: int, element_bytes: int = FP
     return activation_bytes(spec, batch, seq, element_bytes) + 2 * batch * seq * INT64
 
 
+def dataset_bytes(examples: int, seq: int) -> int:
+    """A client's training partition as the server trains on it: int64 input ids, labels and attention mask."""
+    return 3 * examples * seq * INT64
+
+
 def gradient_bytes(spec: ModelSpec, batch: int, seq: int, element_bytes: int = FP32) -> int:
     """One download: the gradient of the activations, same shape and dtype."""
     return activation_bytes(spec, batch, seq, element_bytes)

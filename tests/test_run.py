@@ -199,6 +199,10 @@ def test_every_duration_comes_from_the_cost_model(runs, which):
             assert duration == pytest.approx(transfer(nbytes[e.kind], rate, link.latency_ms),
                                              rel=1e-9), e
             checked += 1
+        elif e.kind == "data_upload":  # bytes checked in test_cenlora_runs_end_to_end
+            link = clients[e.client].link
+            assert duration == pytest.approx(transfer(e.bytes, link.up_mbps, link.latency_ms), rel=1e-9), e
+            checked += 1
         else:
             assert e.kind in ("server_queue", "eval"), e.kind
         assert duration >= 0
@@ -215,8 +219,10 @@ def test_every_duration_comes_from_the_cost_model(runs, which):
         for k in range(n):
             own = events[(events["client"] == k) & (events["round"] == 1)].sort_values(["start_s", "end_s"])
             assert (own["start_s"].to_numpy()[1:] >= own["end_s"].to_numpy()[:-1] - 1e-12).all()
-    else:
-        assert rounds["bytes_up"].eq(0).all() and rounds["bytes_down"].eq(0).all()
+    else:  # centralised: the pooled data goes up once, in round 1; nothing comes down
+        data = int(events[events["kind"] == "data_upload"]["bytes"].sum())
+        assert data > 0 and rounds["bytes_up"].tolist() == [0] + [data] * (len(rounds) - 1)
+        assert rounds["bytes_down"].eq(0).all()
 
 
 def intervals(events: pd.DataFrame, kind: str) -> list[tuple[float, float]]:
@@ -270,6 +276,12 @@ def test_cenlora_runs_end_to_end(runs):
     kinds = set(events["kind"])
     assert "central_step" in kinds and not kinds & {"upload", "download", "server_step", "adapter_upload"}
     assert (events["kind"] == "central_step").sum() == ROUNDS * LOCAL_STEPS * 4
+    # Each client's partition goes up once, as int64 ids, labels and mask, before the server's first step.
+    uploads = events[events["kind"] == "data_upload"].set_index("client")
+    sizes = tables["clients"].query("round == 0").set_index("client")["n_examples"]
+    assert set(uploads["round"]) == {1} and sorted(uploads.index) == sorted(sizes.index)
+    assert all(uploads.loc[k, "bytes"] == 3 * 8 * sizes[k] * SEQ for k in sizes.index)
+    assert events[events["kind"] == "central_step"]["start_s"].min() >= uploads["end_s"].max()
     host = pd.read_parquet(run_dir / "host_times.parquet")
     assert set(host["kind"]) == {"central_step"} and set(host["client"]) == {-1}
     assert len(host) == ROUNDS * LOCAL_STEPS * 4

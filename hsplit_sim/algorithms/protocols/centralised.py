@@ -1,7 +1,8 @@
 """Centralised baselines: the server trains on the data of every client pooled.
 
-Simulated time is the server's compute only. Each round takes as many steps as all clients together take in a
-split round, so rounds see the same number of examples.
+Before the first step every client uploads its training partition over its own link (once: the server keeps
+it), so the pooled data is not free; then simulated time is the server's compute. Each round takes as many
+steps as all clients together take in a split round, so rounds see the same number of examples.
 """
 
 from hsplit_sim import costs
@@ -45,6 +46,10 @@ class CentralisedProtocol(Algorithm):
 
     def round(self, round_index: int):
         ctx = self.ctx
+        if round_index == 1:
+            yield ctx.fleet.sim.env.all_of([ctx.fleet.sim.env.process(ctx.fleet.clients[c.index].upload(
+                round_index, "data_upload", costs.dataset_bytes(ctx.partition_sizes[c.index], ctx.seq)))
+                for c in ctx.clients])
         steps = ctx.scenario.training.local_steps * len(ctx.clients)
         work = ctx.backend.step_work(round_index, None, self.adapter, steps)
         yield from ctx.fleet.server_steps(round_index, self.step_work, steps, work)
