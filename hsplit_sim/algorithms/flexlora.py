@@ -23,6 +23,7 @@ def svd_flops(m: int, n: int) -> int:
 @register
 class FlexLoRA(FederatedProtocol):
     name = "flexlora"
+    restarts_optimizer = True  # each round's factors are a new SVD basis: the old moments describe another one
 
     class Config(AlgorithmConfig):
         name: Literal["flexlora"]

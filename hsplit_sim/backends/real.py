@@ -105,11 +105,12 @@ class RealBackend(Backend):
         return outcome
 
     def apply(self, algorithm, outcome) -> None:
+        restart = algorithm.restarts_optimizer
         for k, tensors in outcome.client_adapters.items():
-            self.worker_of(k).call("set_adapter", client=k, args={"adapter": algorithm.client_adapter(k)},
-                                   tensors=tensors)
+            self.worker_of(k).call("set_adapter", client=k, args={
+                "adapter": algorithm.client_adapter(k), "restart_optimizer": restart}, tensors=tensors)
         for name, tensors in outcome.server_adapters.items():
-            self.server.call("set_adapter", args={"adapter": name}, tensors=tensors)
+            self.server.call("set_adapter", args={"adapter": name, "restart_optimizer": restart}, tensors=tensors)
         if outcome.merge is not None:
             flat = {}
             for path, (b, a) in outcome.merge.items():

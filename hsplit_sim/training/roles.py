@@ -122,14 +122,15 @@ class Role:
         return {}, {key: value.detach().cpu().numpy() for key, value in state.items()}
 
     def set_adapter(self, client, args, tensors):
-        """New adapter values start a new local optimisation: a trained adapter's optimizer starts afresh."""
+        """New values for an adapter. Its optimizer keeps its state (as SplitLoRA's code keeps it across
+        aggregation) unless args["restart_optimizer"] says the values start a new local optimisation."""
         name = args["adapter"]
         expected = set(get_peft_model_state_dict(self.peft, adapter_name=name))
         if set(tensors) != expected:
             raise ValueError(f"adapter {name}: tensors {sorted(set(tensors) ^ expected)[:4]} do not match its weights")
         state = {key: torch.from_numpy(np.array(value)).to(self.device) for key, value in tensors.items()}
         set_peft_model_state_dict(self.peft, state, adapter_name=name)
-        if name in self.optimizers:
+        if name in self.optimizers and args.get("restart_optimizer"):
             self.optimizers[name] = self._optimizer(name)
         return {}, {}
 

@@ -18,6 +18,9 @@ class Collaborative(Algorithm):
     each client receives."""
 
     replaces_adapters = True  # False: the rule merges each round's update into the weights (NAA, FLoRA)
+    # Where the rule hands adapters back (replaces_adapters), whether each trained adapter's AdamW state starts
+    # again: kept by default, as SplitLoRA's code keeps it across aggregation.
+    restarts_optimizer = False
 
     def active_clients(self) -> list:
         raise NotImplementedError
