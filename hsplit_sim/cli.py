@@ -40,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    validate = commands.add_parser("validate", help="check a scenario file without running it")
-    _scenario_arguments(validate)
+    validate = commands.add_parser("validate", help="check a scenario or sweep file without running it")
+    _scenario_arguments(validate, "scenario or sweep YAML file")
     validate.set_defaults(handler=_validate)
 
     run = commands.add_parser("run", help="run a scenario and write a run directory")
@@ -131,8 +131,12 @@ def _scenario_arguments(parser: argparse.ArgumentParser, what: str = "scenario Y
 
 def _validate(args: argparse.Namespace) -> int:
     from hsplit_sim.scenario import expanded_clients, load_scenario, scenario_path
+    from hsplit_sim.scenario.load import read_mapping
 
-    scenario = load_scenario(scenario_path(args.file), args.overrides)
+    path = scenario_path(args.file)
+    if "base" in read_mapping(path):
+        return _validate_sweep(path, args.overrides)
+    scenario = load_scenario(path, args.overrides)
     from hsplit_sim.experiment.preflight import preflight
 
     preflight(scenario)
@@ -141,6 +145,19 @@ def _validate(args: argparse.Namespace) -> int:
         f"{scenario.name}: model {model}, algorithm {scenario.algorithm.name}, "
         f"{len(expanded_clients(scenario))} clients, {scenario.training.rounds} rounds"
     )
+    print("ok")
+    return 0
+
+
+def _validate_sweep(path, overrides: list[str]) -> int:
+    """A sweep file: every point validated and checked as `sweep` does before it runs anything (a point's memory
+    check is its own run's: one that does not fit is a result, not an error)."""
+    from hsplit_sim.experiment.preflight import check_sweep
+    from hsplit_sim.experiment.sweep import load_sweep_file
+
+    sweep = load_sweep_file(path, overrides)
+    check_sweep(sweep)
+    print(f"{sweep.name}: sweep of {len(sweep.points)} points over {', '.join(sweep.axes) or 'no axes'}")
     print("ok")
     return 0
 
@@ -196,6 +213,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["runtime.timing_only=true"] if args.timing_only else [])
     sweep = load_sweep_file(scenario_path(args.file), overrides)
+    from hsplit_sim.experiment.preflight import check_sweep
+
+    check_sweep(sweep)
     sweep_dir = run_sweep(sweep, resume=args.resume, processes=args.processes, reuse=not args.no_reuse,
                           executor=args.executor)
     print(sweep_dir)

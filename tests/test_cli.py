@@ -147,3 +147,76 @@ def test_an_output_dir_that_cannot_hold_the_run_is_one_line(capsys, tmp_path):
     assert main(["run", "tiny", *timing, "--set", f"output.dir={tmp_path}", "--set", "name=" + "n" * 300]) == 2
     assert_one_error_line(capsys, "output.dir: cannot create", "File name too long")
     assert main(["run", "tiny", *timing, "--set", f"output.dir={tmp_path / 'new' / 'runs'}"]) == 0
+
+
+def _checkpoint(folder: Path, weights: bool = True, **config) -> Path:
+    """A checkpoint directory: config.json (a small GPT-2 unless overridden), optionally weight and tokenizer files."""
+    folder.mkdir()
+    base = {"model_type": "gpt2", "vocab_size": 1000, "n_positions": 128, "n_embd": 64, "n_layer": 4, "n_head": 4}
+    (folder / "config.json").write_text(json.dumps({**base, **config}))
+    if weights:
+        (folder / "model.safetensors").write_bytes(b"")
+        (folder / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def _model_at(folder: Path) -> str:
+    return "model={path: " + str(folder) + "}"
+
+
+def test_validate_checks_what_the_workers_would_fail_on(capsys, tmp_path):
+    """Each of these passed validate and failed a run 10-18 s later, after its workers started (#13)."""
+    tiny = ["validate", "tiny", "--set", f"output.dir={tmp_path / 'runs'}"]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    e2e = tmp_path / "e2e"
+    e2e.mkdir()
+    (e2e / "devset.csv").write_text("meaning,text\na,b\n")
+    (tmp_path / "file").write_text("")
+    cases = [
+        ([_model_at(_checkpoint(tmp_path / "bare", weights=False))], "model.path: no weights in"),
+        ([_model_at(broken)], "model.path: ", "config.json is not valid JSON"),
+        ([_model_at(_checkpoint(tmp_path / "deep", n_layer=10**9))], "n_layer must be an integer in 1..1,000"),
+        ([_model_at(_checkpoint(tmp_path / "huge", n_layer=1000, n_embd=16384, n_head=128))],
+         "model: ", "GB in fp32 in each of 2 worker processes", "more than this machine's"),
+        (["data={name: e2e, dir: " + str(e2e) + "}"], "data.dir: ", "needs the columns mr and ref"),
+        (["runtime.torch_device=cuda"], "runtime.torch_device: cuda is not available: torch sees no CUDA device"),
+        (["data.max_length=1"], "data.max_length: 1 leaves no prompt token", "at least 9"),
+        (["clients.0.count=100"], "data.train_examples: 64 training examples cannot give each of the 101 clients one"),
+        (["data.train_examples=null"], "data.train_examples: e2e-synthetic generates its examples"),
+        (["runtime.transport=tcp", "runtime.host=no-such-host.invalid"], "runtime.host: cannot resolve"),
+        ([f"output.dir={tmp_path / 'file' / 'runs'}"], "output.dir: ", "exists and is not a directory"),
+        (["training.rounds=10000000"], "training.rounds: 10,000,000 rounds x 3 clients = 30,000,000 client-rounds"),
+        (["seed=4294967296"], "seed: "),
+    ]
+    for overrides, *fragments in cases:
+        arguments = [part for override in overrides for part in ("--set", override)]
+        assert main([*tiny, *arguments]) == 2, overrides
+        assert_one_error_line(capsys, *fragments)
+    assert main([*tiny, "--set", "training.rounds=10000000", "--set", "runtime.timing_only=true"]) == 0
+    assert main([*tiny, "--set", _model_at(_checkpoint(tmp_path / "fine"))]) == 0
+
+
+def test_files_that_would_exhaust_the_machine_are_refused_in_one_line(capsys, tmp_path):
+    large = tmp_path / "large.yaml"
+    large.write_text("name: x\n" + "# padding\n" * 120_000)
+    aliases = tmp_path / "aliases.yaml"  # nine levels of ten references: 10^9 values once expanded
+    lines = ["a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    aliases.write_text("\n".join(lines) + "\n")
+    cycle = tmp_path / "cycle.yaml"
+    cycle.write_text("name: &a [*a]\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {QUICKSTART}\ngrid:\n  seed: [{', '.join(map(str, range(20_000)))}]\n")
+    for path, fragment in ((large, "larger than 1 MiB"), (aliases, "more than 100,000 values"),
+                           (cycle, "nested more than 32 levels deep"), (sweep, "makes 20,000 points, above the cap of 10,000")):
+        assert main(["validate", str(path)]) == 2
+        assert_one_error_line(capsys, fragment)
+
+
+def test_validate_takes_a_sweep_file(capsys):
+    assert main(["validate", "whatif/bandwidth"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "ok"
+    assert main(["validate", "whatif/bandwidth", "--set", "clients.0.count=0"]) == 2
+    assert_one_error_line(capsys, "whatif/bandwidth.yaml: point", "clients.0.count")

@@ -186,7 +186,11 @@ def test_e2e_directory_defaults_to_the_shipped_copy(monkeypatch, tmp_path):
 
 def test_local_checkpoint_config(tmp_path):
     config = {"model_type": "gpt2", "n_embd": 64, "n_layer": 3, "n_positions": 128}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps(config))  # the cost model needs heads and a vocabulary
+    with pytest.raises(ScenarioError, match=r"^model\.path: .*config\.json: n_head must be an integer in 1\.\.10,000,000, "
+                       "got None$"):
+        scenario_from_dict(quickstart_data(), ["model={path: " + str(tmp_path) + "}"])
+    (tmp_path / "config.json").write_text(json.dumps({**config, "n_head": 4, "vocab_size": 100}))
     scenario = scenario_from_dict(quickstart_data(), ["model={path: " + str(tmp_path) + "}"])
     assert model_hf_config(scenario)["n_layer"] == 3
     with pytest.raises(ScenarioError, match=r"^algorithm\.split_layer: 3 is outside 1\.\.2"):

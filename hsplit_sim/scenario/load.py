@@ -6,6 +6,7 @@ Every problem becomes one ScenarioError line that names the field path, so the C
 import copy
 import os
 import re
+import stat
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -24,6 +25,16 @@ from hsplit_sim.scenario.traces import bandwidth_steps, online_windows
 
 # Distributions whose versions go into scenario.resolved.yaml.
 _VERSIONED = ("torch", "transformers", "peft", "simpy", "pyzmq", "pandas")
+
+# Caps on what a scenario or sweep file may hold, so a mistaken file cannot exhaust the machine: the largest
+# shipped file is under 4 KiB and under 300 values; YAML aliases (`*a`) can expand a small file without bound.
+MAX_FILE_BYTES = 1 << 20
+MAX_VALUES = 100_000
+MAX_DEPTH = 32
+
+# A trained run's clients x rounds: each client-round is real training steps, so more is a mistyped value, not
+# an experiment (timing-only runs have no such cap).
+MAX_TRAINED_CLIENT_ROUNDS = 10_000_000
 
 
 def load_scenario(path: str | Path, overrides: list[str] = ()) -> Scenario:
@@ -65,8 +76,18 @@ def parse_yaml(text: str):
 
 def read_mapping(path: Path, what: str = "fields") -> dict:
     """A YAML file whose top level is a mapping; every problem with it is one ScenarioError line."""
-    if path.exists() and not path.is_file():
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ScenarioError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError:  # a NUL in the name
+        raise ScenarioError(f"{path!r}: not a valid path") from None
+    if not stat.S_ISREG(info.st_mode):
         raise ScenarioError(f"{path}: not a regular file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ScenarioError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB, too large for a file of {what}")
     try:
         data = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -81,7 +102,23 @@ def read_mapping(path: Path, what: str = "fields") -> dict:
         raise ScenarioError(f"{path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise ScenarioError(f"{path}: the top level must be a mapping of {what}")
+    _check_shape(data, str(path))
     return data
+
+
+def _check_shape(data: Any, where: str) -> None:
+    """Refuse data nested deeper than MAX_DEPTH or holding more than MAX_VALUES values once YAML aliases are
+    expanded (a cycle expands for ever), before anything walks it recursively."""
+    stack, seen = [(data, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ScenarioError(f"{where}: more than {MAX_VALUES:,} values (YAML aliases expanded)")
+        if depth > MAX_DEPTH:
+            raise ScenarioError(f"{where}: nested more than {MAX_DEPTH} levels deep")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
 
 
 def scenario_from_dict(data: dict, overrides: list[str] = (), relative_to: Path | None = None) -> Scenario:
@@ -126,6 +163,7 @@ def apply_override(data: dict, override: str) -> None:
         raise ScenarioError(f"--set {key}: value is not valid YAML ({_yaml_problem(e)})") from None
     except RecursionError:
         raise ScenarioError(f"--set {key}: value nested too deeply") from None
+    _check_shape(value, f"--set {key}")
     parts = key.split(".")
     node: Any = data
     for depth, part in enumerate(parts):
@@ -234,7 +272,7 @@ def _check(scenario: Scenario) -> None:
         raise ScenarioError(f"model.name: {scenario.model.name} is a config without weights, for timing: run it with "
                             "--timing-only (runtime.timing_only: true)")
 
-    positions = config["n_positions"] if gpt2 else config["max_position_embeddings"]
+    positions = config.get("n_positions", 1024) if gpt2 else config.get("max_position_embeddings", 2048)
     if scenario.data.max_length > positions:
         raise ScenarioError(f"data.max_length: {scenario.data.max_length} exceeds the {positions} positions of {what}")
 
@@ -243,6 +281,14 @@ def _check(scenario: Scenario) -> None:
 
     _check_system(scenario)
     _check_precision(scenario)
+
+    n_clients = sum(group.count for group in scenario.clients)
+    client_rounds = n_clients * scenario.training.rounds
+    if client_rounds > MAX_TRAINED_CLIENT_ROUNDS and not (scenario.runtime.timing_only or scenario.runtime.replay_from):
+        raise ScenarioError(
+            f"training.rounds: {scenario.training.rounds:,} rounds x {n_clients:,} clients = {client_rounds:,} "
+            f"client-rounds of real training, above the cap of {MAX_TRAINED_CLIENT_ROUNDS:,} (timing-only runs have "
+            "none: --timing-only)")
 
     for i, group in enumerate(scenario.clients):
         memory = resolve_device(group.device).memory_gb

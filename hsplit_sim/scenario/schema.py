@@ -183,7 +183,8 @@ def _algorithm_names(names: tuple[str, ...]) -> type[BaseModel]:
 
 
 class TrainingSpec(StrictModel):
-    rounds: int = Field(3, gt=0)
+    rounds: int = Field(3, gt=0, description="rounds after the initial evaluation; a trained run may take at most "
+                        "10,000,000 client-rounds (rounds x clients), a cap against mistyped values")
     local_steps: int = Field(4, gt=0)
     batch_size: int = Field(4, gt=0)
     lr: float = Field(2.0e-4, gt=0)

@@ -5,6 +5,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,10 @@ from hsplit_sim.scenario import apply_override, scenario_from_dict
 from hsplit_sim.scenario.load import absolute_trace_paths, read_mapping
 
 SWEEP_KEYS = ("name", "base", "set", "grid", "zip", "seeds", "target_ppl", "reference")
+
+# Points a sweep file may expand to: each is validated up front and run as a process of its own, so more is a
+# mistyped axis (ten axes of ten values are 10^10 points), not a study.
+MAX_POINTS = 10_000
 
 
 @dataclass
@@ -78,6 +83,9 @@ def load_sweep_file(path: str | Path, overrides: list[str] = ()) -> Sweep:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ScenarioError(f"{path}: name: {name!r} may hold only letters, digits and . _ -")
 
+    n_points = math.prod(len(v) for v in grid.values()) * (lengths.pop() if lengths else 1) * len(seeds or [None])
+    if n_points > MAX_POINTS:
+        raise ScenarioError(f"{path}: grid x zip x seeds makes {n_points:,} points, above the cap of {MAX_POINTS:,}")
     grid_combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     zip_combos = [dict(zip(zipped, values)) for values in zip(*zipped.values())] or [{}]
     points, seen = [], {}
