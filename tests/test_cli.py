@@ -149,6 +149,66 @@ def test_an_output_dir_that_cannot_hold_the_run_is_one_line(capsys, tmp_path):
     assert main(["run", "tiny", *timing, "--set", f"output.dir={tmp_path / 'new' / 'runs'}"]) == 0
 
 
+def _disk_full_after(monkeypatch, rounds_written: int, only=None):
+    """Every os.replace fails with ENOSPC (or only those of files named `only`) once the rounds table holds
+    `rounds_written` rounds: a disk that fills mid-run."""
+    import errno
+    import os
+
+    from hsplit_sim.experiment.rundir import RunWriter
+
+    full = []
+    write_rounds, replace = RunWriter.write_rounds, os.replace
+
+    def rounds(self, rows):
+        write_rounds(self, rows)
+        if len(rows) == rounds_written:
+            full.append(True)
+
+    def failing(src, dst):
+        if full and (only is None or Path(dst).name in only):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(RunWriter, "write_rounds", rounds)
+    monkeypatch.setattr(os, "replace", failing)
+
+
+def assert_run_ends_in_one_error_line(capsys, *fragments):
+    """The progress lines of the finished rounds, then one error line."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in lines)
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:]
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+def test_a_disk_that_fills_mid_run_ends_it_in_one_line_keeping_finished_rounds(capsys, monkeypatch, tmp_path):
+    import pandas as pd
+
+    _disk_full_after(monkeypatch, 2)
+    timing = ["--timing-only", "--set", "training.rounds=4", "--set", f"output.dir={tmp_path}"]
+    assert main(["run", "tiny", *timing]) == 1
+    assert_run_ends_in_one_error_line(capsys, "cannot write", "No space left on device", "keeps rounds 0..1")
+    (run_dir,) = tmp_path.iterdir()
+    assert list(pd.read_csv(run_dir / "rounds.csv")["round"]) == [0, 1]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "running"  # the disk took no more
+
+
+def test_a_failed_write_is_recorded_in_the_summary_where_it_can_be(capsys, monkeypatch, tmp_path):
+    import pandas as pd
+
+    _disk_full_after(monkeypatch, 2, only={"rounds.parquet"})
+    timing = ["--timing-only", "--set", "training.rounds=4", "--set", f"output.dir={tmp_path}"]
+    assert main(["run", "tiny", *timing]) == 1
+    assert_run_ends_in_one_error_line(capsys, "cannot write rounds.parquet", "keeps rounds 0..1")
+    (run_dir,) = tmp_path.iterdir()
+    assert list(pd.read_parquet(run_dir / "rounds.parquet")["round"]) == [0, 1]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+    assert (run_dir / "events.parquet").is_file()  # the parts were still combined
+
+
 def _checkpoint(folder: Path, weights: bool = True, **config) -> Path:
     """A checkpoint directory: config.json (a small GPT-2 unless overridden), optionally weight and tokenizer files."""
     folder.mkdir()

@@ -20,7 +20,7 @@ from hsplit_sim.errors import RunError
 from hsplit_sim.experiment.coordinator import identity, reconcile
 from hsplit_sim.experiment.preflight import preflight
 from hsplit_sim.experiment.progress import ProgressLine
-from hsplit_sim.experiment.rundir import RunWriter
+from hsplit_sim.experiment.rundir import RunWriter, WriteError
 from hsplit_sim.experiment.trajectory import timing_partition_sizes, training_key
 from hsplit_sim.results import RESULTS_VERSION
 from hsplit_sim.runtime.launcher import WorkerPool
@@ -96,7 +96,7 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
     timing_only = scenario.runtime.timing_only or replay is not None
     writer = RunWriter.create(scenario.output.dir, scenario.name)
     writer.write_resolved(resolved_dict(scenario))
-    handler = logging.FileHandler(writer.path / "log.txt")
+    handler = _RunLog(writer.path / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -155,23 +155,59 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
         summary.update(status="failed", error=str(exc))
         exc.run_dir = writer.path
         raise
+    except WriteError as exc:
+        message = f"{exc}; {_kept(rounds)}"
+        summary.update(status="failed", error=message)
+        log.error("run failed: %s", message)
+        raise WriteError(message) from None
     except Exception as exc:
         summary.update(status="failed", error=str(exc))
         log.exception("run failed")
         raise
     finally:
+        closing = _close(writer, sim, summary, rounds, started, totals)
+        log.info("run %s: %s", summary["status"], writer.path)
+        log.removeHandler(handler)
+        handler.close()
+    if closing is not None:
+        raise WriteError(f"{closing}; {_kept(rounds)}")
+    return writer.path
+
+
+class _RunLog(logging.FileHandler):
+    """log.txt: a record that cannot be written (a full disk) is dropped, not printed with a traceback beside
+    the run's one error line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
+def _close(writer: RunWriter, sim: Simulation, summary: dict, rounds: list[dict], started: float,
+           totals: "RunTotals") -> WriteError | None:
+    """Combine the parts and write summary.json, whatever ended the run. A write that fails leaves the parts
+    (which analysis reads) and marks the run failed; its error is returned, to be raised once nothing else is."""
+    error = None
+    try:
         writer.append_events(sim.take_events())
         writer.finish_events()
         for name in ("clients", "participation", "energy", "host_times"):
             writer.finish_parts(name)
-        summary["events"] = sim.n_events
-        summary["simpy_events"] = _simpy_events(sim)
-        _finish(summary, rounds, started, totals)
+    except WriteError as exc:
+        error = exc
+        if summary["status"] == "completed":
+            summary.update(status="failed", error=str(exc))
+    summary["events"] = sim.n_events
+    summary["simpy_events"] = _simpy_events(sim)
+    _finish(summary, rounds, started, totals)
+    try:
         writer.write_summary(summary)
-        log.info("run %s: %s", summary["status"], writer.path)
-        log.removeHandler(handler)
-        handler.close()
-    return writer.path
+    except WriteError as exc:
+        error = error or exc
+    return error
+
+
+def _kept(rounds: list[dict]) -> str:
+    return f"the rounds table keeps rounds 0..{rounds[-1]['round']}" if rounds else "no round was written"
 
 
 def _simpy_events(sim: Simulation) -> int | None:
@@ -219,10 +255,10 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
                "bytes_down": fleet.bytes_down, "agg_error": ctx.stats.agg_error,
                "algorithm": algorithm.name}
         row.update(ctx.backend.round_done(round_index, sim.events, algorithm.order_sensitive))
-        rows.append(row)
         writer.append_rows("clients", clients)
         writer.append_rows("host_times", ctx.backend.take_host_times())
-        writer.write_rounds(rows)
+        writer.write_rounds(rows + [row])
+        rows.append(row)  # once on disk: a run that cannot write a round ends without it
         writer.append_events(sim.take_events())
         for name, table in algorithm.tables().items():
             writer.write_table(name, table)

@@ -7,6 +7,7 @@ the run, whether it completed or failed. A run killed outright leaves its parts,
 reads when the combined file is missing.
 """
 
+import functools
 import json
 import os
 from datetime import datetime, timezone
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from hsplit_sim.errors import ScenarioError
+from hsplit_sim.errors import RunError, ScenarioError
 from hsplit_sim.results import EVENT_COLUMNS
 
 # The contract names the columns; their types are the writer's: a column added there without a type here fails
@@ -35,6 +36,21 @@ def events_table(rows: list[tuple]) -> pa.Table:
     tuples as structs and splits them into columns itself, about five times faster than transposing them in
     Python (a thousand clients make 60,000 events a round)."""
     return pa.Table.from_arrays(pa.array(rows, type=EVENT_ROW).flatten(), schema=EVENT_SCHEMA)
+
+
+class WriteError(RunError):
+    """A file of the run directory could not be written (a full disk, a read-only or no longer writable one)."""
+
+
+def _written(method):
+    """Turn an OSError of a write into a WriteError naming the file, so a full disk ends the run in one line."""
+    @functools.wraps(method)
+    def write(self, name, *args, **kwargs):
+        try:
+            return method(self, name, *args, **kwargs)
+        except OSError as e:
+            raise WriteError(f"cannot write {name} in {self.path}: {e.strerror or e}") from None
+    return write
 
 
 class RunWriter:
@@ -67,6 +83,7 @@ class RunWriter:
                 raise ScenarioError(f"output.dir: cannot create {path.name} in {root} ({e.strerror})") from None
         return cls(path)
 
+    @_written
     def _replace(self, name: str, write) -> None:
         partial = self.path / f".{name}.partial"
         write(partial)
@@ -96,6 +113,7 @@ class RunWriter:
         if rows:
             self._append_part(name, pa.table({column: [row[column] for row in rows] for column in rows[0]}))
 
+    @_written
     def _append_part(self, name: str, table: pa.Table) -> None:
         parts = self.path / f".{name}.parts"
         parts.mkdir(exist_ok=True)
@@ -104,6 +122,7 @@ class RunWriter:
         pq.write_table(table, parts / f".{number:06d}.partial")
         os.replace(parts / f".{number:06d}.partial", parts / f"{number:06d}.parquet")
 
+    @_written
     def finish_parts(self, name: str, schema: pa.Schema | None = None) -> None:
         """Stream a table's parts, in order, into <name>.parquet (a row group each) and remove them."""
         parts = self.path / f".{name}.parts"
