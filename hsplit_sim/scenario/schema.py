@@ -160,7 +160,7 @@ def algorithm_config(data: dict) -> AlgorithmConfig:
     )
 
     name = data.get("name")
-    if name not in ALGORITHMS:
+    if not isinstance(name, str) or name not in ALGORITHMS:
         _algorithm_names(tuple(sorted(ALGORITHMS))).model_validate(data)  # fails at algorithm.name, naming them
     return ALGORITHMS[name].Config.model_validate(data)
 
