@@ -269,7 +269,7 @@ def test_files_that_would_exhaust_the_machine_are_refused_in_one_line(capsys, tm
     cycle.write_text("name: &a [*a]\n")
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"base: {QUICKSTART}\ngrid:\n  seed: [{', '.join(map(str, range(20_000)))}]\n")
-    for path, fragment in ((large, "larger than 1 MiB"), (aliases, "more than 100,000 values"),
+    for path, fragment in ((large, "bytes, above the cap of 1 MiB"), (aliases, "more than 100,000 values"),
                            (cycle, "nested more than 32 levels deep"), (sweep, "makes 20,000 points, above the cap of 10,000")):
         assert main(["validate", str(path)]) == 2
         assert_one_error_line(capsys, fragment)

@@ -87,7 +87,7 @@ def read_mapping(path: Path, what: str = "fields") -> dict:
     if not stat.S_ISREG(info.st_mode):
         raise ScenarioError(f"{path}: not a regular file")
     if info.st_size > MAX_FILE_BYTES:
-        raise ScenarioError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB, too large for a file of {what}")
+        raise ScenarioError(f"{path}: {info.st_size:,} bytes, above the cap of {MAX_FILE_BYTES >> 20} MiB")
     try:
         data = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
