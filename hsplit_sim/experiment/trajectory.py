@@ -48,7 +48,10 @@ from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario import expanded_clients, resolved_dict
 from hsplit_sim.scenario.schema import Scenario
 
-KEY_VERSION = 2
+# Raised whenever the code trains differently from the same inputs, so that a replay refuses runs trained before:
+# 3 = ARMSC's estimated-time split and adapter budgets, one LoRA scaling for every rank, AdamW kept across
+# aggregation.
+KEY_VERSION = 3
 
 
 def training_inputs(scenario: Scenario) -> dict:
