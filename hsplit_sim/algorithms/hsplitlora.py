@@ -40,7 +40,7 @@ from hsplit_sim.algorithms.splitlora import fitting_configuration
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario.load import server_precision
 from hsplit_sim.scenario.schema import ELEMENT_BYTES, AlgorithmConfig
-from hsplit_sim.sim.timemodel import compute_seconds
+from hsplit_sim.sim.timemodel import client_seconds
 
 GB = 1e9
 LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
@@ -113,7 +113,7 @@ class HSplitLoRA(SplitProtocol):
         if algo.time_budget_s is not None:
             def within_time(split: int, ranks: costs.Ranks) -> bool:
                 work = iwi.client_work(spec, split, batch, seq, ranks, scenario.training.weight_decay)
-                return compute_seconds(work, client.device, client.precision) <= algo.time_budget_s
+                return client_seconds(work, client) <= algo.time_budget_s
 
         def seconds(split: int, client_ranks: costs.Ranks, server_ranks: costs.Ranks) -> float:
             iteration = PlanCosts(spec, ClientPlan(split, client_ranks, server_ranks), batch, seq,

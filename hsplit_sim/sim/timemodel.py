@@ -28,6 +28,11 @@ def compute_seconds(work, device, precision: str = "fp32") -> float:
     return seconds
 
 
+def client_seconds(work, client) -> float:
+    """Work on a client's own device in its number format (a ClientSpec: planning happens before the fleet)."""
+    return compute_seconds(work, client.device, client.precision)
+
+
 def transfer_seconds(nbytes: float, mbps: float, latency_ms: float) -> float:
     """One message over a link: latency plus serialisation at the link rate."""
     return latency_ms / 1000 + nbytes * 8 / (mbps * 1e6)
@@ -55,7 +60,7 @@ def split_iteration_estimate(client_work, server_work, up_bytes: int, down_bytes
     medium), and every client of its server copy queueing once per iteration (`server_turns` server steps)."""
     link = client.link
     return SplitIterationEstimate(
-        compute_seconds(client_work, client.device, client.precision),
+        client_seconds(client_work, client),
         transfer_seconds(up_bytes, link.up_mbps, link.latency_ms),
         server_turns * compute_seconds(server_work, server_device, server_precision),
         transfer_seconds(down_bytes, link.down_mbps, link.latency_ms))

@@ -46,10 +46,12 @@ class CentralisedProtocol(Algorithm):
 
     def round(self, round_index: int):
         ctx = self.ctx
-        if round_index == 1:
-            yield ctx.fleet.sim.env.all_of([ctx.fleet.sim.env.process(ctx.fleet.clients[c.index].upload(
-                round_index, "data_upload", costs.dataset_bytes(ctx.partition_sizes[c.index], ctx.seq)))
-                for c in ctx.clients])
+        if round_index == 1:  # the pooled data arrives once, every client over its own link at the same time
+            env = ctx.fleet.sim.env
+            uploads = [env.process(node.upload(round_index, "data_upload",
+                                               costs.dataset_bytes(ctx.partition_sizes[node.index], ctx.seq)))
+                       for node in ctx.fleet.clients]
+            yield env.all_of(uploads)
         steps = ctx.scenario.training.local_steps * len(ctx.clients)
         work = ctx.backend.step_work(round_index, None, self.adapter, steps)
         yield from ctx.fleet.server_steps(round_index, self.step_work, steps, work)
