@@ -175,13 +175,15 @@ _ADAM_KERNELS, _ADAM_VALUES = 9, 19
 
 
 def _linear(fwd: _Tape, bwd: _Tape, n: int, d_in: int, d_out: int, rank: int, x_grad: bool, trainable: bool,
-            bias: bool) -> bool:
+            bias: bool, output_grad: bool = False) -> bool:
     """x (n x d_in) @ W (d_in x d_out) (+ bias) plus a rank-r LoRA path scaled and added; returns whether the
     output requires grad.
 
     Autograd computes an input's gradient only if it requires grad: W's input gradient only when x
     requires grad, W's weight gradient only when W is trained. LoRA's A and B are always trained, and
     A's output always requires grad, so B's input gradient is always paid.
+    output_grad: IWI's output probe needs dL/dy of W's output y and then scores sum(dL/dy * (y - bias)): a
+    subtraction (with a bias), a product, a sum and the scalar's read.
     """
     fwd.matmul(n, d_in, d_out, extra_values=d_out if bias else 0)
     if x_grad:
@@ -201,7 +203,11 @@ def _linear(fwd: _Tape, bwd: _Tape, n: int, d_in: int, d_out: int, rank: int, x_
         if x_grad:
             bwd.matmul(n, rank, d_in)
             bwd.pointwise(3 * n * d_in)  # summed with the base path's input gradient
-    return x_grad or trainable or rank > 0
+    if output_grad:
+        if bias:
+            bwd.pointwise(2 * n * d_out + d_out)
+        bwd.pointwise(3 * n * d_out + n * d_out + 1 + 1, kernels=3)
+    return x_grad or trainable or rank > 0 or output_grad
 
 
 def _norm(spec: ModelSpec, fwd: _Tape, bwd: _Tape, n: int, x_grad: bool, trainable: bool) -> None:
@@ -258,7 +264,7 @@ def _attention(spec: ModelSpec, fwd: _Tape, bwd: _Tape, batch: int, seq: int, q_
 
 
 def _block(spec: ModelSpec, layer: int, batch: int, seq: int, ranks: Ranks, x_grad: bool, weight_grads: bool,
-           full_finetune: bool, fwd: _Tape, bwd: _Tape) -> bool:
+           output_grads: bool, full_finetune: bool, fwd: _Tape, bwd: _Tape) -> bool:
     """One transformer block, following requires-grad through it; returns whether its output requires grad."""
     names, layer_ranks, n, d = TARGET_MODULES[spec.family], ranks.get(layer, {}), batch * seq, spec.d_model
     gpt2 = spec.family == "gpt2"
@@ -266,7 +272,7 @@ def _block(spec: ModelSpec, layer: int, batch: int, seq: int, ranks: Ranks, x_gr
     def proj(target: str, grad: bool) -> bool:
         module = names[target]
         return _linear(fwd, bwd, n, *module_shape(spec, module), layer_ranks.get(module, 0), grad,
-                       weight_grads or full_finetune, gpt2)
+                       weight_grads or full_finetune, gpt2, output_grads)
 
     def residual(grad: bool) -> None:
         fwd.pointwise(3 * n * d)
@@ -305,7 +311,7 @@ def _block(spec: ModelSpec, layer: int, batch: int, seq: int, ranks: Ranks, x_gr
 
 def segment_work(
     spec: ModelSpec, start: int, stop: int, batch: int, seq: int, ranks: Ranks, head: bool,
-    input_requires_grad: bool, full_finetune: bool = False, weight_grads: bool = False,
+    input_requires_grad: bool, full_finetune: bool = False, weight_grads: bool = False, output_grads: bool = False,
 ) -> tuple[Work, Work]:
     """(forward, backward) of blocks start..stop-1 as eager PyTorch runs them; a segment starting at block 0
     looks up the embeddings, one with the head adds the final norm, the LM head and the loss.
@@ -313,7 +319,9 @@ def segment_work(
     input_requires_grad: the segment's input needs a gradient (a server segment sends it back to the
     client; a client segment starting at the frozen embeddings does not). Full fine-tuning trains the
     embeddings too, so there the input always requires grad and every weight gradient is paid.
-    weight_grads: the blocks' frozen projections get gradients too (IWI's probe), embeddings and head not.
+    weight_grads: the blocks' frozen projections get gradients too (IWI's sum |w * dL/dw| probe), embeddings
+    and head not. output_grads: every projection's output gets its gradient and a score (IWI's |sum w * dL/dw|
+    probe, which needs no weight gradient).
     Every segment's forward first builds the causal mask (and LLaMA's rotary tables): a few small kernels.
     """
     fwd, bwd = _Tape(), _Tape()
@@ -329,7 +337,7 @@ def segment_work(
             bwd.pointwise(lookups * n * d + (spec.vocab_size + spec.n_positions) * d, kernels=lookups)
     grad = input_requires_grad or full_finetune
     for layer in range(start, stop):
-        grad = _block(spec, layer, batch, seq, ranks, grad, weight_grads, full_finetune, fwd, bwd)
+        grad = _block(spec, layer, batch, seq, ranks, grad, weight_grads, output_grads, full_finetune, fwd, bwd)
     if head:
         predicted = batch * (seq - 1) * spec.vocab_size  # the loss drops each sequence's last position
         _norm(spec, fwd, bwd, n, grad, full_finetune)

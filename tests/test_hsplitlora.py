@@ -241,23 +241,20 @@ def test_every_compute_duration_comes_from_the_cost_model(runs, key):
         assert (fwd["flops"] == expected_fwd).all()
         for i, (b, st) in enumerate(zip(bwd.itertuples(), step.itertuples())):
             probe = probing and i == 0
-            client_bwd = costs.backward_flops(spec, 0, s, BATCH, SEQ, plan.client_ranks, head=False,
-                                              input_requires_grad=False, weight_grads=probe)
-            server_step = (costs.forward_flops(spec, s, n, BATCH, SEQ, plan.server_ranks, head=True)
-                           + costs.backward_flops(spec, s, n, BATCH, SEQ, plan.server_ranks, head=True,
-                                                  input_requires_grad=True, weight_grads=probe))
-            assert b.flops == client_bwd, (r, k, i)
-            assert st.flops == server_step, (r, k, i)
             client_work = (costs.segment_work(spec, 0, s, BATCH, SEQ, plan.client_ranks, False, False,
-                                              weight_grads=probe)[1]
+                                              output_grads=probe)[1]
                            + costs.optimizer_work(spec, plan.client_ranks))
             server_fwd, server_bwd = costs.segment_work(spec, s, n, BATCH, SEQ, plan.server_ranks, True, True,
-                                                        weight_grads=probe)
+                                                        output_grads=probe)
             server_work = server_fwd + server_bwd + costs.optimizer_work(spec, plan.server_ranks)
+            assert b.flops == client_work.flops, (r, k, i)
+            assert st.flops == server_work.flops, (r, k, i)
             assert b.end_s - b.start_s == pytest.approx(seconds(client_work, clients[k].device), rel=1e-9)
             assert st.end_s - st.start_s == pytest.approx(seconds(server_work, server), rel=1e-9)
-        if probing:  # the probe really costs more than a plain step
-            assert bwd["flops"].iloc[0] > bwd["flops"].iloc[1] and step["flops"].iloc[0] > step["flops"].iloc[1]
+        if probing:  # the probe really costs more than a plain step (though it may add no matmul FLOPs)
+            for kind in (bwd, step):
+                seconds_taken = kind["end_s"] - kind["start_s"]
+                assert seconds_taken.iloc[0] > seconds_taken.iloc[1]
 
 
 def test_without_iwi_there_is_no_probe_and_no_importance(runs):

@@ -5,6 +5,7 @@ import itertools
 import math
 import os
 import random
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -16,7 +17,8 @@ from hsplit_sim import costs
 from hsplit_sim.algorithms import importance as iwi
 from hsplit_sim.scenario.models import BUILTIN_MODELS
 from hsplit_sim.training.split import SplitLM, lora_config
-from tiny_models import counted, plain_model
+from hsplit_sim.training.probe import OutputProbe, WeightProbe
+from tiny_models import counted, dispatched, plain_model
 
 Q = [0, 4, 8, 16]
 BATCH, SEQ = 4, 48
@@ -325,6 +327,118 @@ def test_probe_backward_flops_match_flop_counter(name, ranks):
     # The probe costs more than a plain step: every frozen projection's weight gradient is paid.
     assert server > costs.backward_flops(spec, SPLIT, n, PROBE_BATCH, PROBE_SEQ, ranks, head=True,
                                          input_requires_grad=True)
+
+
+def probe_segments(name, ranks):
+    """A LoRA model on `ranks` and, for its client segment and its server segment, a function that runs one
+    probed iteration's backward the way the worker roles do: autograd asked for the adapter's gradients and
+    the probe's inputs, then the probe's scores."""
+    spec = spec_of(name)
+    lm = SplitLM(get_peft_model(plain_model(name), lora_config(spec.family, ranks, 2.0), adapter_name="c0"))
+    trained = [(int(re.search(r"\.(?:h|layers)\.(\d+)\.", n).group(1)), p)
+               for n, p in lm.model.named_parameters() if p.requires_grad]
+    client_params = [p for layer, p in trained if layer < SPLIT]
+    server_params = [p for layer, p in trained if layer >= SPLIT]
+    torch.manual_seed(1)
+    ids = torch.randint(3, 1000, (PROBE_BATCH, PROBE_SEQ))
+    mask = torch.ones(PROBE_BATCH, PROBE_SEQ, dtype=torch.long)
+    received = torch.randn(PROBE_BATCH, PROBE_SEQ, spec.d_model, requires_grad=True)
+    gradient = torch.randn(PROBE_BATCH, PROBE_SEQ, spec.d_model)
+
+    def client(probe):
+        with probe:
+            hidden = lm.client_forward(ids, mask, SPLIT)
+        def backward():
+            with probe:
+                grads = torch.autograd.grad(hidden, client_params + probe.inputs(), gradient)
+            return probe.scores(grads[len(client_params):])
+        return backward
+
+    def server(probe):
+        with probe:
+            loss = lm.server_loss(received, mask, ids, SPLIT)
+        def backward():
+            with probe:
+                grads = torch.autograd.grad(loss, [received] + server_params + probe.inputs())
+            return probe.scores(grads[1 + len(server_params):])
+        return backward
+
+    return spec, lm, client, server
+
+
+@pytest.mark.parametrize("name, ranks", PROBE_CASES)
+def test_probes_equal_weight_gradient_products(name, ranks):
+    """|sum over tokens <dL/dy, y - b>| is |sum w * dL/dw| with dL/dw from autograd, weight by weight, on both
+    sides of the cut, blocks without adapters included; the weight probe gives sum |w * dL/dw|."""
+    spec, lm, client, server = probe_segments(name, ranks)
+    for side, run, (start, stop) in [(client, "client", (0, SPLIT)), (server, "server", (SPLIT, spec.n_layers))]:
+        scores = side(OutputProbe(lm, start, stop))()
+        expected = {key: float((w.detach() * g).sum().abs())
+                    for key, w, g in weight_gradients(side, lm, spec, start, stop)}
+        assert scores.keys() == expected.keys() and len(scores) == 4 * (stop - start) + 3 * (stop - start) * (spec.family == "llama")
+        for key, value in expected.items():
+            assert scores[key] == pytest.approx(value, rel=1e-4, abs=1e-7), (run, key)
+        assert any(value > 0 for value in scores.values())
+        sum_abs = side(WeightProbe(lm, start, stop))()
+        for key, w, g in weight_gradients(side, lm, spec, start, stop):
+            assert sum_abs[key] == pytest.approx(float((w.detach() * g).abs().sum()), rel=1e-5), (run, key)
+
+
+def weight_gradients(side, lm, spec, start, stop):
+    """(key, weight, dL/dw) of every candidate projection, with the weights made trainable for one pass."""
+    weights = {f"{layer}.{module}": w for layer in range(start, stop)
+               for module, w in zip(all_modules(spec), projection_weights(lm, spec, layer, layer + 1))}
+    assert list(WeightProbe(lm, start, stop).weights) == list(weights)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    grads = {}
+    run = side(_Capture(weights, grads))
+    run()
+    for weight in weights.values():
+        weight.requires_grad_(False)
+    return [(key, weights[key], grads[key]) for key in weights]
+
+
+class _Capture:
+    """A probe stand-in that returns the weights' raw gradients, for the independent computation."""
+
+    def __init__(self, weights, grads):
+        self.weights, self.grads = weights, grads
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def inputs(self):
+        return list(self.weights.values())
+
+    def scores(self, grads):
+        self.grads.update(zip(self.weights, grads))
+        return {}
+
+
+@pytest.mark.parametrize("name, ranks", PROBE_CASES)
+def test_output_probe_work_is_the_cost_model(name, ranks):
+    """The output probe's backward as the worker runs it: FLOPs as FlopCounterMode counts them, values and
+    kernels as the dispatcher sees them, against segment_work(output_grads=True)."""
+    spec, lm, client, server = probe_segments(name, ranks)
+    n = spec.n_layers
+    cases = [(client, (0, SPLIT), dict(head=False, input_requires_grad=False)),
+             (server, (SPLIT, n), dict(head=True, input_requires_grad=True))]
+    for side, (start, stop), flags in cases:
+        predicted = costs.segment_work(spec, start, stop, PROBE_BATCH, PROBE_SEQ, ranks, output_grads=True,
+                                       **flags)[1]
+        assert counted(side(OutputProbe(lm, start, stop))) == predicted.flops
+        values, kernels = dispatched(side(OutputProbe(lm, start, stop)))
+        assert predicted.values == pytest.approx(values, rel=0.02)
+        assert predicted.kernels == kernels
+        # Cheaper than the weight-gradient probe, dearer than a plain step.
+        plain = costs.segment_work(spec, start, stop, PROBE_BATCH, PROBE_SEQ, ranks, **flags)[1]
+        weights = costs.segment_work(spec, start, stop, PROBE_BATCH, PROBE_SEQ, ranks, weight_grads=True,
+                                     **flags)[1]
+        assert plain.flops <= predicted.flops < weights.flops
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "smollm2-135m"])

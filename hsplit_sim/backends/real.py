@@ -162,7 +162,8 @@ class _RealSplitWork(SplitWork):
     def forward(self, step, probe) -> None:
         batch = self.backend.batch(self.backend.partitions[self.client], self.round, self.steps, step)
         self.smashed = self.backend.timed(self.worker.call(
-            "forward", client=self.client, args={"adapter": self.adapter, "probe": probe}, tensors={"batch": batch}),
+            "forward", client=self.client, args={"adapter": self.adapter, "probe": probe, "measure": self.measure},
+            tensors={"batch": batch}),
             self.round, self.client, "client_fwd", step)
         checked_bytes(self.smashed, self.costs.host_up, "upload of activations")
 
@@ -176,7 +177,7 @@ class _RealSplitWork(SplitWork):
 
     def backward(self, step, probe) -> None:
         backward = self.backend.timed(self.worker.call(
-            "backward", client=self.client, args={"adapter": self.adapter, "measure": self.measure},
+            "backward", client=self.client, args={"adapter": self.adapter},
             tensors={"grad": self.reply.tensors["grad"]}), self.round, self.client, "client_bwd", step)
         if probe:
             self.on_importance(self.client, {**backward.header["result"]["importance"],

@@ -14,7 +14,7 @@ from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state
 
 from hsplit_sim.training.data import encode_examples, load_dataset, load_test_set, partition, prompt_text
 from hsplit_sim.training.models import load_model, load_tokenizer
-from hsplit_sim.costs import TARGET_MODULES
+from hsplit_sim.training.probe import make_probe
 from hsplit_sim.training.split import SplitLM, lora_config
 
 
@@ -29,12 +29,6 @@ def ranks_from_wire(triples: list) -> dict[int, dict[str, int]]:
     for layer, module, rank in triples:
         ranks.setdefault(int(layer), {})[module] = int(rank)
     return ranks
-
-
-def importance_of(weight: torch.Tensor, grad: torch.Tensor, measure: str) -> float:
-    """IWI's gradient-weight product of one weight: |sum w * dL/dw| (abs_sum) or sum |w * dL/dw| (sum_abs)."""
-    product = weight.detach() * grad
-    return float(product.sum().abs() if measure == "abs_sum" else product.abs().sum())
 
 
 def make_role(args: dict):
@@ -172,16 +166,6 @@ class Role:
             self.train_step(name, loss)
         return {"loss": loss.item()}, {}
 
-    def probe_weights(self, start: int, stop: int) -> dict[str, torch.nn.Parameter]:
-        """The frozen projection weights of blocks start..stop-1: IWI's candidates."""
-        modules = sorted(set(TARGET_MODULES[self.lm.family].values()))
-        found = {}
-        for layer in range(start, stop):
-            for module_name in modules:
-                module = self.lm.blocks[layer].get_submodule(module_name)
-                found[f"{layer}.{module_name}"] = getattr(module, "base_layer", module).weight
-        return found
-
     def evaluate(self, client, args, tensors):
         """Token-weighted mean loss over the evaluation set with the named adapters active (none: base weights)."""
         adapters = args.get("adapters") or []
@@ -243,44 +227,31 @@ class ClientRole(Role):
     def forward(self, client, args, tensors):
         """Client forward on the batch's indices; what a real client would upload comes back.
 
-        With probe, the segment's frozen weights also get gradients, for IWI.
+        With probe, the forward also keeps what IWI's importance needs (training/probe.py).
         """
         name = args["adapter"]
         batch = self.batch(tensors)
         self.activate(name)  # before the probe: activating an adapter freezes every other weight
-        probed = self.probe_weights(0, self.splits[name]) if args.get("probe") else {}
-        for weight in probed.values():
-            weight.requires_grad_(True)
-        hidden = self.lm.client_forward(batch["input_ids"], batch["attention_mask"], self.splits[name])
-        for weight in probed.values():
-            weight.requires_grad_(False)
-        self.pending[client] = (hidden, probed)
+        probe = make_probe(self.lm, 0, self.splits[name], args)
+        with probe:
+            hidden = self.lm.client_forward(batch["input_ids"], batch["attention_mask"], self.splits[name])
+        self.pending[client] = (hidden, probe)
         return {}, {"hidden": hidden.detach().cpu().numpy(), "labels": batch["labels"].cpu().numpy(),
                     "attention_mask": batch["attention_mask"].cpu().numpy()}
 
     def backward(self, client, args, tensors):
-        """Client backward and optimizer step; after a probe, also the importance of the segment's weights.
-
-        Virtual clients share the frozen weights, so a probe's weight gradients are taken with
-        autograd.grad for this client's graph alone rather than accumulated in the shared .grad.
-        """
-        hidden, probed = self.pending.pop(client)
+        """Client backward and optimizer step; after a probe, also the importance of the segment's weights."""
+        hidden, probe = self.pending.pop(client)
         self.activate(args["adapter"])  # other clients' forwards froze this client's adapter since
         optimizer = self.optimizers[args["adapter"]]
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        weights = list(probed.values())
-        for weight in weights:
-            weight.requires_grad_(True)
-        grads = torch.autograd.grad(hidden, params + weights,
-                                    grad_outputs=torch.from_numpy(np.array(tensors["grad"])).to(self.device))
-        for weight in weights:
-            weight.requires_grad_(False)
+        with probe:
+            grads = torch.autograd.grad(hidden, params + probe.inputs(),
+                                        grad_outputs=torch.from_numpy(np.array(tensors["grad"])).to(self.device))
         for param, grad in zip(params, grads):
             param.grad = grad
         optimizer.step()
-        scores = {key: importance_of(weight, grad, args.get("measure", "abs_sum"))
-                  for (key, weight), grad in zip(probed.items(), grads[len(params):])}
-        return {"importance": scores}, {}
+        return {"importance": probe.scores(grads[len(params):])}, {}
 
 
 class ServerRole(Role):
@@ -296,17 +267,18 @@ class ServerRole(Role):
         mask = torch.from_numpy(np.array(tensors["attention_mask"])).to(self.device)
         labels = torch.from_numpy(np.array(tensors["labels"])).to(self.device)
         self.activate(name)  # before the probe: activating an adapter freezes every other weight
-        probed = self.probe_weights(split, self.lm.n_layers) if args.get("probe") else {}
-        for weight in probed.values():
-            weight.requires_grad_(True)
-        loss = self.lm.server_loss(hidden, mask, labels, split)
-        self.train_step(name, loss)
-        scores = {}
-        for key, weight in probed.items():
-            scores[key] = importance_of(weight, weight.grad, args.get("measure", "abs_sum"))
-            weight.grad = None
-            weight.requires_grad_(False)
-        return {"loss": loss.item(), "importance": scores}, {"grad": hidden.grad.cpu().numpy()}
+        optimizer = self.optimizers[name]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        probe = make_probe(self.lm, split, self.lm.n_layers, args)
+        with probe:
+            loss = self.lm.server_loss(hidden, mask, labels, split)
+            # A shared server-side adapter also covers blocks below this client's split: those get no gradient.
+            grads = torch.autograd.grad(loss, [hidden] + params + probe.inputs(), allow_unused=True)
+        for param, grad in zip(params, grads[1:]):
+            param.grad = grad
+        optimizer.step()
+        return ({"loss": loss.item(), "importance": probe.scores(grads[1 + len(params):])},
+                {"grad": grads[0].cpu().numpy()})
 
     def setup_full(self, client, args, tensors):
         """Full fine-tuning (FT): every weight trains, embeddings included."""

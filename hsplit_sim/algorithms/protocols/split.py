@@ -19,17 +19,22 @@ ESTIMATE_COLUMNS = ("estimated_client_s", "estimated_upload_s", "estimated_serve
 
 
 class PlanCosts:
-    """Work and bytes of one iteration under a plan (probe: weight gradients of the frozen projections; each
-    backward ends with the optimiser step over its adapters), the adapter a client uploads (in the client's
-    precision, and as the host's fp32 tensors), and the plan's columns of the clients table."""
+    """Work and bytes of one iteration under a plan (with IWI's probe: every projection's output gradient and
+    score for the abs_sum measure, the frozen projections' weight gradients for sum_abs; each backward ends
+    with the optimiser step over its adapters), the adapter a client uploads (in the client's precision, and as
+    the host's fp32 tensors), and the plan's columns of the clients table."""
 
     def __init__(self, spec: costs.ModelSpec, plan: ClientPlan, batch: int, seq: int, element_bytes: int,
-                 weight_decay: float):
+                 weight_decay: float, measure: str = "abs_sum"):
         s, n = plan.split, spec.n_layers
-        client = [costs.segment_work(spec, 0, s, batch, seq, plan.client_ranks, False, False, weight_grads=probe)
-                  for probe in (False, True)]
-        server = [costs.segment_work(spec, s, n, batch, seq, plan.server_ranks, True, True, weight_grads=probe)
-                  for probe in (False, True)]
+
+        def probe(on: bool) -> dict:
+            return {"output_grads": on} if measure == "abs_sum" else {"weight_grads": on}
+
+        client = [costs.segment_work(spec, 0, s, batch, seq, plan.client_ranks, False, False, **probe(on))
+                  for on in (False, True)]
+        server = [costs.segment_work(spec, s, n, batch, seq, plan.server_ranks, True, True, **probe(on))
+                  for on in (False, True)]
         client_step = costs.optimizer_work(spec, plan.client_ranks, weight_decay)
         server_step = costs.optimizer_work(spec, plan.server_ranks, weight_decay)
         client_fwd = client[0][0]
@@ -93,7 +98,7 @@ class SplitProtocol(Collaborative):
         shared = self.__dict__.setdefault("_plan_costs", {})
         if key not in shared:
             shared[key] = PlanCosts(self.ctx.spec, plan, self.ctx.batch, self.ctx.seq, e,
-                                    self.ctx.scenario.training.weight_decay)
+                                    self.ctx.scenario.training.weight_decay, self.importance_measure)
         mine[client] = (plan, shared[key])
         return shared[key]
 
