@@ -460,6 +460,33 @@ def weights_bytes(spec: ModelSpec, start: int, stop: int, embeddings: bool, head
     return _segment_params(spec, start, stop, embeddings, head) * element_bytes
 
 
+# The tensor each projection reads, by logical name: projections reading one tensor save it once.
+_READS = {"q": "attention input", "k": "attention input", "v": "attention input", "o": "attention output",
+          "gate": "MLP input", "up": "MLP input", "down": "MLP activation"}
+
+
+def block_saved_values(spec: ModelSpec, seq: int) -> int:
+    """Values per token a block saves for its backward when gradients flow through it and none of its
+    projections trains: the norms' inputs and statistics, q, k and v (keys and values repeated to every query
+    head), the attention probabilities, and the MLP's activation inputs (LLaMA: gate, up and SiLU(gate); GPT-2:
+    the four tensors of tanh-GELU). A frozen projection keeps nothing: its input gradient needs only W."""
+    d, q = spec.d_model, spec.n_heads * spec.head_dim
+    if spec.family == "llama":
+        return 2 * (d + 1) + 3 * q + spec.n_heads * seq + 3 * spec.d_ff
+    return 2 * (d + 2) + 3 * q + spec.n_heads * seq + 4 * spec.d_ff
+
+
+def trained_input_values(spec: ModelSpec, modules: dict[str, int]) -> int:
+    """Values per token a block saves only because projections train (`modules`: suffix -> rank; rank 0 with
+    full fine-tuning): each trained projection's input, once per tensor read, and each adapter's rank-wide
+    output of A, which B's gradient needs."""
+    logical = {}
+    for name, module in TARGET_MODULES[spec.family].items():
+        logical.setdefault(module, name)
+    inputs = {_READS[logical[m]]: module_shape(spec, m)[0] for m in modules}
+    return sum(inputs.values()) + sum(modules.values())
+
+
 def training_memory_bytes(
     spec: ModelSpec,
     start: int,
@@ -477,22 +504,29 @@ def training_memory_bytes(
     Trainable parameters cost 16 bytes each: in fp32 value, gradient, Adam m and v; in mixed precision (fp16,
     bf16) a half-precision value and gradient and an fp32 master copy, m and v. Frozen parameters and saved
     activations cost `element_bytes` a value.
-    Activations are an estimate: a block that gradients flow through saves, per token,
-    8 d_model-sized + 4 d_ff-sized tensors plus n_heads * seq attention probabilities; blocks
-    before the first trained one (client side, frozen embeddings) save nothing. The head adds the
-    logits and their gradient, 2 * tokens * vocab_size values. A segment without embeddings is a
-    server segment, whose input requires grad.
+    Saved activations follow autograd: a block that gradients flow through saves block_saved_values per token,
+    blocks before the first trained one (client side, frozen embeddings) save nothing, and every trained
+    projection adds trained_input_values (LLaMA's rotary tables, 2 seq head_dim values, once per segment). The
+    head adds the logits and their gradient, 2 * tokens * vocab_size values. A segment without embeddings is a
+    server segment, whose input requires grad. The first trained block counts its whole block_saved_values,
+    though some of it may need no saving there (an upper bound: tests/test_costs.py).
     """
     tokens = batch * seq
     weights = _segment_params(spec, start, stop, embeddings, head)
     trainable = weights if full_finetune else adapter_params(spec, _clip(ranks, start, stop))
     frozen = 0 if full_finetune else weights
-    per_block = tokens * (8 * spec.d_model + 4 * spec.d_ff + spec.n_heads * seq)
+    every_projection = {m: 0 for m in TARGET_MODULES[spec.family].values()}
+    # Full fine-tuning of LLaMA's RMSNorm weights keeps both norms' normalised inputs as well.
+    norm_inputs = 2 * spec.d_model if full_finetune and spec.family == "llama" else 0
     saving = (not embeddings) or full_finetune
     activations = 0
     for layer in range(start, stop):
-        saving = saving or bool(ranks.get(layer))
-        activations += per_block * saving
+        trained = every_projection if full_finetune else {m: r for m, r in ranks.get(layer, {}).items() if r}
+        saving = saving or bool(trained)
+        if saving:
+            activations += tokens * (block_saved_values(spec, seq) + trained_input_values(spec, trained) + norm_inputs)
+    if saving and spec.family == "llama" and stop > start:
+        activations += 2 * seq * spec.head_dim
     if head:
         activations += 2 * tokens * spec.vocab_size
     return (frozen + activations) * element_bytes + trainable * 16

@@ -2,6 +2,7 @@
 torch's dispatcher sees them, bytes as the tensors hold them."""
 
 import os
+import random
 import subprocess
 import sys
 
@@ -202,12 +203,8 @@ def test_weights_bytes_match_parameters(name):
     assert costs.weights_bytes(spec, 0, spec.n_layers, embeddings=True, head=True) == nbytes([lm.model])
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_activation_estimate_near_saved_tensors(name):
-    """The estimate is within a factor of 1.5 of what autograd saves (parameters excluded) for a whole model."""
-    spec = spec_of(name)
-    lm = SplitLM(lora_model(name, ["q", "v"], range(spec.n_layers)))
-    ranks = costs.uniform_ranks(spec, ["q", "v"], range(spec.n_layers), RANK)
+def saved_bytes(lm: SplitLM, fn) -> int:
+    """Bytes of the tensors autograd saves while fn runs, parameters excluded, each storage once."""
     params = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
     saved = {}
 
@@ -217,12 +214,58 @@ def test_activation_estimate_near_saved_tensors(name):
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    received = torch.randn(BATCH, SEQ, spec.d_model, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        lm.blocks_forward(received, torch.ones(BATCH, SEQ, dtype=torch.long), 0, spec.n_layers)
-    fixed = costs.weights_bytes(spec, 0, spec.n_layers, False, False) + 4 * costs.adapter_bytes(spec, ranks)
-    total = costs.training_memory_bytes(spec, 0, spec.n_layers, BATCH, SEQ, ranks, embeddings=False, head=False)
-    assert 1 / 1.5 < (total - fixed) / sum(saved.values()) < 1.5
+        fn()
+    return sum(saved.values())
+
+
+def activations(spec, start, stop, ranks, embeddings, full_finetune=False) -> int:
+    """training_memory_bytes less its weights, adapters and optimiser state: the saved activations."""
+    trainable = (costs.weights_bytes(spec, start, stop, embeddings, False) // 4 if full_finetune
+                 else costs.adapter_params(spec, costs._clip(ranks, start, stop)))
+    frozen = 0 if full_finetune else costs.weights_bytes(spec, start, stop, embeddings, False)
+    return (costs.training_memory_bytes(spec, start, stop, BATCH, SEQ, ranks, embeddings, False, full_finetune)
+            - frozen - 16 * trainable)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_saved_activations_are_what_autograd_saves(name):
+    """Per-weight ranks at random: a server segment (its input requires grad) saves exactly what the model
+    says, each adapted projection's input and A's output included; a client segment at most that, and less by
+    at most one block's adapter-free saving (its first adapted block needs only part of it). Full fine-tuning
+    exactly."""
+    spec = spec_of(name)
+    rng = random.Random(0)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    ids = torch.randint(3, 1000, (BATCH, SEQ))
+    for _ in range(6):
+        ranks = {}
+        for layer in range(spec.n_layers):
+            for module in set(costs.TARGET_MODULES[spec.family].values()):
+                if rng.random() < 0.3:
+                    ranks.setdefault(layer, {})[module] = rng.choice([1, 4, 8])
+        lm = SplitLM(get_peft_model(plain_model(name), lora_config(spec.family, ranks, 2.0), adapter_name="c0"))
+        received = torch.randn(BATCH, SEQ, spec.d_model, requires_grad=True)
+        server = saved_bytes(lm, lambda: lm.blocks_forward(received, mask, SPLIT, spec.n_layers))
+        assert activations(spec, SPLIT, spec.n_layers, ranks, embeddings=False) == server
+        client = saved_bytes(lm, lambda: lm.client_forward(ids, mask, SPLIT))
+        modelled = activations(spec, 0, SPLIT, ranks, embeddings=True)
+        assert client <= modelled <= client + 4 * BATCH * SEQ * costs.block_saved_values(spec, SEQ)
+    full = plain_model(name)
+    full.requires_grad_(True)
+    lm = SplitLM(full)
+    received = torch.randn(BATCH, SEQ, spec.d_model, requires_grad=True)
+    assert (activations(spec, 0, spec.n_layers, {}, embeddings=False, full_finetune=True)
+            == saved_bytes(lm, lambda: lm.blocks_forward(received, mask, 0, spec.n_layers)))
+
+
+def test_trained_input_values_by_hand():
+    llama = spec_of("tiny-llama")  # d 128, d_ff 344
+    # q, k and v read one normed input; down reads the 344-wide activation; each adapter adds its rank.
+    assert costs.trained_input_values(llama, {"self_attn.q_proj": 4, "self_attn.k_proj": 8}) == 128 + 12
+    assert costs.trained_input_values(llama, {"mlp.down_proj": 2, "self_attn.o_proj": 1}) == 344 + 128 + 3
+    # block_saved_values: norms (2 x (128 + 1)), q, k, v (3 x 128), probabilities (4 heads x seq), 3 x d_ff.
+    assert costs.block_saved_values(llama, 16) == 258 + 384 + 64 + 1032
 
 
 def test_training_memory_composition():
@@ -233,12 +276,17 @@ def test_training_memory_composition():
     assert costs.training_memory_bytes(spec, 0, SPLIT, BATCH, SEQ, server_only, True, False) == weights
     ranks = costs.uniform_ranks(spec, ["q"], [1], RANK)
     tokens = BATCH * SEQ
-    block = tokens * (8 * spec.d_model + 4 * spec.d_ff + spec.n_heads * SEQ) * 4
+    block = tokens * (costs.block_saved_values(spec, SEQ)) * 4
+    rotary = 2 * SEQ * spec.head_dim * 4
+    q_kept = tokens * (spec.d_model + RANK) * 4  # q's input and A's output
     adapters = costs.adapter_bytes(spec, ranks)
-    assert costs.training_memory_bytes(spec, 0, SPLIT, BATCH, SEQ, ranks, True, False) == weights + 4 * adapters + block
-    # Full fine-tuning: every weight is trained (value, gradient, Adam m, v) and every block saves.
+    assert (costs.training_memory_bytes(spec, 0, SPLIT, BATCH, SEQ, ranks, True, False)
+            == weights + 4 * adapters + block + q_kept + rotary)
+    # Full fine-tuning: every weight is trained (value, gradient, Adam m, v) and every block saves, with every
+    # projection's input and both normalised inputs for the RMSNorm weights.
     full = costs.training_memory_bytes(spec, 0, SPLIT, BATCH, SEQ, {}, True, False, full_finetune=True)
-    assert full == 4 * weights + SPLIT * block
+    inputs = tokens * (3 * spec.d_model + spec.d_ff + 2 * spec.d_model) * 4
+    assert full == 4 * weights + SPLIT * (block + inputs) + rotary
     # The head adds logits and their gradient.
     head = costs.training_memory_bytes(spec, spec.n_layers, spec.n_layers, BATCH, SEQ, {}, False, True)
     head_weights = costs.weights_bytes(spec, spec.n_layers, spec.n_layers, False, True)

@@ -28,9 +28,10 @@ def candidate_weights(spec: costs.ModelSpec, start: int, stop: int) -> list[str]
 
 def weight_cost(spec: costs.ModelSpec, key: str, reference_rank: int, batch: int, seq: int) -> float:
     """C(W): bytes of a reference-rank adapter on W with its gradient and Adam state (16 bytes a parameter),
-    plus the fp32 activation it adds (A's output, batch x seq x r)."""
+    plus the fp32 activations it makes the device keep for backward: W's input and A's output (batch x seq x
+    (d_in + r)). Projections that read one tensor share that input; each W is charged it as if alone."""
     d_in, d_out = costs.module_shape(spec, parse_key(key)[1])
-    return 16 * reference_rank * (d_in + d_out) + 4 * batch * seq * reference_rank
+    return 16 * reference_rank * (d_in + d_out) + 4 * batch * seq * (d_in + reference_rank)
 
 
 def smooth(previous: dict[str, float] | None, current: dict[str, float], t: int, total_rounds: int) -> dict[str, float]:
@@ -134,12 +135,14 @@ def split_ranks(spec: costs.ModelSpec, importance: dict[str, float], block_param
                           within_params(block_params * (spec.n_layers - split), {"params": 0}))
     best = None
     for first in range(split):
-        used = {"params": 0, "first adapted": split}
+        used = {"params": 0, "kept": 0, "first adapted": split}
         params_fit = within_params(block_params * split, used)
 
         def fits(ranks, layer, module, rank, used=used, params_fit=params_fit):
             first_adapted = min(used["first adapted"], layer)
-            if memory.of(first_adapted, used["params"] + rank * memory.sizes[module]) > budget_bytes:
+            kept = memory.kept_with(ranks.get(layer, {}), module, rank)
+            if memory.of(first_adapted, used["params"] + rank * memory.sizes[module],
+                         used["kept"] + kept) > budget_bytes:
                 return False
             if within_time is not None and not within_time(split, {**ranks, layer: {**ranks.get(layer, {}),
                                                                                       module: rank}}):
@@ -147,6 +150,7 @@ def split_ranks(spec: costs.ModelSpec, importance: dict[str, float], block_param
             if not params_fit(ranks, layer, module, rank):
                 return False
             used["first adapted"] = first_adapted
+            used["kept"] += kept
             return True
 
         client = assign_ranks(candidate_weights(spec, first, split), importance, rank_set, fits)
@@ -158,27 +162,42 @@ def split_ranks(spec: costs.ModelSpec, importance: dict[str, float], block_param
 
 class SegmentMemory:
     """costs.training_memory_bytes of a client segment as a fast function of its ranks (ARMSC asks it
-    hundreds of thousands of times): the bare segment, plus the activations saved from the first adapted
-    block on, plus 16 bytes per adapter parameter."""
+    hundreds of thousands of times): the bare segment, plus the block activations saved from the first adapted
+    block on, plus 16 bytes per adapter parameter, plus what adapters make each block keep (inputs and A's
+    outputs: costs.trained_input_values)."""
 
     def __init__(self, spec: costs.ModelSpec, split: int, batch: int, seq: int, element_bytes: int = costs.FP32):
+        self.spec = spec
         self.bare = costs.training_memory_bytes(spec, 0, split, batch, seq, {}, embeddings=True, head=False,
                                                 element_bytes=element_bytes)
+        self.token_bytes = batch * seq * element_bytes
         probe = next(iter(costs.TARGET_MODULES[spec.family].values()))
+        probe_extra = 16 * costs.adapter_params(spec, {0: {probe: 1}}) + self.token_bytes * costs.trained_input_values(
+            spec, {probe: 1})
         self.saved = [costs.training_memory_bytes(spec, 0, split, batch, seq, {first: {probe: 1}},
                                                   embeddings=True, head=False, element_bytes=element_bytes)
-                      - self.bare - 16 * costs.adapter_params(spec, {first: {probe: 1}})
+                      - self.bare - probe_extra
                       for first in range(split)]
         self.sizes = {m: sum(costs.module_shape(spec, m)) for m in set(costs.TARGET_MODULES[spec.family].values())}
 
-    def of(self, first_adapted: int, params: int) -> int:
-        """With adapters from block first_adapted on (the split itself: none) holding `params` parameters."""
-        return self.bare if first_adapted >= len(self.saved) else self.bare + self.saved[first_adapted] + 16 * params
+    def of(self, first_adapted: int, params: int, kept: int) -> int:
+        """With adapters from block first_adapted on (the split itself: none) holding `params` parameters and
+        making their blocks keep `kept` values per token."""
+        if first_adapted >= len(self.saved):
+            return self.bare
+        return self.bare + self.saved[first_adapted] + 16 * params + self.token_bytes * kept
+
+    def kept_with(self, layer_ranks: dict[str, int], module: str, rank: int) -> int:
+        """What giving `module` rank `rank` adds to its block's kept values per token."""
+        return (costs.trained_input_values(self.spec, {**layer_ranks, module: rank})
+                - costs.trained_input_values(self.spec, layer_ranks))
 
     def __call__(self, ranks: costs.Ranks) -> int:
         adapted = [layer for layer, modules in ranks.items() if any(modules.values())]
         params = sum(rank * self.sizes[m] for modules in ranks.values() for m, rank in modules.items())
-        return self.of(min(adapted, default=len(self.saved)), params)
+        kept = sum(costs.trained_input_values(self.spec, {m: r for m, r in modules.items() if r})
+                   for modules in ranks.values())
+        return self.of(min(adapted, default=len(self.saved)), params, kept)
 
 
 def client_work(spec: costs.ModelSpec, split: int, batch: int, seq: int, ranks: costs.Ranks,
