@@ -100,7 +100,7 @@ def test_a_server_state_larger_than_one_accelerator_is_spread_over_several(tmp_p
     assert preflight(ft) == 5
     summary = json.loads((run_scenario(ft, progress=False) / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert summary["server_placement"] == {"accelerators_per_copy": 5, "copies": 1}
+    assert summary["server_placement"] == {"accelerators": 8, "accelerators_per_copy": 5, "copies": 1}
     assert preflight(scenario_from_dict(BASE, [*paper, "server.accelerators=8"])) == 1  # SplitLoRA's server side
 
 

@@ -289,6 +289,35 @@ def test_cenlora_runs_end_to_end(runs):
     assert set(tables["clients"]["status"]) == {"data-only"}
 
 
+def test_centralised_baselines_train_on_the_stated_device(tmp_path):
+    """centralised.device: the pooled data trains on that device (one of it), whose catalog figures time every
+    step; a device too small for the model is a preflight error naming the field; split methods ignore it."""
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario(tmp_path)))
+    ranks = costs.uniform_ranks(spec, ["q", "v"], range(spec.n_layers), RANK)
+    forward, backward = costs.segment_work(spec, 0, spec.n_layers, BATCH, SEQ, ranks, True, False)
+    step = forward + backward + costs.optimizer_work(spec, ranks)
+    for device, accelerators in (("jetson-agx-orin", "4"), (None, "4")):
+        overrides = ["algorithm.name=cenlora", "runtime.timing_only=true", f"server.accelerators={accelerators}",
+                     f"output.dir={tmp_path / str(device)}"]
+        if device:
+            overrides.append(f"centralised.device={device}")
+        run_dir = run_scenario(scenario(tmp_path, *overrides), progress=False)
+        events = read(run_dir)["events"]
+        steps = events[events["kind"] == "central_step"]
+        expected = seconds(step, resolve_device(device or "rtx-3090"))
+        assert np.allclose(steps["end_s"] - steps["start_s"], expected, rtol=1e-12)
+        assert set(pd.read_parquet(run_dir / "resources.parquet").query("kind == 'server'")["name"]) == {
+            device or "rtx-3090"}
+        placement = json.loads((run_dir / "summary.json").read_text())["server_placement"]
+        assert placement["accelerators"] == (1 if device else 4)
+    small = {"name": "watch", "tflops": 0.1, "efficiency": 0.5, "memory_gb": 0.001}
+    with pytest.raises(ScenarioError, match=r"^centralised\.device: watch needs [0-9.]+ GB for ft but has 0.001 GB"):
+        preflight(scenario_from_dict({**BASE, "centralised": {"device": small}},
+                                     [f"output.dir={tmp_path}", "algorithm.name=ft", "runtime.timing_only=true"]))
+    preflight(scenario_from_dict({**BASE, "centralised": {"device": small}},
+                                 [f"output.dir={tmp_path}", "runtime.timing_only=true"]))  # SplitLoRA: unused
+
+
 def test_per_client_server_adapters_train_alike_whatever_the_order(runs):
     """With one server-side adapter per client, who reaches the server first changes timing, not learning; with
     the shared adapter (SplitLoRA's code) the same change reorders the updates and so changes training."""

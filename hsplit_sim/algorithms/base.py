@@ -13,6 +13,7 @@ import numpy as np
 
 from hsplit_sim import costs
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.catalog import resolve_device
 from hsplit_sim.scenario.schema import ClientSpec, Scenario
 from hsplit_sim.sim.fleet import Fleet
 
@@ -96,6 +97,16 @@ class Algorithm:
     def device_speeds_matter(cls, config) -> bool:
         """Whether the devices' compute rates can change what this configuration learns (the training key)."""
         return False
+
+    @classmethod
+    def server_device(cls, scenario: Scenario):
+        """The device the server's work runs on (the centralised baselines may name another)."""
+        return resolve_device(scenario.server.device)
+
+    @classmethod
+    def server_accelerators(cls, scenario: Scenario) -> int:
+        """How many of server_device there are."""
+        return scenario.server.accelerators
 
     @classmethod
     def check_memory(cls, scenario: Scenario, spec: costs.ModelSpec, clients: list[ClientSpec], server_device) -> int:

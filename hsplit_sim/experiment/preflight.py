@@ -30,8 +30,8 @@ def preflight(scenario: Scenario) -> int:
     copy of the server's state takes."""
     check_environment(scenario)
     spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
-    return ALGORITHMS[scenario.algorithm.name].check_memory(scenario, spec, expanded_clients(scenario),
-                                                     resolve_device(scenario.server.device))
+    algorithm = ALGORITHMS[scenario.algorithm.name]
+    return algorithm.check_memory(scenario, spec, expanded_clients(scenario), algorithm.server_device(scenario))
 
 
 def check_environment(scenario: Scenario) -> None:

@@ -90,7 +90,9 @@ def project_run(trained_dir, scenario: Scenario, progress: bool = True):
 def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | ProjectionBackend | None,
                   note: dict | None = None):
     per_copy = preflight(scenario)
-    copies = scenario.server.accelerators // per_copy
+    algorithm = ALGORITHMS[scenario.algorithm.name]
+    accelerators = algorithm.server_accelerators(scenario)
+    copies = accelerators // per_copy
     spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
     clients = expanded_clients(scenario)
     timing_only = scenario.runtime.timing_only or replay is not None
@@ -108,13 +110,14 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
                "timing_only": timing_only, "training_key": training_key(scenario),
                "precision": {"server": server_precision(scenario),
                              "clients": sorted({c.precision for c in clients})},
-               "server_placement": {"accelerators_per_copy": per_copy, "copies": copies},
+               "server_placement": {"accelerators": accelerators, "accelerators_per_copy": per_copy,
+                                    "copies": copies},
                "trajectory": replay.trajectory if replay else "timing-only" if timing_only else "trained",
                "replayed_from": str(replay.run_dir) if replay else None, "results_version": RESULTS_VERSION,
                **(note or {})}
     writer.write_summary(summary)
     sim = Simulation(copies)
-    fleet = Fleet(sim, clients, resolve_device(scenario.server.device), scenario.server.accelerators,
+    fleet = Fleet(sim, clients, algorithm.server_device(scenario), accelerators,
                   scenario.system, scenario.seed, server_precision(scenario))
     writer.write_table("resources", fleet.resources())
     stats = RoundStats()

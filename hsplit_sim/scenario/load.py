@@ -215,6 +215,8 @@ def resolved_dict(scenario: Scenario) -> dict:
     """The scenario with every default filled and devices and links spelled out, plus package versions."""
     resolved = scenario.model_dump(mode="json")
     resolved["server"]["device"] = resolve_device(scenario.server.device).model_dump(mode="json")
+    if scenario.centralised.device is not None:
+        resolved["centralised"]["device"] = resolve_device(scenario.centralised.device).model_dump(mode="json")
     for group, raw in zip(scenario.clients, resolved["clients"]):
         device = resolve_device(group.device)
         raw["device"] = device.model_dump(mode="json")
@@ -302,6 +304,8 @@ def _check_precision(scenario: Scenario) -> None:
     """Every device computes in its format: a device without it needs its group (or the server) to name another."""
     places = [(f"clients.{i}", group.device, group.precision) for i, group in enumerate(scenario.clients)]
     places.append(("server", scenario.server.device, scenario.server.precision))
+    if scenario.centralised.device is not None:  # it trains in the server's format
+        places.append(("server", scenario.centralised.device, scenario.server.precision))
     for where, ref, own in places:
         device, precision = resolve_device(ref), own or scenario.precision
         if device.peak_tflops(precision) is None:

@@ -199,6 +199,14 @@ class ServerSpec(StrictModel):
     precision: Precision | None = Field(None, description="the server's number format; none: the scenario's")
 
 
+class CentralisedSpec(StrictModel):
+    """Where the centralised baselines (FT, CenLoRA) train on the pooled data; other algorithms ignore it."""
+
+    device: DeviceRef | None = Field(None, description="a catalog name or an inline device that trains alone (in "
+                                     "the server's precision, receiving every client's data); none: one of the "
+                                     "server's accelerators")
+
+
 class ClientGroup(StrictModel):
     """`count` identical clients: same device, same link."""
 
@@ -304,6 +312,7 @@ class Scenario(StrictModel):
     algorithm: SerializeAsAny[AlgorithmConfig]
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     server: ServerSpec
+    centralised: CentralisedSpec = Field(default_factory=CentralisedSpec)
     clients: list[ClientGroup] = Field(min_length=1)
     system: SystemSpec = Field(default_factory=SystemSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)

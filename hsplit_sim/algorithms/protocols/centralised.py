@@ -7,6 +7,8 @@ steps as all clients together take in a split round, so rounds see the same numb
 
 from hsplit_sim import costs
 from hsplit_sim.algorithms.base import Algorithm, server_placement
+from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.catalog import resolve_device
 from hsplit_sim.scenario.load import server_precision
 from hsplit_sim.scenario.schema import ELEMENT_BYTES
 
@@ -25,12 +27,27 @@ class CentralisedProtocol(Algorithm):
         raise NotImplementedError
 
     @classmethod
+    def server_device(cls, scenario):
+        """`centralised.device` where the scenario names one, else one of the server's accelerators."""
+        stated = scenario.centralised.device
+        return super().server_device(scenario) if stated is None else resolve_device(stated)
+
+    @classmethod
+    def server_accelerators(cls, scenario) -> int:
+        return scenario.server.accelerators if scenario.centralised.device is None else 1
+
+    @classmethod
     def check_memory(cls, scenario, spec, clients, server_device) -> int:
         need = costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
                                            scenario.data.max_length, cls.ranks(scenario, spec), embeddings=True,
                                            head=True, full_finetune=cls.full_finetune,
                                            element_bytes=ELEMENT_BYTES[server_precision(scenario)])
-        return server_placement(need, scenario, server_device, f" for {cls.name}")
+        if scenario.centralised.device is None:
+            return server_placement(need, scenario, server_device, f" for {cls.name}")
+        if need > server_device.memory_gb * 1e9:
+            raise ScenarioError(f"centralised.device: {server_device.name} needs {need / 1e9:.2f} GB for {cls.name} "
+                                f"but has {server_device.memory_gb:g} GB")
+        return 1
 
     def setup(self) -> None:
         ctx, spec = self.ctx, self.ctx.spec

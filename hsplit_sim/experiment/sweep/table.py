@@ -93,7 +93,8 @@ def point_result(sweep_dir: Path, point: Point) -> tuple[dict, pd.DataFrame]:
     resources = run_dir / "resources.parquet"  # runs before results version 2 have none: no utilisation
     if (run_dir / "events.parquet").is_file() and resources.is_file() and summary.get("sim_time_s"):
         use = utilisation(_event_batches(run_dir / "events.parquet"), pd.read_parquet(resources),
-                          summary["sim_time_s"], point.scenario["server"]["accelerators"], summary.get("n_clients", 0))
+                          summary["sim_time_s"], summary.get("server_placement", {}).get(
+                              "accelerators", point.scenario["server"]["accelerators"]), summary.get("n_clients", 0))
         row.update(util_server=use["server"], util_clients_mean=use["clients_mean"])
     return row, curve
 
