@@ -87,26 +87,51 @@ def test_rank_zero_module_counts_as_absent():
                                exact_update(adapters, weights, SCALING)["m1"])
 
 
+def brute_padded(adapters, weights, m: str, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) of module m: each holder's A and B written into rank-row / rank-column zeros and summed with its
+    renormalised data weight, one entry at a time."""
+    holders = [k for k, ranks in enumerate(LAYOUT) if m in ranks]
+    total = sum(weights[k] for k in holders)
+    brute_a, brute_b = np.zeros((rank, D_IN)), np.zeros((D_OUT, rank))
+    for k in holders:
+        a, b = adapters[k][f"{m}.lora_A.weight"], adapters[k][f"{m}.lora_B.weight"]
+        for i in range(a.shape[0]):
+            for j in range(D_IN):
+                brute_a[i, j] += weights[k] / total * float(a[i, j])
+            for j in range(D_OUT):
+                brute_b[j, i] += weights[k] / total * float(b[j, i])
+    return brute_a, brute_b
+
+
 def test_fedavg_and_zero_padding_are_wrong_on_mixed_ranks():
     adapters, weights = mixed()
     exact = exact_update(adapters, weights, SCALING)
-    padded = zero_pad_average(adapters, weights, SCALING)
-    for m, (b, a) in padded.items():
-        r_max = max(ranks.get(m, 0) for ranks in LAYOUT)
-        holders = [k for k, ranks in enumerate(LAYOUT) if m in ranks]
-        p = np.array([weights[k] for k in holders]) / sum(weights[k] for k in holders)
-        brute_a, brute_b = np.zeros((r_max, D_IN)), np.zeros((D_OUT, r_max))
-        for pk, k in zip(p, holders):
-            r = LAYOUT[k][m]
-            brute_a[:r] += pk * adapters[k][f"{m}.lora_A.weight"]
-            brute_b[:, :r] += pk * adapters[k][f"{m}.lora_B.weight"]
+    padded = zero_pad_average(adapters, weights)
+    for m, (a, b) in lora_pairs(padded).items():
+        brute_a, brute_b = brute_padded(adapters, weights, m, max(ranks.get(m, 0) for ranks in LAYOUT))
+        np.testing.assert_allclose(a, brute_a, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(b, brute_b, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(a, SCALING * brute_a, rtol=1e-5, atol=1e-6)
-    assert relative_error(factors_update(padded), exact) > 0.1
+    assert relative_error(adapter_update(padded, SCALING), exact) > 0.1
     # Same ranks and module sets: FedAvg of the factors still carries cross terms.
     rng = np.random.default_rng(5)
     same = [adapter_of(rng, {"m0": 3}) for _ in range(3)]
     assert relative_error(adapter_update(fedavg(same, weights), SCALING), exact_update(same, weights, SCALING)) > 0.1
+
+
+def test_zero_padding_to_a_global_rank():
+    """HSplitLoRA without NAA pads to its global adapter's rank: ranks no contributor has come out zero."""
+    adapters, weights = mixed()
+    padded = zero_pad_average(adapters, weights, ranks={"m0": 8, "m1": 6})
+    for m, rank in (("m0", 8), ("m1", 6)):
+        a, b = padded[f"{m}.lora_A.weight"], padded[f"{m}.lora_B.weight"]
+        assert a.shape == (rank, D_IN) and b.shape == (D_OUT, rank) and a.dtype == b.dtype == np.float32
+        brute_a, brute_b = brute_padded(adapters, weights, m, rank)
+        np.testing.assert_allclose(a, brute_a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b, brute_b, rtol=1e-5, atol=1e-6)
+        held = max(ranks.get(m, 0) for ranks in LAYOUT)
+        assert not a[held:].any() and not b[:, held:].any()
+    with pytest.raises(ValueError, match="exceeds the padded rank"):
+        zero_pad_average(adapters, weights, ranks={"m0": 3, "m1": 6})
 
 
 def test_hetlora_weights_by_update_norms_on_two_clients():

@@ -7,6 +7,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
+import pytest
 import torch
 
 from hsplit_sim.experiment.run import worker_init_args
@@ -41,3 +42,54 @@ def test_new_values_keep_the_optimizer_state_unless_told_to_restart():
     assert all(np.allclose(got[key], averaged[key]) for key in averaged)
     role.set_adapter(None, {"adapter": "a", "restart_optimizer": True}, averaged)
     assert not role.optimizers["a"].state  # a new local optimisation
+
+
+def test_the_tail_penalty_is_the_tail_norm_hetlora_decides_by():
+    from hsplit_sim.algorithms.hetlora import tail_norm
+
+    scenario = load_scenario(TINY, ["model.name=tiny-llama", "data.train_examples=16"])
+    role = make_role(worker_init_args(scenario, "server", 2))
+    penalty = {"weight": 3.0, "gamma": 0.5, "min_rank": 1}
+    ranks = [[0, "self_attn.q_proj", 4], [1, "self_attn.v_proj", 3]]
+    role.configure(None, {"adapter": "p", "scaling": 2.0, "ranks": ranks, "lr": 1e-2, "tail_penalty": penalty}, {})
+    rng = np.random.default_rng(0)
+    values = {k: rng.normal(size=v.shape).astype(np.float32)
+              for k, v in role.get_adapter(None, {"adapter": "p"}, {})[1].items()}
+    role.set_adapter(None, {"adapter": "p"}, values)
+    assert role.tail_penalty("p").item() == pytest.approx(3.0 * tail_norm(values, 0.5, 1), rel=1e-5)
+    assert role.tail_penalty("a") is None  # an adapter configured without one
+    # The penalty trains: a step with a large weight pulls the tail in; the loss reported is the model's alone.
+    before = tail_norm(values, 0.5, 1)
+    plain = role.full_step(None, {"adapter": "p"}, {"batch": np.arange(2)})[0]["loss"]
+    role.set_adapter(None, {"adapter": "p", "restart_optimizer": True}, values)
+    role.adapter_args["p"]["tail_penalty"] = {**penalty, "weight": 1e4}
+    heavy = role.full_step(None, {"adapter": "p"}, {"batch": np.arange(2)})[0]["loss"]
+    assert heavy == pytest.approx(plain, rel=1e-6)
+    assert tail_norm(role.get_adapter(None, {"adapter": "p"}, {})[1], 0.5, 1) < before
+
+
+def test_reshape_keeps_the_leading_ranks_and_their_moments():
+    role = trained_role()  # adapter "a": rank 4 on block 0's q_proj, one AdamW step taken
+    params = lambda: {n: p for n, p in role.peft.named_parameters() if ".a." in n}  # noqa: E731
+    values = {n: p.detach().clone() for n, p in params().items()}
+    moments = {n: {k: v.clone() for k, v in role.optimizers["a"].state[p].items()} for n, p in params().items()}
+    role.reshape(None, {"adapter": "a", "ranks": [[0, "self_attn.q_proj", 2]]}, {})
+    state = role.optimizers["a"].state
+    for n, p in params().items():
+        cut = (slice(0, 2),) if "lora_A" in n else (slice(None), slice(0, 2))
+        assert p.shape == values[n][cut].shape
+        assert torch.equal(p.detach(), values[n][cut])
+        assert torch.equal(state[p]["exp_avg"], moments[n]["exp_avg"][cut])
+        assert torch.equal(state[p]["exp_avg_sq"], moments[n]["exp_avg_sq"][cut])
+        assert torch.equal(state[p]["step"], moments[n]["step"])
+    assert role.adapter_args["a"]["lr"] == 1e-2  # still the optimiser it was configured with
+    role.full_step(None, {"adapter": "a"}, {"batch": np.arange(2)})  # and it trains
+    # Growing back: the kept ranks keep their values; the new ones start fresh, and so do their moments.
+    kept = {n: p.detach().clone() for n, p in params().items()}
+    role.reshape(None, {"adapter": "a", "ranks": [[0, "self_attn.q_proj", 3]]}, {})
+    for n, p in params().items():
+        cut = (slice(0, 2),) if "lora_A" in n else (slice(None), slice(0, 2))
+        assert torch.equal(p.detach()[cut], kept[n])
+        if "lora_B" in n:
+            assert not p.detach()[:, 2:].any()  # B starts at zero
+        assert p not in role.optimizers["a"].state

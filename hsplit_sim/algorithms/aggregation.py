@@ -88,16 +88,19 @@ def _padded_average(held: list[tuple[np.ndarray, np.ndarray, float]], rank: int)
     return b_sum, a_sum
 
 
-def zero_pad_average(adapters: list[dict[str, np.ndarray]], weights: np.ndarray, scaling: float,
-                     contributors: str = "renormalised") -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """module -> (B, A): A and B zero-padded to the module's largest rank and averaged apart, with the
-    scaling folded into A so that B @ A is the update applied (HSplitLoRA without NAA)."""
-    factors = {}
+def zero_pad_average(adapters: list[dict[str, np.ndarray]], weights: np.ndarray,
+                     contributors: str = "renormalised", ranks: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """An adapter: for every module some adapter holds, each contributor's A and B zero-padded to ranks[module]
+    (default: the module's largest contributor rank) and averaged apart with p'_k. Its update s B A has the
+    cross terms of averaging factors apart (HSplitLoRA without NAA's global adapter)."""
+    averaged = {}
     for m, held in contributions(adapters, weights, contributors).items():
-        rank = max(a.shape[0] for a, _, _ in held)
+        rank = max(a.shape[0] for a, _, _ in held) if ranks is None else ranks[m]
+        if rank < max(a.shape[0] for a, _, _ in held):
+            raise ValueError(f"{m}: a contributor's rank exceeds the padded rank {rank}")
         b, a = _padded_average(held, rank)
-        factors[m] = (b.astype(np.float32), (scaling * a).astype(np.float32))
-    return factors
+        averaged[m + LORA_A], averaged[m + LORA_B] = a.astype(np.float32), b.astype(np.float32)
+    return averaged
 
 
 def hetlora_weights(held: list[tuple[np.ndarray, np.ndarray, float]]) -> np.ndarray:
@@ -112,13 +115,15 @@ def hetlora_weights(held: list[tuple[np.ndarray, np.ndarray, float]]) -> np.ndar
     return norms / norms.sum()
 
 
-def hetlora_aggregate(adapters: list[dict[str, np.ndarray]], weights: np.ndarray,
-                      scaling: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(global adapter at r_max, the update it applies): every module zero-padded to the largest rank of
-    any adapter, A and B averaged apart with HetLoRA's norm weights; the global adapter has the clients'
-    scaling, so the error is the cross terms of averaging factors apart."""
+def hetlora_aggregate(adapters: list[dict[str, np.ndarray]], weights: np.ndarray, scaling: float,
+                      rank: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(global adapter at r_max, the update it applies): every module zero-padded to `rank` (default: the
+    largest rank of any adapter; HetLoRA passes its r_max, which pruned clients no longer reach), A and B
+    averaged apart with HetLoRA's norm weights; the global adapter has the clients' scaling, so the error is
+    the cross terms of averaging factors apart."""
     held_by_module = contributions(adapters, weights)
-    rank = max(a.shape[0] for held in held_by_module.values() for a, _, _ in held)
+    if rank is None:
+        rank = max(a.shape[0] for held in held_by_module.values() for a, _, _ in held)
     adapter = {}
     for m, held in held_by_module.items():
         norm_weights = hetlora_weights(held)

@@ -15,7 +15,9 @@ the probes are still charged. A replay (re-timing a trained run) takes each roun
 run's plans table instead, so it charges exactly what the trained run did.
 
 Ablations: iwi off (uniform importance, no probe), armsc off (one split and rank for all, set by the
-weakest client), naa off (zero-padded A and B averaged separately).
+weakest client), naa off (one global adapter kept across rounds at the top rank of Q: every client starts a
+round from its truncation to the client's plan, and the reported adapters, zero-padded to it, are averaged A and B
+apart into it; nothing is merged into the base weights and nothing is re-initialised).
 """
 
 import re
@@ -27,13 +29,17 @@ from pydantic import Field
 from hsplit_sim import costs
 from hsplit_sim.algorithms import importance as iwi
 from hsplit_sim.algorithms.aggregation import (
+    LORA_A,
+    LORA_B,
+    adapter_update,
     exact_update,
     factors_update,
+    lora_pairs,
     stack,
     zero_pad_average,
 )
 from hsplit_sim.algorithms.base import Outcome, Planned, server_placement
-from hsplit_sim.algorithms.plans import ClientPlan
+from hsplit_sim.algorithms.plans import ClientPlan, ranks_key
 from hsplit_sim.algorithms.protocols.split import PlanCosts, SplitProtocol, iteration_estimate
 from hsplit_sim.algorithms.registry import register
 from hsplit_sim.algorithms.splitlora import fitting_configuration
@@ -73,7 +79,6 @@ def merged_ranks(rank_maps) -> costs.Ranks:
 @register
 class HSplitLoRA(SplitProtocol):
     name = "hsplitlora"
-    replaces_adapters = False
 
     class Config(AlgorithmConfig):
         name: Literal["hsplitlora"]
@@ -93,7 +98,9 @@ class HSplitLoRA(SplitProtocol):
             "optimiser step of its segment on its device), seconds; none: memory alone bounds a client's plan")
         iwi: bool = Field(True, description="ablation switch: important weight identification")
         armsc: bool = Field(True, description="ablation switch: adaptive rank and split configuration")
-        naa: bool = Field(True, description="ablation switch: noise-free adapter aggregation")
+        naa: bool = Field(True, description="ablation switch: noise-free adapter aggregation (off: one global "
+                          "adapter kept across rounds, zero-padded and averaged A and B apart, truncated to each "
+                          "client's plan)")
 
 
     @classmethod
@@ -195,6 +202,8 @@ class HSplitLoRA(SplitProtocol):
         self.shares = [iwi.client_side_share({k: 1.0 for k in self.cost}, p.split) for p in self.plans]
         self.plan_rows(1)
         self.configure_all()
+        if not self.config.naa:
+            self.start_global()
 
     def configure_all(self) -> None:
         """Fresh adapters (A random, B zero) for every client, on its worker and on the server."""
@@ -266,15 +275,18 @@ class HSplitLoRA(SplitProtocol):
     def planned(self, clients) -> Planned:
         plans = [self.plans[c.index] for c in clients]
         shapes = self.factor_shapes(plans)
-        if not self.config.naa:  # zero-padded averages have each module's largest rank
-            shapes = {key: (d_out, self.max_rank(plans, key), d_in) for key, (d_out, _, d_in) in shapes.items()}
+        if not self.config.naa:  # every contributor's A and B weighted and added into the global adapter
+            flops = sum(2 * rank * (d_out + d_in) for d_out, rank, d_in in shapes.values())
+            top = max(self.config.rank_set)
+            return Planned(flops, {"shapes of the aggregated adapters": {
+                key: (d_out, top, d_in) for key, (d_out, _, d_in) in shapes.items()}})
         flops = sum(rank * d_in for _, rank, d_in in shapes.values())  # folding p_k s_k into the stacked A
         return Planned(flops, {"shapes of the aggregated adapters": shapes})
 
     def aggregate(self, contributions) -> Outcome:
         """NAA: every client's adapters on both sides stacked with its weight and scaling (a shared server-side
-        adapter counts block by block for the clients whose server side holds the block); without NAA,
-        zero-padded A and B averaged apart."""
+        adapter counts block by block for the clients whose server side holds the block); without NAA, the
+        same adapters zero-padded and averaged A and B apart into the global adapter (average_into_global)."""
         algo, plans = self.config, self.plans
         weights = contributions.weights
         adapters = []
@@ -289,8 +301,9 @@ class HSplitLoRA(SplitProtocol):
             held = piece_weights > 0  # blocks no reporting client leaves to the server stand for nobody
             adapters = adapters + [piece for piece, keep in zip(pieces, held) if keep]
             weights = np.concatenate([weights, piece_weights[held]])
-        rule = stack if algo.naa else zero_pad_average
-        factors = rule(adapters, weights, algo.scaling, algo.contributors)
+        if not algo.naa:
+            return self.average_into_global(adapters, weights)
+        factors = stack(adapters, weights, algo.scaling, algo.contributors)
         shapes = {}
         for path, (b, a) in factors.items():
             layer = module_layer(path)
@@ -309,16 +322,20 @@ class HSplitLoRA(SplitProtocol):
 
     def deliver(self, round_index: int, client, planned: Planned):
         """The merged update of the client's side goes down (stacked factors or dense, whichever is smaller)
-        and is added to its weights; then come the weights of blocks it now runs but has no current weights
+        and is added to its weights (without NAA: the global adapter truncated to its next client-side plan,
+        which replaces its adapter); then come the weights of blocks it now runs but has no current weights
         of (its split moved deeper since its last delivery)."""
         node = self.ctx.fleet.clients[client.index]
         plan, held = self.plans[client.index], self.held[client.index]
-        shapes = planned.predicted["shapes of the aggregated adapters"]
-        mine = [shape for (layer, _), shape in shapes.items() if layer < plan.split]
         e = client.element_bytes
-        nbytes = sum(min((d_out + d_in) * rank * e, d_out * d_in * e) for d_out, rank, d_in in mine)
-        yield from node.download(round_index, "broadcast", nbytes)
-        yield from node.compute(round_index, "merge", costs.merge_work(mine))
+        if self.config.naa:
+            shapes = planned.predicted["shapes of the aggregated adapters"]
+            mine = [shape for (layer, _), shape in shapes.items() if layer < plan.split]
+            nbytes = sum(min((d_out + d_in) * rank * e, d_out * d_in * e) for d_out, rank, d_in in mine)
+            yield from node.download(round_index, "broadcast", nbytes)
+            yield from node.compute(round_index, "merge", costs.merge_work(mine))
+        else:  # the global adapter truncated to its next client-side plan replaces its adapter
+            yield from node.download(round_index, "broadcast", costs.adapter_bytes(self.ctx.spec, plan.client_ranks, e))
         if plan.split > held:
             moved = costs.weights_bytes(self.ctx.spec, held, plan.split, embeddings=False, head=False,
                                         element_bytes=client.element_bytes)
@@ -326,13 +343,97 @@ class HSplitLoRA(SplitProtocol):
         self.held[client.index] = plan.split
 
     def after_round(self, round_index: int) -> None:
-        self.configure_all()
+        if self.config.naa:
+            self.configure_all()
+        else:
+            self.load_global()
 
-    @staticmethod
-    def max_rank(plans: list[ClientPlan], key: tuple[int, str]) -> int:
-        layer, module = key
-        return max(max(p.client_ranks.get(layer, {}).get(module, 0), p.server_ranks.get(layer, {}).get(module, 0))
-                   for p in plans)
+    @property
+    def replaces_adapters(self) -> bool:
+        """NAA merges each round's update into the weights (a client that sat rounds out merges every update it
+        missed); without NAA the global adapter's truncation replaces a client's adapter (the latest suffices)."""
+        return not self.config.naa
+
+    # Without NAA: one global adapter, kept across rounds.
+
+    def start_global(self) -> None:
+        """The global adapter: every projection of every block at the top rank of Q, created from the seed like
+        every adapter (A random, B zero), on the server, where it is the model evaluated; every client starts
+        round 1 from its truncation, so all share one initialisation."""
+        ctx = self.ctx
+        spec = ctx.spec
+        ranks = costs.uniform_ranks(spec, list(costs.TARGET_MODULES[spec.family]), range(spec.n_layers),
+                                    max(self.config.rank_set))
+        ctx.backend.configure(None, "global", ranks, self.config.scaling)
+        self.global_adapter = ctx.backend.adapter(None, "global")  # None: nothing trains
+        self.layouts = self.adapter_layouts()  # configure_all has just created them
+        self.load_global()
+
+    def adapter_layouts(self) -> dict[tuple[int | None, str], tuple[costs.Ranks, int]]:
+        """(client, or None on the server; adapter name) -> (ranks, split) of every trained adapter under the
+        plans in force (the adapters configure_all creates)."""
+        layouts = {}
+        for client in self.ctx.clients:
+            plan = self.plans[client.index]
+            layouts[client.index, self.client_adapter(client.index)] = (plan.client_ranks, plan.split)
+            if plan.server_ranks and not self.shared:
+                layouts[None, self.server_adapter(client.index)] = (plan.server_ranks, plan.split)
+        ranks = merged_ranks(p.server_ranks for p in self.plans) if self.shared else {}
+        if ranks:
+            layouts[None, "server"] = (ranks, min(p.split for p in self.plans))
+        return layouts
+
+    def load_global(self) -> None:
+        """Before a round: every trained adapter takes the truncation of the global adapter to its plan's ranks
+        (global_for). One whose plan is unchanged keeps its values' AdamW state (set_adapter keeps it, as for
+        every adapter a rule hands back); one ARMSC re-planned is reshaped first (Role.reshape: the moments
+        carry over where its old and new weights overlap); one the plans now need for the first time is new."""
+        backend = self.ctx.backend
+        layouts = self.adapter_layouts()
+        for (client, name), (ranks, split) in layouts.items():
+            before = self.layouts.get((client, name))
+            if before is None:
+                backend.configure(client, name, ranks, split=split, **self.adapter_config())
+            elif (ranks_key(before[0]), before[1]) != (ranks_key(ranks), split):
+                backend.reshape(client, name, ranks, split=split)
+        self.layouts = {**self.layouts, **layouts}
+        if self.global_adapter is None:
+            return
+        backend.apply(self, Outcome(
+            used={}, exact={}, measured={},
+            client_adapters={k: self.global_for(ranks) for (k, _), (ranks, _) in layouts.items() if k is not None},
+            server_adapters={name: self.global_for(ranks) for (k, name), (ranks, _) in layouts.items() if k is None}))
+
+    def global_for(self, ranks: costs.Ranks) -> dict[str, np.ndarray]:
+        """The global adapter truncated to a layout: the first r rows of A and columns of B of every weight the
+        layout gives rank r > 0."""
+        out = {}
+        for path, (a, b) in lora_pairs(self.global_adapter).items():
+            layer = module_layer(path)
+            rank = ranks.get(layer, {}).get(path.split(f".{layer}.", 1)[1], 0)
+            if rank > 0:
+                out[path + LORA_A] = np.ascontiguousarray(a[:rank])
+                out[path + LORA_B] = np.ascontiguousarray(b[:, :rank])
+        return out
+
+    def average_into_global(self, adapters: list[dict[str, np.ndarray]], weights: np.ndarray) -> Outcome:
+        """The reported adapters (and server-side pieces) zero-padded to the global adapter's rank and averaged A
+        and B apart with p'_k (aggregation.py: zero_pad_average); the result replaces those weights of the
+        global adapter, whose other weights keep their values. The error is judged as for every rule that keeps
+        adapters: s B A of the new global weights against the exact sum_k p'_k s B_k A_k of the adapters
+        averaged."""
+        algo = self.config
+        ranks = {m: a.shape[0] for m, (a, _) in lora_pairs(self.global_adapter).items()}
+        averaged = zero_pad_average(adapters, weights, algo.contributors, ranks)
+        self.global_adapter = {**self.global_adapter, **averaged}
+        shapes = {}
+        for path, (a, b) in lora_pairs(averaged).items():
+            layer = module_layer(path)
+            shapes[layer, path.split(f".{layer}.", 1)[1]] = (b.shape[0], b.shape[1], a.shape[1])
+        return Outcome(used=adapter_update(averaged, algo.scaling),
+                       exact=exact_update(adapters, weights, algo.scaling, algo.contributors),
+                       measured={"shapes of the aggregated adapters": shapes},
+                       server_adapters={"global": self.global_adapter})
 
     def update_importance(self, round_index: int) -> None:
         if not self.measured:
@@ -362,7 +463,8 @@ class HSplitLoRA(SplitProtocol):
         return plans
 
     def eval_adapters(self) -> list[str]:
-        return []
+        """NAA merges into the base weights; without it the server evaluates the global adapter."""
+        return [] if self.config.naa else ["global"]
 
     def tables(self) -> dict[str, list[dict]]:
         return {**super().tables(), "importance": self.importance_rows}

@@ -11,9 +11,20 @@ class Backend:
     them from the cost model whatever the backend does."""
 
     def configure(self, client: int | None, adapter: str, ranks, scaling: float, split: int | None = None,
-                  optimizer: dict | None = None) -> None:
+                  optimizer: dict | None = None, regulariser: dict | None = None) -> None:
         """A fresh adapter (A from the run's seed, B zero) on a client (None: on the server), with an optimiser
-        when it trains."""
+        when it trains, and a term its training adds to the loss (HetLoRA's tail penalty: {"weight", "gamma",
+        "min_rank"}; none: the plain loss)."""
+        raise NotImplementedError
+
+    def reshape(self, client: int | None, adapter: str, ranks, split: int | None = None) -> None:
+        """A trained adapter re-created with other ranks (and split), keeping its values and AdamW moments where
+        old and new overlap (the leading rows of A and columns of B; training/roles.py: Role.reshape)."""
+        raise NotImplementedError
+
+    def adapter(self, client: int | None, adapter: str) -> dict | None:
+        """An adapter's values now, as PEFT state-dict arrays (client None: on the server); None where nothing
+        trains."""
         raise NotImplementedError
 
     def setup_full(self, optimizer: dict) -> None:
@@ -71,8 +82,14 @@ class Backend:
 class TimingBackend(Backend):
     """Timing-only: nothing trains; every operation is free and returns nothing."""
 
-    def configure(self, client, adapter, ranks, scaling, split=None, optimizer=None) -> None:
+    def configure(self, client, adapter, ranks, scaling, split=None, optimizer=None, regulariser=None) -> None:
         pass
+
+    def reshape(self, client, adapter, ranks, split=None) -> None:
+        pass
+
+    def adapter(self, client, adapter) -> None:
+        return None
 
     def setup_full(self, optimizer) -> None:
         pass

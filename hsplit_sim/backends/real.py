@@ -68,14 +68,29 @@ class RealBackend(Backend):
         return batch_indices(client_indices, training.batch_size, (round_index - 1) * steps + step,
                              self.scenario.seed)
 
-    def configure(self, client, adapter, ranks, scaling, split=None, optimizer=None) -> None:
+    def configure(self, client, adapter, ranks, scaling, split=None, optimizer=None, regulariser=None) -> None:
         args = {"adapter": adapter, "scaling": scaling, "ranks": ranks_to_wire(ranks), **(optimizer or {})}
         if split is not None:
             args["split"] = split
+        if regulariser is not None:
+            args["tail_penalty"] = regulariser
+        self._call(client, "configure", args)
+
+    def reshape(self, client, adapter, ranks, split=None) -> None:
+        args = {"adapter": adapter, "ranks": ranks_to_wire(ranks)}
+        if split is not None:
+            args["split"] = split
+        self._call(client, "reshape", args)
+
+    def adapter(self, client, adapter) -> dict:
+        reply = self._call(client, "get_adapter", {"adapter": adapter})
+        return {key: np.array(value) for key, value in reply.tensors.items()}
+
+    def _call(self, client, op: str, args: dict) -> Message:
+        """An op on the server (client None) or on the worker hosting the client."""
         if client is None:
-            self.server.call("configure", args=args)
-        else:
-            self.worker_of(client).call("configure", client=client, args=args)
+            return self.server.call(op, args=args)
+        return self.worker_of(client).call(op, client=client, args=args)
 
     def setup_full(self, optimizer) -> None:
         self.server.call("setup_full", args=optimizer)

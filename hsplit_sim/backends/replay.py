@@ -1,5 +1,6 @@
 """Replay: a trained run's trajectory re-timed under another system. Nothing trains (as in timing-only); the
-accuracy columns, generation scores and HSplitLoRA's plans come from the trained run's directory.
+accuracy columns, generation scores and HSplitLoRA's plans (and HetLoRA's prunes) come from the trained run's
+directory.
 
 Projection (ProjectionBackend) goes further: the trained run's accuracy round by round beside the per-round times
 of the same algorithm under another scenario, whose model may differ (a config-only LLaMA-2-7B). That carries an

@@ -6,7 +6,7 @@ server's device and accelerators, worker layout) needs no new training: a run wi
 as a trained run is re-timed instead. It runs timing-only (no workers) under its own system and takes
 from the trained run everything training produced: per round train_loss, eval_loss, eval_ppl and
 agg_error; generation scores and the generations table; HSplitLoRA's per-round plans (its plans table)
-and importance table.
+and importance table; HetLoRA's prunes (its plans table).
 
 The training key is a hash of every scenario field that can change training:
 
@@ -50,8 +50,8 @@ from hsplit_sim.scenario.schema import Scenario
 
 # Raised whenever the code trains differently from the same inputs, so that a replay refuses runs trained before:
 # 3 = ARMSC's estimated-time split and adapter budgets, one LoRA scaling for every rank, AdamW kept across
-# aggregation.
-KEY_VERSION = 3
+# aggregation; 4 = HetLoRA's rank self-pruning, HSplitLoRA without NAA keeping one global adapter.
+KEY_VERSION = 4
 
 
 def training_inputs(scenario: Scenario) -> dict:

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 
 from hsplit_sim.training.data import encode_examples, load_dataset, load_test_set, partition, prompt_text
 from hsplit_sim.training.models import load_model, load_tokenizer
@@ -63,6 +64,7 @@ class Role:
         self.peft = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.optimizer_args: dict[str, dict] = {}
+        self.adapter_args: dict[str, dict] = {}  # what configure was told, by adapter (reshape repeats it)
         self.splits: dict[str, int] = {}
 
     def _tensors(self, encoded) -> dict[str, torch.Tensor]:
@@ -76,16 +78,19 @@ class Role:
                 "partition_sizes": sizes, "device": str(self.device)}, tensors
 
     def ops(self):
-        return {"configure": self.configure, "get_adapter": self.get_adapter, "set_adapter": self.set_adapter,
-                "merge": self.merge, "evaluate": self.evaluate, "generate": self.generate}
+        return {"configure": self.configure, "reshape": self.reshape, "get_adapter": self.get_adapter,
+                "set_adapter": self.set_adapter, "merge": self.merge, "evaluate": self.evaluate,
+                "generate": self.generate}
 
     def configure(self, client, args, tensors):
         """(Re)create a named adapter with its ranks ([layer, module, rank] triples) and, if trained, its optimizer.
 
         Every adapter starts from the same seed: clients share one global initialisation, and a
-        re-created adapter is a fresh one (A random, B zero).
+        re-created adapter is a fresh one (A random, B zero). args["tail_penalty"] ({"weight", "gamma",
+        "min_rank"}) adds HetLoRA's self-pruning term to its training loss (tail_penalty).
         """
         name = args["adapter"]
+        self.adapter_args[name] = args
         config = lora_config(self.lm.family, ranks_from_wire(args["ranks"]), args["scaling"])
         if self.peft is not None and name in self.peft.peft_config:
             self.peft.delete_adapter(name)
@@ -100,6 +105,49 @@ class Role:
             self.optimizer_args[name] = args
             self.optimizers[name] = self._optimizer(name)
         return {}, {}
+
+    def reshape(self, client, args, tensors):
+        """Re-create a trained adapter with other ranks (args["ranks"]) and, if given, split, carrying over what
+        old and new share: each weight's leading rows of A (r x d_in) and columns of B (d_out x r), and where a
+        weight's A or B kept or lost rows or columns, its AdamW moments cut the same way (the optimiser keeps
+        training the rank that is left). What is new (a weight that gained rank, or a new weight) starts as a
+        fresh adapter's (A from the seed, B zero) with fresh moments.
+        """
+        name = args["adapter"]
+        old_values = {n: p.detach().clone() for n, p in self.peft.named_parameters() if f".{name}." in n}
+        old_moments = {}
+        if name in self.optimizers:
+            by_param = {p: n for n, p in self.peft.named_parameters() if f".{name}." in n}
+            old_moments = {by_param[p]: state for p, state in self.optimizers[name].state.items() if p in by_param}
+        self.configure(client, {**self.adapter_args[name], **args}, {})
+        optimizer = self.optimizers.get(name)
+        with torch.no_grad():
+            for n, p in self.peft.named_parameters():
+                if n not in old_values:
+                    continue
+                old = old_values[n]
+                overlap = tuple(slice(0, min(a, b)) for a, b in zip(old.shape, p.shape))
+                p[overlap] = old[overlap]
+                if optimizer is not None and n in old_moments and all(b <= a for a, b in zip(old.shape, p.shape)):
+                    optimizer.state[p] = {key: value[overlap].clone() if value.shape == old.shape else value.clone()
+                                          for key, value in old_moments[n].items()}
+        return {}, {}
+
+    def tail_penalty(self, name: str) -> torch.Tensor | None:
+        """HetLoRA's self-pruning term, weight x sum over weights of ||B[:, t:r]||_F ||A[t:r, :]||_F with
+        t = max(floor(gamma r), min_rank): the ranks a prune would cut (none once r <= min_rank); None when the
+        adapter has no such term."""
+        penalty = self.adapter_args.get(name, {}).get("tail_penalty")
+        if not penalty:
+            return None
+        total = torch.zeros((), device=self.device)
+        for module in self.peft.modules():
+            if isinstance(module, LoraLayer) and name in module.lora_A:
+                a, b = module.lora_A[name].weight, module.lora_B[name].weight
+                start = max(int(penalty["gamma"] * a.shape[0]), penalty["min_rank"])
+                if start < a.shape[0]:
+                    total = total + torch.linalg.norm(b[:, start:]) * torch.linalg.norm(a[start:])
+        return penalty["weight"] * total
 
     def _optimizer(self, name: str) -> torch.optim.Optimizer:
         params = [p for n, p in self.peft.named_parameters() if f".{name}." in n]
@@ -154,7 +202,8 @@ class Role:
         optimizer.step()
 
     def full_step(self, client, args, tensors):
-        """A whole-model step with one adapter (federated clients, CenLoRA) or every weight (FT: adapter null)."""
+        """A whole-model step with one adapter (federated clients, CenLoRA) or every weight (FT: adapter null).
+        The adapter's tail penalty, if it has one, joins the objective; the loss reported is the model's alone."""
         batch = self.batch(tensors)
         name = args.get("adapter")
         if name is None:
@@ -163,7 +212,8 @@ class Role:
         else:
             self.activate(name)
             loss = self.lm.loss(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            self.train_step(name, loss)
+            penalty = self.tail_penalty(name)
+            self.train_step(name, loss if penalty is None else loss + penalty)
         return {"loss": loss.item()}, {}
 
     def evaluate(self, client, args, tensors):
