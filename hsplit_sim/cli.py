@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     examples = commands.add_parser("examples", help="list the example scenarios and sweeps that ship with the package")
     examples.add_argument("--copy", metavar="DIR", default=None, help="write every example into DIR for editing")
     examples.set_defaults(handler=_examples)
+
+    keygen = commands.add_parser("keygen", help="write a new CurveZMQ key file for runtime.key_file (mode 0600)")
+    keygen.add_argument("file", metavar="FILE", help="where the secret certificate goes; never overwritten")
+    keygen.set_defaults(handler=_keygen)
     return parser
 
 
@@ -339,6 +343,17 @@ def _examples(args: argparse.Namespace) -> int:
         print(f"  {example.name:<{width}}  {example.kind:<8}  {example.description}")
     print("Run one by name (hsplit-sim run tiny; hsplit-sim sweep whatif/bandwidth), or copy them all for editing "
           "(hsplit-sim examples --copy DIR).")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from hsplit_sim.runtime.keys import KeyFileError, write_key_file
+
+    try:
+        keys = write_key_file(args.file)
+    except KeyFileError as e:
+        raise ScenarioError(str(e)) from None
+    print(f"{args.file}: public key {keys.public.decode()}")
     return 0
 
 

@@ -416,6 +416,18 @@ def gradient_bytes(spec: ModelSpec, batch: int, seq: int, element_bytes: int = F
     return activation_bytes(spec, batch, seq, element_bytes)
 
 
+def largest_frame_bytes(spec: ModelSpec, batch: int, seq: int, max_rank: int, clients: int,
+                        train_examples: int) -> int:
+    """The largest tensor a real run puts in one ZeroMQ frame (each tensor is a frame; the JSON header frame has
+    its own cap), in fp32 as the host trains: the activations at a split or their gradient (batch x seq x
+    d_model), labels or attention mask (batch x seq int64), a LoRA factor stacked over every client plus a shared
+    server-side piece (NAA, FLoRA: rank at most (clients + 1) x max_rank, times the widest projection; a single
+    adapter's factor is smaller), or a client's partition (int64 indices of the training examples)."""
+    widest = max(max(module_shape(spec, m)) for m in set(TARGET_MODULES[spec.family].values()))
+    return max(activation_bytes(spec, batch, seq), batch * seq * INT64,
+               (clients + 1) * max_rank * widest * FP32, train_examples * INT64)
+
+
 def adapter_params(spec: ModelSpec, ranks: Ranks) -> int:
     """LoRA parameters: A (r x d_in) and B (d_out x r) for every adapted module."""
     total = 0

@@ -234,6 +234,9 @@ def test_validate_checks_what_the_workers_would_fail_on(capsys, tmp_path):
     e2e.mkdir()
     (e2e / "devset.csv").write_text("meaning,text\na,b\n")
     (tmp_path / "file").write_text("")
+    key = tmp_path / "run.key_secret"  # a host other than loopback needs a key file (tests/test_auth.py)
+    assert main(["keygen", str(key)]) == 0
+    capsys.readouterr()
     cases = [
         ([_model_at(_checkpoint(tmp_path / "bare", weights=False))], "model.path: no weights in"),
         ([_model_at(broken)], "model.path: ", "config.json is not valid JSON"),
@@ -245,7 +248,8 @@ def test_validate_checks_what_the_workers_would_fail_on(capsys, tmp_path):
         (["data.max_length=1"], "data.max_length: 1 leaves no prompt token", "at least 9"),
         (["clients.0.count=100"], "data.train_examples: 64 training examples cannot give each of the 101 clients one"),
         (["data.train_examples=null"], "data.train_examples: e2e-synthetic generates its examples"),
-        (["runtime.transport=tcp", "runtime.host=no-such-host.invalid"], "runtime.host: cannot resolve"),
+        (["runtime.transport=tcp", "runtime.host=no-such-host.invalid", f"runtime.key_file={key}"],
+         "runtime.host: cannot resolve"),
         ([f"output.dir={tmp_path / 'file' / 'runs'}"], "output.dir: ", "exists and is not a directory"),
         (["training.rounds=10000000"], "training.rounds: 10,000,000 rounds x 3 clients = 30,000,000 client-rounds"),
         (["seed=4294967296"], "seed: "),

@@ -23,6 +23,8 @@ from hsplit_sim.experiment.coordinator import identity, reconcile
 from hsplit_sim.experiment.run import project_run, run_scenario
 from hsplit_sim.runtime.connection import WorkerConnection
 from hsplit_sim.runtime.heartbeat import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, Heartbeats
+from hsplit_sim.runtime.keys import Keypair
+from hsplit_sim.runtime.launcher import hand_keys
 from test_run import alive, cmdline, long_run, scenario
 
 BOUND_S = 20
@@ -31,7 +33,8 @@ BOUND_S = 20
 BUSY_WORKER = """
 import os, sys, time
 from hsplit_sim.runtime.heartbeat import start_beating
-start_beating("busy", sys.argv[1], os.getppid(), "tcp://127.0.0.1:1")
+from hsplit_sim.runtime.worker import read_keys
+start_beating("busy", sys.argv[1], os.getppid(), "tcp://127.0.0.1:1", *read_keys(sys.stdin))
 import torch
 from hsplit_sim.training.roles import make_role
 print(time.monotonic(), flush=True)
@@ -44,8 +47,14 @@ while time.monotonic() < end:
 # Answers pings at once, never anything else, and sends no heartbeats.
 SILENT_WORKER = """
 import sys, time, zmq
+from hsplit_sim.runtime.keys import Gate, as_server
 from hsplit_sim.runtime.wire import decode, encode
-sock = zmq.Context().socket(zmq.REP)
+from hsplit_sim.runtime.worker import read_keys
+keys, coordinator = read_keys(sys.stdin)
+context = zmq.Context()
+gate = Gate(context, [coordinator])
+sock = context.socket(zmq.REP)
+as_server(sock, keys)
 sock.bind(sys.argv[1])
 while True:
     header = decode(sock.recv_multipart(), required=("op", "id")).header
@@ -55,13 +64,21 @@ while True:
 """
 
 
+def start(script: str, heartbeats: Heartbeats, name: str, *args: str, **popen) -> tuple[subprocess.Popen, Keypair]:
+    """A test worker script, its keys handed over stdin as the launcher does, watched by heartbeats."""
+    keys = Keypair.new()
+    process = subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, **popen)
+    hand_keys(process, keys, heartbeats.keys.public)
+    heartbeats.watch(name, process, keys.public)
+    return process, keys
+
+
 def test_heartbeats_go_out_before_torch_loads_and_keep_coming_while_it_computes():
     context = zmq.Context()
-    pull = context.socket(zmq.PULL)
-    pull.bind("tcp://127.0.0.1:*")
-    process = subprocess.Popen([sys.executable, "-c", BUSY_WORKER, pull.getsockopt_string(zmq.LAST_ENDPOINT)],
-                               stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    heartbeats = Heartbeats(context, "tcp://127.0.0.1:*", Keypair.new())
+    pull = heartbeats.socket
+    process, _ = start(BUSY_WORKER, heartbeats, "busy", heartbeats.endpoint, stdout=subprocess.PIPE,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
     beats = []
     try:
         deadline = time.monotonic() + 120
@@ -75,6 +92,7 @@ def test_heartbeats_go_out_before_torch_loads_and_keep_coming_while_it_computes(
             process.kill()
         process.wait()
         process.stdout.close()
+        heartbeats.close()
         context.destroy(linger=0)
     assert process.returncode == 0
     assert beats and beats[0] < imported
@@ -88,11 +106,10 @@ def test_a_worker_without_heartbeats_fails_a_request_long_before_its_timeout(tmp
     timeout, although the connection's request timeout is 600 s (and the call's 60 s, so a regression fails with
     another message instead of hanging)."""
     context = zmq.Context()
-    heartbeats = Heartbeats(context, f"ipc://{tmp_path}/heartbeat.sock")
+    heartbeats = Heartbeats(context, f"ipc://{tmp_path}/heartbeat.sock", Keypair.new())
     endpoint = f"ipc://{tmp_path}/w.sock"
-    process = subprocess.Popen([sys.executable, "-c", SILENT_WORKER, endpoint], stdin=subprocess.DEVNULL)
-    heartbeats.watch("silent", process)
-    connection = WorkerConnection(context, "silent", endpoint, process, 600, heartbeats)
+    process, keys = start(SILENT_WORKER, heartbeats, "silent", endpoint)
+    connection = WorkerConnection(context, "silent", endpoint, process, 600, heartbeats, keys.public, 1 << 20)
     try:
         assert connection.call("ping", timeout_s=BOUND_S).header["ok"] is True
         started = time.monotonic()
@@ -112,11 +129,12 @@ def test_a_coordinator_stopped_with_its_workers_does_not_fail_them_once_resumed(
     """Ctrl-Z stops the whole process group and fg resumes it: silence while the coordinator was not listening
     is not held against the workers, and a worker that stays silent while it listens still is."""
     context = zmq.Context()
-    heartbeats = Heartbeats(context, f"ipc://{tmp_path}/heartbeat.sock")
+    heartbeats = Heartbeats(context, f"ipc://{tmp_path}/heartbeat.sock", Keypair.new())
     script = ("import os, sys, time; from hsplit_sim.runtime.heartbeat import start_beating; "
-              "start_beating('w', sys.argv[1], os.getppid(), 'tcp://127.0.0.1:1'); time.sleep(60)")
-    process = subprocess.Popen([sys.executable, "-c", script, heartbeats.endpoint], stdin=subprocess.DEVNULL)
-    heartbeats.watch("w", process)
+              "from hsplit_sim.runtime.worker import read_keys; "
+              "start_beating('w', sys.argv[1], os.getppid(), 'tcp://127.0.0.1:1', *read_keys(sys.stdin)); "
+              "time.sleep(60)")
+    process, _ = start(script, heartbeats, "w", heartbeats.endpoint)
 
     def listen(seconds: float) -> None:
         for _ in range(int(seconds / 0.2)):

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,6 +13,8 @@ import zmq
 from hsplit_sim.errors import RunError
 from hsplit_sim.runtime.connection import WorkerConnection
 from hsplit_sim.runtime.heartbeat import Heartbeats
+from hsplit_sim.runtime.keys import Keypair
+from hsplit_sim.runtime.launcher import spawn_worker
 from hsplit_sim.runtime.wire import PROTOCOL_VERSION, ProtocolError, decode, encode
 
 
@@ -117,20 +118,25 @@ def test_decode_rejects_oversized_header():
 # --- a real worker process -----------------------------------------------------------------------
 
 
+FRAME_LIMIT = 1 << 20
+
+
 @pytest.fixture
 def worker(tmp_path):
-    """A worker process on an ipc endpoint, beating to this process; killed whatever the test does."""
+    """A worker process on an ipc endpoint, beating to this process; killed whatever the test does. Yields the
+    process, a function that makes an authenticated connection to it, a context and the heartbeats."""
     endpoint = f"ipc://{tmp_path}/w.sock"
     context = zmq.Context()
-    heartbeats = Heartbeats(context, f"ipc://{tmp_path}/heartbeat.sock")
+    heartbeats = Heartbeats(context, f"ipc://{tmp_path}/heartbeat.sock", Keypair.new())
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    process = subprocess.Popen([sys.executable, "-m", "hsplit_sim.runtime.worker", "--name", "t",
-                                "--endpoint", endpoint, "--heartbeat", heartbeats.endpoint,
-                                "--parent", str(os.getpid())], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, env=env)
-    heartbeats.watch("t", process)
+    process, keys = spawn_worker("t", endpoint, heartbeats, FRAME_LIMIT, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, env=env)
+
+    def connect(timeout_s=30) -> WorkerConnection:
+        return WorkerConnection(context, "t", endpoint, process, timeout_s, heartbeats, keys.public, FRAME_LIMIT)
+
     try:
-        yield process, endpoint, context, heartbeats
+        yield process, connect, context, heartbeats
     finally:
         if process.poll() is None:
             process.kill()
@@ -147,10 +153,8 @@ def request(sock, frames, timeout_s=20.0) -> dict:
 
 
 def test_worker_answers_garbage_with_errors_and_keeps_serving(worker):
-    process, endpoint, context, _ = worker
-    sock = context.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    process, connect, _, _ = worker
+    sock = connect().socket  # the connection's authenticated socket, for frames it would never send
 
     reply = request(sock, [b"\x00\x01 garbage", b"more garbage"])
     assert reply["ok"] is False and "malformed" in reply["error"] and reply["id"] is None
@@ -182,8 +186,8 @@ def test_worker_answers_garbage_with_errors_and_keeps_serving(worker):
 
 
 def test_connection_notices_a_dead_worker(worker):
-    process, endpoint, context, heartbeats = worker
-    connection = WorkerConnection(context, "t", endpoint, process, 30, heartbeats)
+    process, connect, _, _ = worker
+    connection = connect()
     try:
         assert connection.call("ping", timeout_s=20).header["result"]["pid"] == process.pid
         process.send_signal(signal.SIGKILL)
@@ -197,8 +201,8 @@ def test_connection_notices_a_dead_worker(worker):
 
 
 def test_connection_reports_a_failed_request(worker):
-    process, endpoint, context, heartbeats = worker
-    connection = WorkerConnection(context, "t", endpoint, process, 30, heartbeats)
+    process, connect, _, _ = worker
+    connection = connect()
     try:
         with pytest.raises(RunError, match="failed on 'backward'.*before init"):
             connection.call("backward", client=0, timeout_s=20)

@@ -51,6 +51,32 @@ def check_environment(scenario: Scenario) -> None:
             socket.getaddrinfo(runtime.host, None)
         except (OSError, UnicodeError) as e:
             raise ScenarioError(f"runtime.host: cannot resolve {runtime.host!r} ({e})") from None
+    if runtime.key_file is not None:
+        coordinator_keys(scenario)
+
+
+def coordinator_keys(scenario: Scenario):
+    """The coordinator's key pair from runtime.key_file (runtime/keys.py), or None when the run makes its own;
+    a ScenarioError when the file cannot serve."""
+    if scenario.runtime.key_file is None:
+        return None
+    from hsplit_sim.runtime.keys import KeyFileError, load_key_file  # ZeroMQ only where a key file is named
+
+    try:
+        return load_key_file(Path(scenario.runtime.key_file))
+    except KeyFileError as e:
+        raise ScenarioError(f"runtime.key_file: {e}") from None
+
+
+def training_examples(scenario: Scenario) -> int:
+    """How many training examples the workers partition among the clients (after the checks above)."""
+    data = scenario.data
+    if data.name == "e2e-synthetic":
+        return data.train_examples
+    directory = e2e_dir(data.dir)
+    files = [e2e_file(directory, stem) for stem in ("devset", "trainset", "testset_w_refs")]
+    train, _ = _e2e_sizes(str(directory), tuple((str(p), p.stat().st_mtime_ns) for p in files if p))
+    return min(train, data.train_examples or train)
 
 
 def check_sweep(sweep) -> None:

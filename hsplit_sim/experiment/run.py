@@ -18,12 +18,13 @@ from hsplit_sim.backends.real import RealBackend
 from hsplit_sim.backends.replay import ProjectionBackend, ReplayBackend, ReplayMismatch
 from hsplit_sim.errors import RunError
 from hsplit_sim.experiment.coordinator import identity, reconcile
-from hsplit_sim.experiment.preflight import preflight
+from hsplit_sim.experiment.preflight import coordinator_keys, preflight, training_examples
 from hsplit_sim.experiment.progress import ProgressLine
 from hsplit_sim.experiment.rundir import RunWriter, WriteError
 from hsplit_sim.experiment.trajectory import timing_partition_sizes, training_key
 from hsplit_sim.results import RESULTS_VERSION
 from hsplit_sim.runtime.launcher import WorkerPool
+from hsplit_sim.runtime.wire import MAX_HEADER_BYTES
 from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, resolved_dict, server_precision
 from hsplit_sim.scenario.schema import Scenario
 from hsplit_sim.sim import Fleet, Simulation
@@ -36,6 +37,18 @@ def worker_init_args(scenario: Scenario, role: str, n_clients: int) -> dict:
     """What a worker needs to load the same model, data and partition as every other worker."""
     return {"role": role, "seed": scenario.seed, "torch_device": scenario.runtime.torch_device,
             "n_clients": n_clients, "model": scenario.model.model_dump(), "data": scenario.data.model_dump()}
+
+
+def frame_limit(scenario: Scenario, spec: costs.ModelSpec, n_clients: int) -> int:
+    """The largest frame a worker or the coordinator accepts (ZMQ_MAXMSGSIZE, less CurveZMQ's framing): a quarter
+    above the run's largest legitimate frame, the larger of the cost model's largest tensor
+    (costs.largest_frame_bytes) and the JSON header cap (wire.MAX_HEADER_BYTES). A sender checks its frames
+    against it too, so a frame the derivation missed fails loudly instead of being dropped unread."""
+    algorithm = scenario.algorithm
+    largest = costs.largest_frame_bytes(spec, scenario.training.batch_size, scenario.data.max_length,
+                                        max(algorithm.rank, *algorithm.rank_set), n_clients,
+                                        training_examples(scenario))
+    return max(largest, MAX_HEADER_BYTES) * 5 // 4
 
 
 def start_workers(pool: WorkerPool, scenario: Scenario, n_clients: int) -> list[np.ndarray]:
@@ -133,7 +146,8 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
             else:
                 pool = stack.enter_context(WorkerPool(
                     scenario.runtime.client_workers, scenario.runtime.transport, scenario.runtime.host,
-                    writer.path / "log.txt", scenario.runtime.request_timeout_s))
+                    writer.path / "log.txt", scenario.runtime.request_timeout_s,
+                    frame_limit(scenario, spec, len(clients)), coordinator_keys(scenario)))
                 log.info("workers started: %s", pool.pids())
                 partitions = start_workers(pool, scenario, len(clients))
                 backend = RealBackend(scenario, pool.server, pool.client_workers, partitions, stats)

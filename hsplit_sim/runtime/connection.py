@@ -1,5 +1,5 @@
 """The coordinator's side of a worker: requests with timeouts that notice a dead worker within a second and a
-stopped or unreachable one within seconds (heartbeat.py)."""
+stopped or unreachable one within seconds (heartbeat.py), over CurveZMQ (keys.py) with a frame limit both ways."""
 
 import itertools
 import subprocess
@@ -10,21 +10,27 @@ import zmq
 from hsplit_sim.errors import RunError
 from hsplit_sim.runtime import stop
 from hsplit_sim.runtime.heartbeat import HEARTBEAT_TIMEOUT_S, Heartbeats
-from hsplit_sim.runtime.wire import Message, ProtocolError, decode, encode
+from hsplit_sim.runtime.keys import as_client, max_msgsize
+from hsplit_sim.runtime.wire import Message, ProtocolError, decode, encode, frame_bytes
 
 POLL_MS = 200
 
 
 class WorkerConnection:
     def __init__(self, context: zmq.Context, name: str, endpoint: str, process: subprocess.Popen,
-                 timeout_s: float, heartbeats: Heartbeats):
+                 timeout_s: float, heartbeats: Heartbeats, server_key: bytes, frame_limit: int):
+        """server_key: the worker's public key; the coordinator's own key pair is the heartbeats'. frame_limit:
+        the run's largest legitimate frame (a larger reply closes the connection before it is read)."""
         self.name = name
         self.endpoint = endpoint
         self.process = process
         self.timeout_s = timeout_s
         self.heartbeats = heartbeats
+        self.frame_limit = frame_limit
         self.socket = context.socket(zmq.REQ)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_msgsize(frame_limit))
+        as_client(self.socket, heartbeats.keys, server_key)
         self.socket.connect(endpoint)
         self._ids = itertools.count(1)
         self.failure: str | None = None
@@ -49,8 +55,13 @@ class WorkerConnection:
             raise RunError(self.failure)
         request_id = next(self._ids)
         header = {"op": op, "id": request_id, "client": client, "args": args or {}}
+        frames = encode(header, tensors)
+        largest = frame_bytes(frames)
+        if largest > self.frame_limit:  # the worker would drop the connection, and the request with it
+            raise RunError(f"worker {self.name}: a frame of {largest:,} bytes in {op!r} exceeds the run's frame "
+                           f"limit of {self.frame_limit:,} bytes (a bug in the limit's derivation)")
         try:
-            self.socket.send_multipart(encode(header, tensors), copy=False)
+            self.socket.send_multipart(frames, copy=False)
         except zmq.ZMQError as exc:
             raise self._fail(f"worker {self.name}: could not send {op!r}: {exc}") from None
         return request_id

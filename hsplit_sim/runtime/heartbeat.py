@@ -9,6 +9,9 @@ coordinator is gone, mid-request included (the request loop cannot look while to
 The thread keeps beating while the worker's main thread computes: torch releases the GIL inside its operators and
 Python hands the GIL over every 5 ms (sys.getswitchinterval) otherwise; tests/test_liveness.py checks the gaps
 while a process imports torch and multiplies matrices.
+
+Both ends use CurveZMQ (keys.py): the PULL socket is a server that admits only the keys of the workers it watches,
+and a beat counts only for the worker whose key sent it, so no other process can keep a stopped worker alive.
 """
 
 import contextlib
@@ -20,26 +23,43 @@ import time
 
 import zmq
 
+from hsplit_sim.runtime.keys import Gate, Keypair, as_client, as_server
+
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TIMEOUT_S = 5.0
+MAX_BEAT_BYTES = 1024  # a beat is a worker's name: the PULL socket's ZMQ_MAXMSGSIZE
 
 
 class Heartbeats:
     """The coordinator's end: when each worker was last heard from, by the coordinator's clock at draining."""
 
-    def __init__(self, context: zmq.Context, endpoint: str):
-        """endpoint: an ipc path, or tcp://HOST:* for a free port (self.endpoint then names the port)."""
+    def __init__(self, context: zmq.Context, endpoint: str, keys: Keypair):
+        """endpoint: an ipc path, or tcp://HOST:* for a free port (self.endpoint then names the port); keys: the
+        coordinator's. Starts the context's ZAP handler (one per context), which close() stops."""
+        self.keys = keys
+        self.gate = Gate(context, name="coordinator")
         self.socket = context.socket(zmq.PULL)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(endpoint)
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self.socket.setsockopt(zmq.LINGER, 0)
+            self.socket.setsockopt(zmq.MAXMSGSIZE, MAX_BEAT_BYTES)
+            as_server(self.socket, keys)
+            self.socket.bind(endpoint)
+        except BaseException:
+            self.close()
+            raise
+        # what workers connect to: a bind to every interface is reached on loopback here
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT).replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
         self.silent: set[str] = set()  # every worker stale() has reported: close() kills them without asking
         self._last: dict[str, float] = {}
         self._processes: dict[str, subprocess.Popen] = {}
+        self._user_ids: dict[str, str] = {}
         self._drained = time.monotonic()
 
-    def watch(self, name: str, process: subprocess.Popen) -> None:
-        """Expect heartbeats from a worker just started (the clock starts now, its first beat is due soon)."""
+    def watch(self, name: str, process: subprocess.Popen, public: bytes) -> None:
+        """Expect heartbeats from a worker just started with that public key (the clock starts now, its first beat
+        is due soon)."""
+        self.gate.admit(public)
+        self._user_ids[name] = public.decode()  # the ZAP handler's User-Id of a CurveZMQ client: its Z85 key
         self._last[name] = time.monotonic()
         self._processes[name] = process
 
@@ -54,8 +74,9 @@ class Heartbeats:
             self._last = dict.fromkeys(self._last, now)
         self._drained = now
         while self.socket.poll(0):
-            name = self.socket.recv().decode(errors="replace")
-            if name in self._last:
+            frame = self.socket.recv(copy=False)
+            name = frame.bytes.decode(errors="replace")
+            if name in self._last and frame.get("User-Id") == self._user_ids[name]:
                 self._last[name] = now
         stale = [name for name, last in self._last.items()
                  if now - last > HEARTBEAT_TIMEOUT_S and self._processes[name].poll() is None]
@@ -64,20 +85,23 @@ class Heartbeats:
 
     def close(self) -> None:
         self.socket.close(linger=0)
+        self.gate.close()
 
 
-def start_beating(name: str, endpoint: str, parent: int, serving: str) -> None:
+def start_beating(name: str, endpoint: str, parent: int, serving: str, keys: Keypair, coordinator: bytes) -> None:
     """The worker's end, started before anything heavy is imported. parent: the coordinator's pid, passed on the
     command line so that a coordinator gone before the worker started is noticed too; serving: the worker's own
-    endpoint."""
+    endpoint; keys: the worker's; coordinator: the coordinator's public key."""
     ipc_paths = [e.removeprefix("ipc://") for e in (serving, endpoint) if e.startswith("ipc://")]
-    threading.Thread(target=_beat, args=(name, endpoint, parent, ipc_paths), name="heartbeat", daemon=True).start()
+    threading.Thread(target=_beat, args=(name, endpoint, parent, ipc_paths, keys, coordinator), name="heartbeat",
+                     daemon=True).start()
 
 
-def _beat(name: str, endpoint: str, parent: int, ipc_paths: list[str]) -> None:
+def _beat(name: str, endpoint: str, parent: int, ipc_paths: list[str], keys: Keypair, coordinator: bytes) -> None:
     socket = zmq.Context().socket(zmq.PUSH)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 10)
+    as_client(socket, keys, coordinator)
     socket.connect(endpoint)
     while True:
         if os.getppid() != parent:

@@ -1,5 +1,6 @@
 """Starts the server worker and the client workers as local processes and connects to them."""
 
+import json
 import os
 import shutil
 import socket
@@ -13,8 +14,10 @@ import zmq
 from hsplit_sim.runtime import stop
 from hsplit_sim.runtime.connection import WorkerConnection
 from hsplit_sim.runtime.heartbeat import Heartbeats
+from hsplit_sim.runtime.keys import Keypair
 
 SHUTDOWN_GRACE_S = 5
+WILDCARD = "0.0.0.0"  # a bind to every interface, which local workers and the coordinator reach on loopback
 
 
 def _free_tcp_port(host: str) -> int:
@@ -23,19 +26,49 @@ def _free_tcp_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
+def spawn_worker(name: str, endpoint: str, heartbeats: Heartbeats, frame_limit: int, **popen) -> tuple[
+        subprocess.Popen, Keypair]:
+    """Start a worker process that binds `endpoint` with a key pair of its own, made here and written into its
+    stdin with the coordinator's public key (never on its command line); it is watched by `heartbeats` from now.
+    popen: stdout, stderr, env for subprocess.Popen. Returns the process and the worker's key pair."""
+    keys = Keypair.new()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hsplit_sim.runtime.worker", "--name", name, "--endpoint", endpoint,
+         "--heartbeat", heartbeats.endpoint, "--parent", str(os.getpid()), "--max-frame", str(frame_limit)],
+        stdin=subprocess.PIPE, **popen)
+    hand_keys(process, keys, heartbeats.keys.public)
+    heartbeats.watch(name, process, keys.public)
+    return process, keys
+
+
+def hand_keys(process: subprocess.Popen, keys: Keypair, coordinator: bytes) -> None:
+    """Write a worker's key pair and the coordinator's public key into its stdin, one JSON line, and close it
+    (what worker.read_keys reads). A pipe of 64 KiB takes the line without waiting for the worker."""
+    try:
+        process.stdin.write(json.dumps({"keys": keys.to_wire(), "coordinator": coordinator.decode()}).encode()
+                            + b"\n")
+        process.stdin.close()
+    except OSError:  # it died at once: its connection reports how
+        pass
+
+
 class WorkerPool:
     """One server worker and `client_workers` client workers, each its own process."""
 
     def __init__(self, client_workers: int, transport: str, host: str, log_path: Path, timeout_s: float,
-                 torch_threads: int | None = None):
+                 frame_limit: int, keys: Keypair | None = None, torch_threads: int | None = None):
+        """frame_limit: the run's largest legitimate frame in bytes (a larger one is refused unread, both ways);
+        keys: the coordinator's key pair (runtime.key_file), else one made for this run."""
         self.context = zmq.Context()
         self._ipc_dir = tempfile.mkdtemp(prefix="hsplit-sim-") if transport == "ipc" else None
         self._log = open(log_path, "ab")
         self._processes: list[subprocess.Popen] = []
         self.connections = {}
-        self.heartbeats = Heartbeats(self.context, f"ipc://{self._ipc_dir}/heartbeat.sock" if self._ipc_dir
-                                     else f"tcp://{host}:*")
+        self.frame_limit = frame_limit
+        self.heartbeats = None
         try:
+            self.heartbeats = Heartbeats(self.context, f"ipc://{self._ipc_dir}/heartbeat.sock" if self._ipc_dir
+                                         else f"tcp://{host}:*", keys or Keypair.new())
             self._start(client_workers, host, timeout_s, torch_threads)
         except BaseException:  # Ctrl-C while starting: the workers started so far and the socket folder go too
             self.close()
@@ -51,15 +84,12 @@ class WorkerPool:
         for name in ["server"] + [f"clients{i}" for i in range(client_workers)]:
             endpoint = (f"ipc://{self._ipc_dir}/{name}.sock" if self._ipc_dir
                         else f"tcp://{host}:{_free_tcp_port(host)}")
-            process = subprocess.Popen(
-                [sys.executable, "-m", "hsplit_sim.runtime.worker", "--name", name, "--endpoint", endpoint,
-                 "--heartbeat", self.heartbeats.endpoint, "--parent", str(os.getpid())],
-                stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            )
+            process, keys = spawn_worker(name, endpoint, self.heartbeats, self.frame_limit, stdout=self._log,
+                                         stderr=subprocess.STDOUT, env=env)
             self._processes.append(process)
-            self.heartbeats.watch(name, process)
-            self.connections[name] = WorkerConnection(self.context, name, endpoint, process, timeout_s,
-                                                      self.heartbeats)
+            reach = endpoint.replace(f"tcp://{WILDCARD}:", "tcp://127.0.0.1:")
+            self.connections[name] = WorkerConnection(self.context, name, reach, process, timeout_s,
+                                                      self.heartbeats, keys.public, self.frame_limit)
 
     @property
     def server(self) -> WorkerConnection:
@@ -85,8 +115,9 @@ class WorkerPool:
                     except Exception:  # noqa: BLE001 - a worker that cannot stop politely is killed below
                         pass
                 connection.close()
+            silent = self.heartbeats.silent if self.heartbeats else set()
             for connection in self.connections.values():
-                if connection.failure or connection.name in self.heartbeats.silent:
+                if connection.failure or connection.name in silent:
                     connection.process.kill()
             for process in self._processes:
                 try:
@@ -94,7 +125,8 @@ class WorkerPool:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-            self.heartbeats.close()
+            if self.heartbeats:
+                self.heartbeats.close()
             self.context.term()
             self._log.close()
             if self._ipc_dir:

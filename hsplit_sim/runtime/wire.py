@@ -45,6 +45,11 @@ def encode(header: dict, tensors: dict[str, np.ndarray] | None = None) -> list:
     return [json.dumps(full, separators=(",", ":")).encode()] + [memoryview(a.reshape(-1)).cast("B") for a in arrays.values()]
 
 
+def frame_bytes(frames: list) -> int:
+    """The largest frame of a message as encode gives it (bytes and memoryviews)."""
+    return max((len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames), default=0)
+
+
 def decode(frames: list, required: tuple[str, ...] = ()) -> Message:
     """Parse and validate a frame sequence; every problem is a ProtocolError naming it."""
     if not frames:

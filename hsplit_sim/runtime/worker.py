@@ -2,9 +2,15 @@
 
 Every header is validated; a malformed or unknown request gets an error reply and the worker keeps
 serving. The worker exits when asked, or when the process that started it is gone (heartbeat.py).
+
+Its REP socket is a CurveZMQ server that admits only the coordinator's key (keys.py), and refuses any frame
+over the run's frame limit (`--max-frame`, ZMQ_MAXMSGSIZE) before reading it. It reads its keys from stdin, one
+JSON line `{"keys": {"public": Z85, "secret": Z85}, "coordinator": Z85}`, which the coordinator writes into a
+pipe and closes: nothing secret is on the command line, in the environment or on disk.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -13,7 +19,8 @@ import traceback
 import zmq
 
 from hsplit_sim.runtime.heartbeat import start_beating
-from hsplit_sim.runtime.wire import Message, ProtocolError, decode, encode
+from hsplit_sim.runtime.keys import Gate, Keypair, as_server, checked_key, max_msgsize
+from hsplit_sim.runtime.wire import Message, ProtocolError, decode, encode, frame_bytes
 
 
 class Worker:
@@ -44,10 +51,13 @@ class Worker:
         return method(client, args, message.tensors)
 
 
-def serve(name: str, endpoint: str) -> None:
+def serve(name: str, endpoint: str, keys: Keypair, coordinator: bytes, frame_limit: int) -> None:
     context = zmq.Context()
+    gate = Gate(context, [coordinator], name=f"worker {name}")  # before the bind: no handshake goes unchecked
     sock = context.socket(zmq.REP)
     sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_msgsize(frame_limit))
+    as_server(sock, keys)
     sock.bind(endpoint)
     worker = Worker(name)
     while True:
@@ -59,8 +69,11 @@ def serve(name: str, endpoint: str) -> None:
             started = time.perf_counter()
             result, tensors = worker.handle(message)
             seconds = time.perf_counter() - started  # the host's measurement, beside the simulated duration
-            sock.send_multipart(encode({"id": request_id, "ok": True, "result": result, "seconds": seconds},
-                                       tensors), copy=False)
+            frames = encode({"id": request_id, "ok": True, "result": result, "seconds": seconds}, tensors)
+            if frame_bytes(frames) > frame_limit:  # the coordinator would drop it unread and wait for ever
+                raise RuntimeError(f"a reply frame of {frame_bytes(frames):,} bytes exceeds the run's frame limit of "
+                                   f"{frame_limit:,} bytes (a bug in the limit's derivation)")
+            sock.send_multipart(frames, copy=False)
         except ProtocolError as exc:
             sock.send_multipart(encode({"id": request_id, "ok": False, "error": f"malformed request: {exc}"}))
         except Exception as exc:  # noqa: BLE001 - any failure of one request becomes its error reply
@@ -69,18 +82,40 @@ def serve(name: str, endpoint: str) -> None:
         if op == "shutdown":
             break
     sock.close()
+    gate.close()
     context.term()
 
 
+def read_keys(stream) -> tuple[Keypair, bytes]:
+    """(the worker's key pair, the coordinator's public key) from the one JSON line the coordinator writes; the
+    stream is closed after it, and stdin reopened on /dev/null."""
+    try:
+        line = stream.readline(4096)
+        data = json.loads(line)
+        return Keypair.from_wire(data["keys"]), checked_key(data["coordinator"], "coordinator key")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"worker: no keys on stdin ({exc}); a coordinator starts workers, writing their keys into "
+                         "their stdin") from None
+    finally:
+        stream.close()
+        null = os.open(os.devnull, os.O_RDONLY)
+        if null != 0:
+            os.dup2(null, 0)
+            os.close(null)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="hsplit-sim worker process")
+    parser = argparse.ArgumentParser(description="hsplit-sim worker process (its keys come on stdin)")
     parser.add_argument("--name", required=True)
     parser.add_argument("--endpoint", required=True, help="ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555")
     parser.add_argument("--heartbeat", required=True, help="the coordinator's heartbeat endpoint to connect to")
     parser.add_argument("--parent", required=True, type=int, help="the coordinator's pid: the worker exits without it")
+    parser.add_argument("--max-frame", required=True, type=int,
+                        help="the run's frame limit in bytes: a larger frame closes its connection unread")
     args = parser.parse_args(argv)
-    start_beating(args.name, args.heartbeat, args.parent, args.endpoint)
-    serve(args.name, args.endpoint)
+    keys, coordinator = read_keys(sys.stdin)
+    start_beating(args.name, args.heartbeat, args.parent, args.endpoint, keys, coordinator)
+    serve(args.name, args.endpoint, keys, coordinator, args.max_frame)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Every problem becomes one ScenarioError line that names the field path, so the C
 """
 
 import copy
+import ipaddress
 import os
 import re
 import stat
@@ -138,12 +139,12 @@ def scenario_from_dict(data: dict, overrides: list[str] = (), relative_to: Path 
     return scenario
 
 
-TRACE_FIELDS = (("system", "availability", "trace"), ("system", "bandwidth_trace"))
+TRACE_FIELDS = (("system", "availability", "trace"), ("system", "bandwidth_trace"), ("runtime", "key_file"))
 
 
 def absolute_trace_paths(data: dict, folder: Path) -> None:
-    """Make the trace files a scenario mapping names by relative paths absolute, as seen from `folder` (the file
-    that names them is there), in place."""
+    """Make the files a scenario mapping names by relative paths (traces, the key file) absolute, as seen from
+    `folder` (the file that names them is there), in place."""
     for *parents, key in TRACE_FIELDS:
         node = data
         for parent in parents:
@@ -283,6 +284,7 @@ def _check(scenario: Scenario) -> None:
 
     _check_system(scenario)
     _check_precision(scenario)
+    _check_host(scenario)
 
     n_clients = sum(group.count for group in scenario.clients)
     client_rounds = n_clients * scenario.training.rounds
@@ -298,6 +300,26 @@ def _check(scenario: Scenario) -> None:
             raise ScenarioError(
                 f"clients.{i}.memory_budget_gb: {group.memory_budget_gb:g} GB exceeds the device's {memory:g} GB"
             )
+
+
+def _check_host(scenario: Scenario) -> None:
+    """tcp listens on loopback unless the scenario names another interface and a key file (docs/architecture.md,
+    Authentication): every socket is encrypted and authenticated anyway, but nothing listens beyond this machine
+    by default or by accident."""
+    runtime = scenario.runtime
+    if runtime.transport == "tcp" and runtime.key_file is None and not is_loopback(runtime.host):
+        raise ScenarioError(f"runtime.host: {runtime.host!r} is not a loopback address; listening there needs "
+                            "runtime.key_file too (hsplit-sim keygen FILE)")
+
+
+def is_loopback(host: str) -> bool:
+    """A loopback address or `localhost`; a name is not resolved, so any other name counts as an interface."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_precision(scenario: Scenario) -> None:

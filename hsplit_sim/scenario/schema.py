@@ -285,7 +285,11 @@ class RuntimeSpec(StrictModel):
     torch_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     request_timeout_s: float = Field(600.0, gt=0)
     transport: Literal["ipc", "tcp"] = "ipc"
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", description="the interface tcp sockets bind: loopback unless key_file is set too")
+    key_file: str | None = Field(None, description="a CurveZMQ secret certificate (hsplit-sim keygen FILE; mode "
+                                 "0600) that becomes the coordinator's key; needed for a tcp host other than "
+                                 "loopback (relative paths: to the scenario file). Without it each run makes its "
+                                 "own keys")
     timing_only: bool = Field(False, description="simulate time only, with costs and bytes from the cost model: "
                               "no workers, no torch, no training (accuracy columns are NaN)")
     replay_from: str | None = Field(None, description="a run directory whose training to replay: the run is "
