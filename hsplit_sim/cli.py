@@ -14,6 +14,9 @@ from hsplit_sim.runtime import stop  # past the experiment layer on purpose: the
                                      # the Ctrl-C/SIGTERM flag that worker connections read (no heavy imports)
 
 
+DEFAULT_WORKER_FRAME = 64 << 20  # a worker started by hand knows no run's frame limit: --max-frame sets one
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; expected failures become one `error:` line and an exit status."""
     parser = _parser()
@@ -108,6 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     examples = commands.add_parser("examples", help="list the example scenarios and sweeps that ship with the package")
     examples.add_argument("--copy", metavar="DIR", default=None, help="write every example into DIR for editing")
     examples.set_defaults(handler=_examples)
+
+    worker = commands.add_parser(
+        "worker", help="start a server or client worker by hand, for a coordinator holding the same key file")
+    worker.add_argument("--listen", required=True, metavar="ADDR",
+                        help="ZeroMQ endpoint to listen on: tcp://HOST:PORT (PORT * for a free one) or ipc://PATH")
+    worker.add_argument("--key", required=True, metavar="FILE",
+                        help="the key file (hsplit-sim keygen) that the coordinator's runtime.key_file names")
+    worker.add_argument("--name", default="remote", help="the worker's name in its log lines (default: remote)")
+    worker.add_argument("--max-frame", type=_positive, default=DEFAULT_WORKER_FRAME, metavar="BYTES",
+                        help="refuse frames above this many bytes unread (default: 64 MiB)")
+    worker.set_defaults(handler=_worker)
 
     keygen = commands.add_parser("keygen", help="write a new CurveZMQ key file for runtime.key_file (mode 0600)")
     keygen.add_argument("file", metavar="FILE", help="where the secret certificate goes; never overwritten")
@@ -343,6 +357,24 @@ def _examples(args: argparse.Namespace) -> int:
         print(f"  {example.name:<{width}}  {example.kind:<8}  {example.description}")
     print("Run one by name (hsplit-sim run tiny; hsplit-sim sweep whatif/bandwidth), or copy them all for editing "
           "(hsplit-sim examples --copy DIR).")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import re
+
+    if not re.fullmatch(r"tcp://[^\s/]+:(\*|\d{1,5})|ipc://\S+", args.listen):
+        raise ScenarioError(f"--listen: {args.listen!r} is not tcp://HOST:PORT or ipc://PATH")
+    from hsplit_sim.runtime.keys import KeyFileError
+    from hsplit_sim.runtime.worker import serve_by_hand
+
+    try:
+        serve_by_hand(args.listen, args.key, args.name, args.max_frame,
+                      lambda text: print(text, file=sys.stderr, flush=True))
+    except KeyFileError as e:
+        raise ScenarioError(f"--key: {e}") from None
+    except OSError as e:
+        raise ScenarioError(f"--listen: {e}") from None
     return 0
 
 

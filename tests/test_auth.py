@@ -334,3 +334,79 @@ def test_a_key_file_opens_an_interface_and_must_be_a_private_secret_certificate(
         assert main(["validate", str(path), *tcp, "--set", f"runtime.key_file={bad}"]) == 2
         line = one_error_line(capsys)
         assert line.startswith("error: runtime.key_file: ") and fragment in line, line
+
+
+# A second process, in a directory of its own, with its own copy of the key file: ping, then shutdown.
+HAND_CLIENT = """
+import json, sys, zmq
+from pathlib import Path
+from hsplit_sim.runtime.keys import Keypair, as_client, load_key_file
+from hsplit_sim.runtime.wire import decode, encode
+
+endpoint, key_file = sys.argv[1], sys.argv[2]
+context = zmq.Context()
+
+def ask(keys, server, op):
+    sock = context.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    as_client(sock, keys, server)
+    sock.connect(endpoint)
+    sock.send_multipart(encode({"op": op, "id": 1, "client": None, "args": {}}))
+    reply = decode(sock.recv_multipart()).header if sock.poll(20000 if keys is not None else 2000) else None
+    sock.close()
+    return reply
+
+keys = load_key_file(Path(key_file))
+answers = {"stranger": ask(Keypair.new(), keys.public, "shutdown"), "ping": ask(keys, keys.public, "ping"),
+           "shutdown": ask(keys, keys.public, "shutdown")}
+print(json.dumps(answers))
+"""
+
+
+def test_a_worker_started_by_hand_serves_the_holder_of_its_key_file_only(tmp_path):
+    """`hsplit-sim worker --listen ADDR --key FILE` and a client process over tcp, each in its own directory with
+    its own copy of the key file: a stranger's shutdown gets nothing, the key holder's ping and shutdown are
+    answered, and the worker exits 0."""
+    here, there = tmp_path / "worker-host", tmp_path / "coordinator-host"
+    here.mkdir()
+    there.mkdir()
+    assert main(["keygen", str(here / "run.key_secret")]) == 0
+    (there / "run.key_secret").write_bytes((here / "run.key_secret").read_bytes())
+    (there / "run.key_secret").chmod(0o600)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    worker = subprocess.Popen([sys.executable, "-m", "hsplit_sim.cli", "worker", "--listen", "tcp://127.0.0.1:*",
+                               "--key", "run.key_secret", "--name", "by-hand"], cwd=here, env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        announced = worker.stderr.readline()
+        assert announced.startswith("worker by-hand listening on tcp://127.0.0.1:"), announced
+        endpoint = announced.split()[4]
+        client = subprocess.run([sys.executable, "-c", HAND_CLIENT, endpoint, "run.key_secret"], cwd=there, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert client.returncode == 0, client.stderr
+        answers = json.loads(client.stdout)
+        assert answers["stranger"] is None
+        assert answers["ping"]["ok"] is True and answers["ping"]["result"]["name"] == "by-hand"
+        assert answers["ping"]["result"]["pid"] == worker.pid
+        assert answers["shutdown"]["ok"] is True
+        assert worker.wait(20) == 0
+        assert "refused a connection with an unknown CurveZMQ key" in worker.stderr.read()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+        worker.stdout.close()
+        worker.stderr.close()
+
+
+def test_a_worker_started_by_hand_refuses_a_bad_key_file_or_address_in_one_line(tmp_path, capsys):
+    key = tmp_path / "run.key_secret"
+    assert main(["keygen", str(key)]) == 0
+    capsys.readouterr()
+    assert main(["worker", "--listen", "127.0.0.1:5555", "--key", str(key)]) == 2
+    assert one_error_line(capsys) == "error: --listen: '127.0.0.1:5555' is not tcp://HOST:PORT or ipc://PATH"
+    assert main(["worker", "--listen", "tcp://no-such-host.invalid:5555", "--key", str(key)]) == 2
+    assert one_error_line(capsys).startswith("error: --listen: cannot listen on tcp://no-such-host.invalid:5555")
+    key.chmod(0o640)
+    assert main(["worker", "--listen", "tcp://127.0.0.1:*", "--key", str(key)]) == 2
+    assert "error: --key: " in one_error_line(capsys)

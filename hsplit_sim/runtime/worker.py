@@ -15,11 +15,12 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import zmq
 
 from hsplit_sim.runtime.heartbeat import start_beating
-from hsplit_sim.runtime.keys import Gate, Keypair, as_server, checked_key, max_msgsize
+from hsplit_sim.runtime.keys import Gate, Keypair, as_server, checked_key, load_key_file, max_msgsize
 from hsplit_sim.runtime.wire import Message, ProtocolError, decode, encode, frame_bytes
 
 
@@ -51,15 +52,32 @@ class Worker:
         return method(client, args, message.tensors)
 
 
-def serve(name: str, endpoint: str, keys: Keypair, coordinator: bytes, frame_limit: int) -> None:
+def serve(name: str, endpoint: str, keys: Keypair, coordinator: bytes, frame_limit: int,
+          on_bound=None) -> None:
+    """Bind endpoint and answer requests until `shutdown` (or an exception, KeyboardInterrupt included); an
+    endpoint that cannot be bound raises OSError. on_bound(endpoint) is called once bound, with the port of a
+    tcp://HOST:* endpoint filled in."""
     context = zmq.Context()
     gate = Gate(context, [coordinator], name=f"worker {name}")  # before the bind: no handshake goes unchecked
     sock = context.socket(zmq.REP)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_msgsize(frame_limit))
-    as_server(sock, keys)
-    sock.bind(endpoint)
-    worker = Worker(name)
+    try:
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_msgsize(frame_limit))
+        as_server(sock, keys)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise OSError(f"cannot listen on {endpoint} ({exc})") from None
+        if on_bound is not None:
+            on_bound(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        _answer(sock, Worker(name), frame_limit)
+    finally:
+        sock.close()
+        gate.close()
+        context.term()
+
+
+def _answer(sock: zmq.Socket, worker: Worker, frame_limit: int) -> None:
     while True:
         frames = sock.recv_multipart(copy=False)
         request_id = op = None
@@ -81,9 +99,17 @@ def serve(name: str, endpoint: str, keys: Keypair, coordinator: bytes, frame_lim
             sock.send_multipart(encode({"id": request_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"}))
         if op == "shutdown":
             break
-    sock.close()
-    gate.close()
-    context.term()
+
+
+def serve_by_hand(listen: str, key_file: str, name: str, frame_limit: int, announce) -> None:
+    """`hsplit-sim worker --listen ADDR --key FILE`: a worker started by hand, whose key pair is the key file's and
+    which admits only the key file's public key, that is a coordinator whose runtime.key_file is a copy of the same
+    file. It sends no heartbeats (it knows no coordinator until one connects) and serves until `shutdown`, Ctrl-C
+    or SIGTERM. announce(text) tells where it listens. Errors: KeyFileError, OSError."""
+    keys = load_key_file(Path(key_file))
+    serve(name, listen, keys, keys.public, frame_limit,
+          on_bound=lambda endpoint: announce(f"worker {name} listening on {endpoint} (public key "
+                                             f"{keys.public.decode()}, frames up to {frame_limit:,} bytes)"))
 
 
 def read_keys(stream) -> tuple[Keypair, bytes]:
