@@ -48,13 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=_validate)
 
     run = commands.add_parser("run", help="run a scenario and write a run directory")
-    _scenario_arguments(run)
+    _scenario_arguments(run, optional=True)
     run.add_argument("--timing-only", action="store_true",
                      help="simulate time only: costs and bytes from the cost model, no workers, no training "
                           "(same as --set runtime.timing_only=true)")
     run.add_argument("--replay", metavar="RUN_DIR", default=None,
                      help="re-time the training of a run directory with the same training key under this "
                           "scenario's system (same as --set runtime.replay_from=RUN_DIR)")
+    run.add_argument("--resume", metavar="RUN_DIR", default=None,
+                     help="continue a run that stopped (crashed, failed, interrupted) from its last complete round, "
+                          "in its own directory and with its own scenario (no FILE or other option)")
     run.set_defaults(handler=_run)
 
     devices = commands.add_parser("devices", help="list the built-in devices and links with their sources")
@@ -135,8 +138,10 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _scenario_arguments(parser: argparse.ArgumentParser, what: str = "scenario YAML file") -> None:
-    parser.add_argument("file", help=f"{what}, or the name of a shipped example (see hsplit-sim examples)")
+def _scenario_arguments(parser: argparse.ArgumentParser, what: str = "scenario YAML file",
+                        optional: bool = False) -> None:
+    parser.add_argument("file", nargs="?" if optional else None,
+                        help=f"{what}, or the name of a shipped example (see hsplit-sim examples)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -183,6 +188,18 @@ def _validate_sweep(path, overrides: list[str]) -> int:
 def _run(args: argparse.Namespace) -> int:
     from hsplit_sim.scenario import load_scenario, scenario_path
 
+    if args.resume is not None:
+        if args.file or args.overrides or args.timing_only or args.replay:
+            raise ScenarioError("--resume: the run directory holds the scenario; give no FILE, --set, --timing-only "
+                                "or --replay with it")
+        from hsplit_sim.experiment.run import resume_run
+
+        run_dir = resume_run(args.resume)
+        _plot(run_dir)
+        print(run_dir)
+        return 0
+    if args.file is None:
+        raise ScenarioError("run: give a scenario FILE (or --resume RUN_DIR)")
     overrides = list(args.overrides)
     if args.timing_only:
         overrides.append("runtime.timing_only=true")

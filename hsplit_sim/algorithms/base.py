@@ -88,6 +88,9 @@ class Algorithm:
     name: str
     family: str  # "split", "federated" or "centralised"
     order_sensitive = False  # clients share state updated in simulated-time order (a shared server adapter)
+    # Attributes that change from round to round: a checkpoint saves them at each round's end so that a run can
+    # resume (experiment/checkpoint.py); setup() rebuilds everything else from the scenario.
+    round_state: tuple[str, ...] = ()
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -119,6 +122,17 @@ class Algorithm:
 
     def round(self, round_index: int):
         raise NotImplementedError
+
+    def state(self) -> dict:
+        """The round_state attributes that exist (some appear on first use)."""
+        return {name: self.__dict__[name] for name in self.round_state if name in self.__dict__}
+
+    def restore(self, state: dict) -> None:
+        """Round state from a checkpoint, after setup()."""
+        unknown = set(state) - set(self.round_state)
+        if unknown:
+            raise ValueError(f"restore: {self.name} has no round state {sorted(unknown)}")
+        self.__dict__.update(state)
 
     def eval_adapters(self) -> list[str]:
         """The server worker's adapters that make up the global model (none: the base weights are it)."""

@@ -79,6 +79,8 @@ def merged_ranks(rank_maps) -> costs.Ranks:
 @register
 class HSplitLoRA(SplitProtocol):
     name = "hsplitlora"
+    round_state = SplitProtocol.round_state + ("importance", "importance_rows", "held", "shares", "global_adapter",
+                                               "layouts")
 
     class Config(AlgorithmConfig):
         name: Literal["hsplitlora"]

@@ -78,6 +78,15 @@ class Backend:
         [] where nothing runs for real."""
         raise NotImplementedError
 
+    def state(self) -> dict[str, tuple[dict, dict]]:
+        """What training holds at a round's end, for a checkpoint: each worker's state (its JSON part and its
+        tensors) by worker name; {} where nothing trains."""
+        raise NotImplementedError
+
+    def restore(self, state: dict[str, tuple[dict, dict]]) -> None:
+        """Put back what state() gave, after the algorithm's setup."""
+        raise NotImplementedError
+
 
 class TimingBackend(Backend):
     """Timing-only: nothing trains; every operation is free and returns nothing."""
@@ -124,3 +133,9 @@ class TimingBackend(Backend):
 
     def take_host_times(self) -> list[dict]:
         return []
+
+    def state(self) -> dict[str, tuple[dict, dict]]:
+        return {}
+
+    def restore(self, state) -> None:
+        pass

@@ -130,7 +130,7 @@ class RealBackend(Backend):
             flat = {}
             for path, (b, a) in outcome.merge.items():
                 flat[f"{path}.B"], flat[f"{path}.A"] = b, a
-            for worker in [self.server, *self.client_workers]:
+            for worker in self.workers:
                 worker.call("merge", tensors=flat)
 
     def evaluate(self, adapters) -> float:
@@ -160,6 +160,25 @@ class RealBackend(Backend):
     def take_host_times(self) -> list[dict]:
         rows, self.host_times = self.host_times, []
         return [dict(zip(HOST_TIME_COLUMNS, row)) for row in rows]
+
+    def state(self) -> dict[str, tuple[dict, dict]]:
+        """Every worker's dump_state, asked of all of them at once."""
+        pending = [(worker, worker.send("dump_state")) for worker in self.workers]
+        replies = [(worker.name, worker.reply("dump_state", request_id)) for worker, request_id in pending]
+        return {name: (reply.header["result"], reply.tensors) for name, reply in replies}
+
+    def restore(self, state) -> None:
+        if set(state) != {worker.name for worker in self.workers}:
+            raise RunError(f"the checkpoint holds workers {sorted(state)}, this run has "
+                           f"{sorted(worker.name for worker in self.workers)}")
+        pending = [(worker, worker.send("load_state", args=state[worker.name][0], tensors=state[worker.name][1]))
+                   for worker in self.workers]
+        for worker, request_id in pending:
+            worker.reply("load_state", request_id)
+
+    @property
+    def workers(self) -> list[WorkerConnection]:
+        return [self.server, *self.client_workers]
 
 
 class _RealSplitWork(SplitWork):

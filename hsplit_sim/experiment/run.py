@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import math
 import shutil
 import time
+from pathlib import Path
 from datetime import datetime, timezone
 
 import numpy as np
@@ -17,6 +18,7 @@ from hsplit_sim.backends import TimingBackend
 from hsplit_sim.backends.real import RealBackend
 from hsplit_sim.backends.replay import ProjectionBackend, ReplayBackend, ReplayMismatch
 from hsplit_sim.errors import RunError
+from hsplit_sim.experiment import checkpoint
 from hsplit_sim.experiment.coordinator import identity, reconcile
 from hsplit_sim.experiment.preflight import coordinator_keys, preflight, training_examples
 from hsplit_sim.experiment.progress import ProgressLine
@@ -100,8 +102,25 @@ def project_run(trained_dir, scenario: Scenario, progress: bool = True):
                          {"projection_differs_in": projection.differences(resolved_dict(scenario))})
 
 
+def resume_run(run_dir, progress: bool = True):
+    """Continue a run that stopped from the checkpoint of its last complete round, in its own directory
+    (experiment/checkpoint.py); a run directory that cannot resume is one ScenarioError line."""
+    scenario, summary, run, workers = checkpoint.resumable(run_dir)
+    return _run_scenario(scenario, progress, None, resumed=_Resumed(Path(run_dir), summary, run, workers))
+
+
+@dataclass
+class _Resumed:
+    """A stopped run and its checkpoint (checkpoint.resumable)."""
+
+    path: Path
+    summary: dict
+    run: dict
+    workers: dict
+
+
 def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | ProjectionBackend | None,
-                  note: dict | None = None):
+                  note: dict | None = None, resumed: _Resumed | None = None):
     per_copy = preflight(scenario)
     algorithm = ALGORITHMS[scenario.algorithm.name]
     accelerators = algorithm.server_accelerators(scenario)
@@ -109,33 +128,46 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
     spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
     clients = expanded_clients(scenario)
     timing_only = scenario.runtime.timing_only or replay is not None
-    writer = RunWriter.create(scenario.output.dir, scenario.name)
-    writer.write_resolved(resolved_dict(scenario))
+    if resumed:
+        writer = RunWriter(resumed.path)
+        for name in checkpoint.PART_TABLES:
+            writer.rewind(name, resumed.run["parts"].get(name, 0), resumed.run["round"])
+    else:
+        writer = RunWriter.create(scenario.output.dir, scenario.name)
+        writer.write_resolved(resolved_dict(scenario))
     handler = _RunLog(writer.path / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    started = time.monotonic()
-    summary = {"name": scenario.name, "algorithm": scenario.algorithm.name, "status": "running", "error": None,
-               "run_dir": str(writer.path), "started_at": datetime.now(timezone.utc).isoformat(),
-               "coordinator": identity(),
-               "n_clients": len(clients), "rounds_planned": scenario.training.rounds,
-               "timing_only": timing_only, "training_key": training_key(scenario),
-               "precision": {"server": server_precision(scenario),
-                             "clients": sorted({c.precision for c in clients})},
-               "server_placement": {"accelerators": accelerators, "accelerators_per_copy": per_copy,
-                                    "copies": copies},
-               "trajectory": replay.trajectory if replay else "timing-only" if timing_only else "trained",
-               "replayed_from": str(replay.run_dir) if replay else None, "results_version": RESULTS_VERSION,
-               **(note or {})}
+    rounds: list[dict] = resumed.run["rows"] if resumed else []
+    # wall_time_s goes on from where the stopped run left it
+    started = time.monotonic() - (rounds[-1]["wall_time_s"] if rounds else 0.0)
+    if resumed:
+        summary = dict(resumed.summary, status="running", error=None, coordinator=identity(),
+                       resumed=[*resumed.summary.get("resumed", []), {
+                           "from_round": resumed.run["round"], "at": datetime.now(timezone.utc).isoformat()}])
+        log.info("resuming %s after round %d", writer.path, resumed.run["round"])
+    else:
+        summary = {"name": scenario.name, "algorithm": scenario.algorithm.name, "status": "running", "error": None,
+                   "run_dir": str(writer.path), "started_at": datetime.now(timezone.utc).isoformat(),
+                   "coordinator": identity(),
+                   "n_clients": len(clients), "rounds_planned": scenario.training.rounds,
+                   "timing_only": timing_only, "training_key": training_key(scenario),
+                   "precision": {"server": server_precision(scenario),
+                                 "clients": sorted({c.precision for c in clients})},
+                   "server_placement": {"accelerators": accelerators, "accelerators_per_copy": per_copy,
+                                        "copies": copies},
+                   "trajectory": replay.trajectory if replay else "timing-only" if timing_only else "trained",
+                   "replayed_from": str(replay.run_dir) if replay else None, "results_version": RESULTS_VERSION,
+                   **(note or {})}
     writer.write_summary(summary)
-    sim = Simulation(copies)
+    sim = Simulation(copies, resumed.run["simulation"]["now"] if resumed else 0.0)
     fleet = Fleet(sim, clients, algorithm.server_device(scenario), accelerators,
                   scenario.system, scenario.seed, server_precision(scenario))
     writer.write_table("resources", fleet.resources())
     stats = RoundStats()
-    rounds: list[dict] = []
-    totals = RunTotals()
+    totals = RunTotals(**resumed.run["totals"]) if resumed else RunTotals()
+    first = resumed.run["round"] + 1 if resumed else 0
     try:
         with contextlib.ExitStack() as stack:
             progress_line = stack.enter_context(ProgressLine(f"{scenario.name}: round", scenario.training.rounds,
@@ -157,14 +189,18 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
             algorithm.setup()
             if algorithm.order_sensitive:
                 fleet.server_steps_in_turn()
+            saver = _Checkpoints(writer, ctx, algorithm, rounds, totals, summary["training_key"])
+            if resumed:
+                saver.restore(resumed.run, resumed.workers)
             simulated = time.monotonic()
-            sim.run(_rounds(ctx, algorithm, writer, rounds, started, progress_line, totals))
+            sim.run(_rounds(ctx, algorithm, writer, rounds, started, progress_line, totals, first, saver))
             summary["simulation_wall_s"] = time.monotonic() - simulated
             tables, fields = backend.outputs(algorithm.eval_adapters())
             for name, table in tables.items():
                 writer.write_table(name, table)
             summary.update(fields)
         summary["status"] = "completed"
+        writer.remove(checkpoint.FILE)  # a completed run cannot resume: its checkpoint would only take space
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="interrupted by the user")
         raise
@@ -240,13 +276,49 @@ class RunTotals:
     energy_j: float | None = None  # None: no device has power figures
     outcomes: Counter = field(default_factory=Counter)
 
+    def __post_init__(self):
+        self.outcomes = Counter(self.outcomes)  # from a checkpoint's JSON
+
+
+class _Checkpoints:
+    """The run's state at each round's end, saved into the run directory, and put back on resume (checkpoint.py
+    says what it holds)."""
+
+    def __init__(self, writer: RunWriter, ctx: RunContext, algorithm, rows: list[dict], totals: RunTotals,
+                 key: str):
+        self.writer, self.ctx, self.algorithm, self.rows, self.totals, self.key = (writer, ctx, algorithm, rows,
+                                                                                   totals, key)
+        self.digest = checkpoint.scenario_digest(writer.path)
+
+    def save(self, round_index: int) -> None:
+        fleet = self.ctx.fleet
+        run = {"training_key": self.key, "scenario_sha256": self.digest, "rows": self.rows,
+               "totals": {"energy_j": self.totals.energy_j, "outcomes": dict(self.totals.outcomes)},
+               "parts": {name: self.writer.parts.get(name, 0) for name in checkpoint.PART_TABLES},
+               "simulation": fleet.sim.state(), "fleet": fleet.state(), "algorithm": self.algorithm.state()}
+        checkpoint.save_checkpoint(self.writer, round_index, run, self.ctx.backend.state())
+
+    def restore(self, run: dict, workers: dict) -> None:
+        """After the algorithm's setup: the checkpoint's state over what setup made, and the tables that are
+        rewritten whole as they stood then."""
+        fleet = self.ctx.fleet
+        fleet.sim.restore(run["simulation"])
+        fleet.restore(run["fleet"])
+        self.algorithm.restore(run["algorithm"])
+        self.ctx.backend.restore(workers)
+        if self.rows:
+            self.writer.write_rounds(self.rows)
+        for name, table in self.algorithm.tables().items():
+            self.writer.write_table(name, table)
+
 
 def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], started: float, progress: ProgressLine,
-            totals: RunTotals):
-    """The run as one SimPy process: evaluate, then rounds, writing every table after each round (events and
-    clients as one more part each, the small tables rewritten whole)."""
+            totals: RunTotals, first: int, saver: _Checkpoints):
+    """The run as one SimPy process: evaluate, then rounds from `first` (0, or the round after a checkpoint),
+    writing every table after each round (events and clients as one more part each, the small tables rewritten
+    whole), and then the checkpoint."""
     training, fleet, sim = ctx.scenario.training, ctx.fleet, ctx.fleet.sim
-    for round_index in range(training.rounds + 1):
+    for round_index in range(first, training.rounds + 1):
         ctx.stats.losses, ctx.stats.agg_error = [], float("nan")
         clients = algorithm.client_rows(round_index)  # before the round: the plans it trains with
         started_s = sim.now
@@ -280,6 +352,7 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
         for name, table in algorithm.tables().items():
             writer.write_table(name, table)
         log.info("round %d: %s", round_index, rows[-1])
+        saver.save(round_index)
         progress.update(round_index, _round_status(row), keep=True)
 
 

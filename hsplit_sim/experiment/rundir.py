@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
@@ -139,6 +140,49 @@ class RunWriter:
             for file in parts.iterdir():
                 file.unlink()
             parts.rmdir()
+
+    @_written
+    def rewind(self, name: str, parts: int, last_round: int) -> None:
+        """A growing table back to where it stood at the end of round `last_round`, when its first `parts` parts
+        were written: later parts go. A table already combined (a run that ended failed or interrupted) is
+        authoritative, since its parts go only once it is whole: it becomes one part again, less its later rounds."""
+        folder, combined = self.path / f".{name}.parts", self.path / f"{name}.parquet"
+        if combined.is_file():
+            table = pq.read_table(combined)
+            table = table.filter(pc.field("round") <= last_round)
+            if folder.is_dir():
+                for file in folder.iterdir():
+                    file.unlink()
+            self.parts[name] = 0
+            if table.num_rows:
+                self._append_part(name, table)
+            combined.unlink()
+            return
+        self.parts[name] = parts
+        if folder.is_dir():
+            for file in folder.iterdir():
+                if not file.name[:6].isdigit() or int(file.name[:6]) >= parts:
+                    file.unlink()
+
+    @_written
+    def write_durably(self, name: str, data: bytes) -> None:
+        """A file that must survive a crash whole or not at all: written beside, flushed to the disk, renamed
+        over the old one, and the rename itself flushed (a kill at any point leaves the old file or the new)."""
+        partial = self.path / f".{name}.partial"
+        with open(partial, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, self.path / name)
+        folder = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    @_written
+    def remove(self, name: str) -> None:
+        (self.path / name).unlink(missing_ok=True)
 
     def finish_events(self) -> None:
         self.finish_parts("events", EVENT_SCHEMA)

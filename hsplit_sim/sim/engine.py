@@ -34,8 +34,8 @@ class Simulation:
     bound), so memory does not grow with the length of a run. `n_events` counts every row ever recorded.
     """
 
-    def __init__(self, accelerators: int):
-        self.env = simpy.Environment()
+    def __init__(self, accelerators: int, start_s: float = 0.0):
+        self.env = simpy.Environment(initial_time=start_s)
         self.server = ServerQueue(accelerators)
         self.events: list[tuple] = []
         self.flushed = 0
@@ -47,6 +47,19 @@ class Simulation:
     @property
     def n_events(self) -> int:
         return self.flushed + len(self.events)
+
+    def state(self) -> dict:
+        """The clock at a round's end, for a checkpoint. Nothing else waits then: every process of the round has
+        ended, and what SimPy may still hold (a deadline that did not fire, a medium's superseded wake-up) does
+        nothing when it fires, so a simulation started at `now` (start_s) with these values goes on the same."""
+        return {"now": self.env.now, "server_free_at": list(self.server.free_at), "events": self.n_events}
+
+    def restore(self, state: dict) -> None:
+        """The values of `state` on a simulation started at state["now"], whose server queue is set up."""
+        if self.env.now != state["now"] or len(self.server.free_at) != len(state["server_free_at"]):
+            raise ValueError("restore: the simulation's clock or server queue does not match the state's")
+        self.server.free_at = list(state["server_free_at"])
+        self.flushed = state["events"] - len(self.events)
 
     def take_events(self) -> list[tuple]:
         """The rows recorded since the last call; the list is emptied in place."""

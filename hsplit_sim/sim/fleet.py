@@ -254,6 +254,20 @@ class Fleet:
         self.participation: list[dict] = []  # rows not yet written, as events
         self._split_timing: dict[int, _SplitTiming] = {}
 
+    def state(self) -> dict:
+        """What the fleet carries from round to round, for a checkpoint (everything else is fixed by the scenario
+        or drawn afresh from the seed, the round and the client): bytes so far, and each client's factors of
+        the last round it trained in."""
+        if any(channel.flows for medium in self.media.values() for channel in (medium.up, medium.down)):
+            raise RunError("a transfer is still under way at the round's end: the fleet cannot be saved")
+        return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "factors": [[c.compute_factor, c.bandwidth_factor] for c in self.clients]}
+
+    def restore(self, state: dict) -> None:
+        self.bytes_up, self.bytes_down = state["bytes_up"], state["bytes_down"]
+        for client, (compute, bandwidth) in zip(self.clients, state["factors"], strict=True):
+            client.compute_factor, client.bandwidth_factor = compute, bandwidth
+
     def take_participation(self) -> list[dict]:
         rows, self.participation = self.participation, []
         return rows

@@ -64,8 +64,11 @@ class Role:
         self.peft = None
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.optimizer_args: dict[str, dict] = {}
-        self.adapter_args: dict[str, dict] = {}  # what configure was told, by adapter (reshape repeats it)
+        # what configure was told, by adapter, in the order they were made (reshape repeats it; dump_state)
+        self.adapter_args: dict[str, dict] = {}
         self.splits: dict[str, int] = {}
+        self.merged: set[str] = set()  # paths of the modules whose base weight a merge changed (dump_state)
+        self.full_args: dict | None = None  # full fine-tuning's optimizer args, once set up (dump_state)
 
     def _tensors(self, encoded) -> dict[str, torch.Tensor]:
         return {name: torch.from_numpy(getattr(encoded, name)).to(self.device)
@@ -80,7 +83,7 @@ class Role:
     def ops(self):
         return {"configure": self.configure, "reshape": self.reshape, "get_adapter": self.get_adapter,
                 "set_adapter": self.set_adapter, "merge": self.merge, "evaluate": self.evaluate,
-                "generate": self.generate}
+                "generate": self.generate, "dump_state": self.dump_state, "load_state": self.load_state}
 
     def configure(self, client, args, tensors):
         """(Re)create a named adapter with its ranks ([layer, module, rank] triples) and, if trained, its optimizer.
@@ -90,6 +93,7 @@ class Role:
         "min_rank"}) adds HetLoRA's self-pruning term to its training loss (tail_penalty).
         """
         name = args["adapter"]
+        self.adapter_args.pop(name, None)
         self.adapter_args[name] = args
         config = lora_config(self.lm.family, ranks_from_wire(args["ranks"]), args["scaling"])
         if self.peft is not None and name in self.peft.peft_config:
@@ -181,15 +185,86 @@ class Role:
         modules = {key[:-2] for key in tensors if key.endswith(".A")}
         if {m + suffix for m in modules for suffix in (".A", ".B")} != set(tensors):
             raise ValueError("merge needs an A and a B factor for every module")
-        root = self.peft if self.peft is not None else self.model
         with torch.no_grad():
             for path in sorted(modules):
-                module = root.get_submodule(path)
-                weight = getattr(module, "base_layer", module).weight
+                weight = self.base_weight(path)
                 delta = torch.from_numpy(np.array(tensors[path + ".B"])) @ torch.from_numpy(np.array(tensors[path + ".A"]))
                 # GPT-2's Conv1D stores (d_in, d_out); nn.Linear stores (d_out, d_in).
                 weight += (delta.T if self.lm.family == "gpt2" else delta).to(weight.device, weight.dtype)
+        self.merged |= modules
         return {"modules": len(modules)}, {}
+
+    def base_weight(self, path: str) -> torch.nn.Parameter:
+        """The frozen weight of the module at `path` (below the PEFT wrapping once there is one)."""
+        module = (self.peft if self.peft is not None else self.model).get_submodule(path)
+        return getattr(module, "base_layer", module).weight
+
+    def dump_state(self, client, args, tensors):
+        """Everything training changed since init, for a checkpoint (load_state puts it back): each adapter's
+        configuration and values and its optimizer's state, the base weights merges changed (their values, not
+        the merged factors: adding them again would round differently), every weight under full fine-tuning, and
+        torch's random state. Sent as the wire sends anything: a JSON header and raw buffers."""
+        state = {"adapters": list(self.adapter_args.values()), "merged": sorted(self.merged), "full": self.full_args,
+                 "optimizers": {}}
+        out = {"rng.cpu": torch.get_rng_state().numpy()}
+        if torch.cuda.is_available():
+            out.update({f"rng.cuda.{i}": s.numpy() for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        for name in self.adapter_args:
+            out.update({f"adapter.{name}.{key}": value.detach().cpu().numpy()
+                        for key, value in get_peft_model_state_dict(self.peft, adapter_name=name).items()})
+        for path in self.merged:
+            out[f"merged.{path}"] = self.base_weight(path).detach().cpu().numpy()
+        if self.full_args is not None:
+            out.update({f"full.{key}": value.detach().cpu().numpy() for key, value in self.model.state_dict().items()})
+        for name, optimizer in self.optimizers.items():
+            saved = optimizer.state_dict()
+            state["optimizers"][name] = saved["param_groups"]
+            for index, values in saved["state"].items():
+                out.update({f"optimizer.{name}.{index}.{key}": value.detach().cpu().numpy()
+                            for key, value in values.items()})
+        return state, out
+
+    def load_state(self, client, args, tensors):
+        """Put back what dump_state gave, over whatever this worker has configured since init: the adapters are
+        made again in their order (configure), then take their values, optimizer states and the changed base
+        weights; adapters the dump does not name are deleted."""
+        stale = set(self.adapter_args) - {adapter["adapter"] for adapter in args["adapters"]}
+        for adapter in args["adapters"]:
+            self.configure(None, adapter, {})
+        for name in stale:
+            self.peft.delete_adapter(name)
+            for held in (self.adapter_args, self.splits, self.optimizers, self.optimizer_args):
+                held.pop(name, None)
+        if args["full"] is not None:
+            self.setup_full(None, args["full"], {})
+        with torch.no_grad():
+            for name in self.adapter_args:
+                prefix = f"adapter.{name}."
+                set_peft_model_state_dict(self.peft, {key[len(prefix):]: self._tensor(value)
+                                                      for key, value in tensors.items() if key.startswith(prefix)},
+                                          adapter_name=name)
+            for path in args["merged"]:
+                self.base_weight(path).copy_(self._tensor(tensors[f"merged.{path}"]))
+            self.merged = set(args["merged"])
+            if args["full"] is not None:
+                self.model.load_state_dict({key[len("full."):]: self._tensor(value)
+                                            for key, value in tensors.items() if key.startswith("full.")})
+        for name, groups in args["optimizers"].items():
+            prefix = f"optimizer.{name}."
+            state: dict[int, dict] = {}
+            for key, value in tensors.items():
+                if key.startswith(prefix):
+                    index, field = key[len(prefix):].split(".", 1)
+                    state.setdefault(int(index), {})[field] = torch.from_numpy(np.array(value))
+            self.optimizers[name].load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(torch.from_numpy(np.array(tensors["rng.cpu"])))
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.from_numpy(np.array(tensors[f"rng.cuda.{i}"]))
+                                          for i in range(torch.cuda.device_count())])
+        return {}, {}
+
+    def _tensor(self, value: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(value)).to(self.device)
 
     def batch(self, tensors) -> dict[str, torch.Tensor]:
         index = torch.from_numpy(np.array(tensors["batch"])).to(self.device)
@@ -332,6 +407,7 @@ class ServerRole(Role):
 
     def setup_full(self, client, args, tensors):
         """Full fine-tuning (FT): every weight trains, embeddings included."""
+        self.full_args = dict(args)
         self.model.requires_grad_(True)
         self.optimizers["full"] = torch.optim.AdamW(self.model.parameters(), lr=args["lr"],
                                                     weight_decay=args.get("weight_decay", 0.0))

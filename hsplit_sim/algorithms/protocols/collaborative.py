@@ -21,6 +21,7 @@ class Collaborative(Algorithm):
     # Where the rule hands adapters back (replaces_adapters), whether each trained adapter's AdamW state starts
     # again: kept by default, as SplitLoRA's code keeps it across aggregation.
     restarts_optimizer = False
+    round_state = ("_missed",)  # what each client that sat rounds out has yet to receive
 
     def active_clients(self) -> list:
         raise NotImplementedError

@@ -70,6 +70,7 @@ class SplitProtocol(Collaborative):
 
     family = "split"
     plans: list[ClientPlan]
+    round_state = Collaborative.round_state + ("plans", "_recorded_plans", "_plan_rows")
 
     def server_adapter(self, client: int) -> str:
         raise NotImplementedError

@@ -1,0 +1,150 @@
+"""Resume of a single run: at each round's end the run saves what it needs to go on, and `hsplit-sim run --resume
+RUN_DIR` continues a run that stopped (crashed, failed, interrupted) from its last complete round, writing the
+same tables as a run that never stopped.
+
+The checkpoint is one file, RUN_DIR/checkpoint.safetensors, replaced whole after every round (rundir.py:
+write_durably), so a kill at any moment leaves the previous round's; a completed run removes it. Its tensors are
+each worker's state (training/roles.py: dump_state: adapters, optimiser states, base weights merges changed,
+torch's random state) under "<worker>/"; its JSON metadata holds the rest: the rounds table so far, the
+simulation at the round barrier (sim/engine.py, sim/fleet.py: clock, server queue, bytes, each client's
+factors), the algorithm's round state (plans, importance, what clients missed...), the run's totals and how
+many parts each growing table had. Nothing else needs saving: every random draw of the simulation and every
+batch is a pure function of the seed, the round and the client. safetensors reads tensors and JSON only, never
+code, so a checkpoint from elsewhere cannot run anything.
+"""
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
+
+from hsplit_sim.algorithms.base import Planned
+from hsplit_sim.algorithms.plans import ClientPlan
+from hsplit_sim.errors import ScenarioError
+from hsplit_sim.experiment.coordinator import reconcile
+
+FILE = "checkpoint.safetensors"
+FORMAT = 1
+# The tables that grow by one part per round (rundir.py), rewound to the checkpoint's round on resume.
+PART_TABLES = ("events", "clients", "participation", "energy", "host_times")
+# What the round state of an algorithm may hold besides JSON's own types, by tag.
+_CLASSES = {"ClientPlan": ClientPlan, "Planned": Planned}
+
+
+def encode(value):
+    """JSON for the values round state holds: tuples, dicts with keys that are not strings and the dataclasses of
+    _CLASSES become one-key objects tagged "__tuple", "__items" or "__<class>"."""
+    if type(value) in _CLASSES.values():
+        return {f"__{type(value).__name__}": {f.name: encode(getattr(value, f.name))
+                                              for f in dataclasses.fields(value)}}
+    if isinstance(value, tuple):
+        return {"__tuple": [encode(v) for v in value]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: encode(v) for k, v in value.items()}
+        return {"__items": [[encode(k), encode(v)] for k, v in value.items()]}
+    if isinstance(value, list):
+        return [encode(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint: cannot save a {type(value).__name__}")
+
+
+def decode(value):
+    if isinstance(value, list):
+        return [decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1:
+        (tag, inner), = value.items()
+        if tag == "__tuple":
+            return tuple(decode(v) for v in inner)
+        if tag == "__items":
+            return {_hashable(decode(k)): decode(v) for k, v in inner}
+        if tag.startswith("__") and tag[2:] in _CLASSES:
+            return _CLASSES[tag[2:]](**{k: decode(v) for k, v in inner.items()})
+    return {k: decode(v) for k, v in value.items()}
+
+
+def _hashable(key):
+    return tuple(_hashable(k) for k in key) if isinstance(key, (tuple, list)) else key
+
+
+def scenario_digest(run_dir: Path) -> str:
+    return hashlib.sha256((run_dir / "scenario.resolved.yaml").read_bytes()).hexdigest()
+
+
+def save_checkpoint(writer, round_index: int, run: dict, workers: dict[str, tuple[dict, dict]]) -> None:
+    """The checkpoint of the end of round `round_index`: `run` (the run's JSON state) and the workers' states."""
+    tensors = {f"{worker}/{name}": np.ascontiguousarray(value)
+               for worker, (_, values) in workers.items() for name, value in values.items()}
+    meta = {"format": FORMAT, "round": round_index, **run,
+            "workers": {worker: header for worker, (header, _) in workers.items()}}
+    writer.write_durably(FILE, save(tensors, metadata={"checkpoint": json.dumps(encode(meta))}))
+
+
+def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, tuple[dict, dict]]]:
+    """(the run's state, the workers' states) of a run directory's checkpoint."""
+    try:
+        with safe_open(run_dir / FILE, framework="np") as stored:
+            meta = decode(json.loads(stored.metadata()["checkpoint"]))
+            tensors = {key: stored.get_tensor(key) for key in stored.keys()}
+    except (OSError, ValueError, KeyError) as exc:  # safetensors reports a damaged file as a ValueError
+        raise ScenarioError(f"--resume: {run_dir / FILE} cannot be read ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise ScenarioError(f"--resume: {run_dir / FILE} is of checkpoint format {meta.get('format')}, this "
+                            f"version reads {FORMAT}")
+    workers = {name: (header, {}) for name, header in meta.pop("workers").items()}
+    for key, value in tensors.items():
+        worker, name = key.split("/", 1)
+        workers[worker][1][name] = value
+    return meta, workers
+
+
+def resumable(run_dir: str | Path):
+    """(scenario, summary, run state, worker states) of a run directory that can resume; a one-line
+    ScenarioError for one that cannot: not a run directory, complete, still running, not trained or timing-only,
+    without a checkpoint, or whose scenario or training key changed since the checkpoint."""
+    from hsplit_sim.experiment.trajectory import training_key
+    from hsplit_sim.scenario import scenario_from_dict
+    from hsplit_sim.scenario.load import read_mapping
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "scenario.resolved.yaml").is_file():
+        raise ScenarioError(f"--resume: {run_dir} is not a run directory (no summary.json and "
+                            "scenario.resolved.yaml)")
+    summary = reconcile(run_dir)  # a run whose coordinator died is marked crashed
+    if summary is None:
+        raise ScenarioError(f"--resume: {run_dir}/summary.json cannot be read")
+    status = summary.get("status")
+    if status == "completed":
+        raise ScenarioError(f"--resume: {run_dir} is complete: there is nothing to continue")
+    if status == "running":
+        coordinator = summary.get("coordinator") or {}
+        raise ScenarioError(f"--resume: {run_dir} is still running (coordinator pid {coordinator.get('pid')} on "
+                            f"{coordinator.get('host')})")
+    if summary.get("trajectory") not in ("trained", "timing-only"):
+        raise ScenarioError(f"--resume: {run_dir} is a {summary.get('trajectory')} run: it takes seconds, so run it "
+                            "again rather than resume it")
+    if not (run_dir / FILE).is_file():
+        raise ScenarioError(f"--resume: {run_dir} has no checkpoint ({FILE}): it stopped before its first round "
+                            "ended, or was made by a version without resume; run its scenario again")
+    run, workers = load_checkpoint(run_dir)
+    if run["scenario_sha256"] != scenario_digest(run_dir):
+        raise ScenarioError(f"--resume: {run_dir}/scenario.resolved.yaml changed since the checkpoint: the run "
+                            "would not go on as it started")
+    resolved = read_mapping(run_dir / "scenario.resolved.yaml")
+    resolved.pop("versions", None)
+    scenario = scenario_from_dict(resolved)
+    key = training_key(scenario)
+    if key != run["training_key"] or key != summary.get("training_key"):
+        raise ScenarioError(f"--resume: {run_dir} trained under training key {run['training_key']}, this version's "
+                            f"is {key}: the code now trains differently from the same inputs, so the run cannot "
+                            "go on; run its scenario again")
+    return scenario, summary, run, workers
