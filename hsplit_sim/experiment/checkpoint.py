@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from hsplit_sim.algorithms.base import Planned
@@ -93,9 +93,9 @@ def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, tuple[dict, dict]]]:
     """(the run's state, the workers' states) of a run directory's checkpoint."""
     try:
         with safe_open(run_dir / FILE, framework="np") as stored:
-            meta = decode(json.loads(stored.metadata()["checkpoint"]))
+            meta = decode(json.loads((stored.metadata() or {})["checkpoint"]))
             tensors = {key: stored.get_tensor(key) for key in stored.keys()}
-    except (OSError, ValueError, KeyError) as exc:  # safetensors reports a damaged file as a ValueError
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ScenarioError(f"--resume: {run_dir / FILE} cannot be read ({exc})") from None
     if meta.get("format") != FORMAT:
         raise ScenarioError(f"--resume: {run_dir / FILE} is of checkpoint format {meta.get('format')}, this "
