@@ -93,13 +93,16 @@ def checkpoint_round(run_dir: Path) -> int | None:
 
 def test_round_state_survives_the_checkpoint_codec():
     plan = ClientPlan(2, {0: {"q": 4}, 1: {"v": 2}}, {2: {"q": 8}}, False)
-    missed = {3: [Planned(7, {"shapes": {(0, "q"): (64, 8, 64)}, "broadcast bytes": {0: 10, 3: 12}},
-                          ((64, 8, 64),))]}
+    planned = Planned(7, {"shapes": {(0, "q"): (64, 8, 64)}, "broadcast bytes": {0: 10, 3: 12}}, ((64, 8, 64),))
+    missed = {3: [planned], 1: [planned, planned]}
     state = {"plans": [plan, plan], "_missed": missed, "importance": {"0.q": float("nan"), "1.v": 0.1 + 0.2},
              "held": [np.int64(2), 3], "rows": [{"round": 1, "__odd": (1, 2)}]}
-    back = checkpoint.decode(json.loads(json.dumps(checkpoint.encode(state))))
+    written = json.dumps(checkpoint.encode(state))
+    assert written.count('"__ClientPlan"') == 1 and written.count('"__Planned"') == 1  # each once, then by number
+    back = checkpoint.decode(json.loads(written))
     assert back["plans"] == [plan, plan] and isinstance(back["plans"][0], ClientPlan)
-    assert back["_missed"] == missed and list(back["_missed"]) == [3]
+    assert back["plans"][0] is back["plans"][1]
+    assert back["_missed"] == missed and list(back["_missed"]) == [3, 1]
     assert math.isnan(back["importance"]["0.q"]) and back["importance"]["1.v"] == 0.1 + 0.2
     assert back["held"] == [2, 3] and type(back["held"][0]) is int
     assert back["rows"] == [{"round": 1, "__odd": (1, 2)}]

@@ -37,43 +37,59 @@ _CLASSES = {"ClientPlan": ClientPlan, "Planned": Planned}
 
 def encode(value):
     """JSON for the values round state holds: tuples, dicts with keys that are not strings and the dataclasses of
-    _CLASSES become one-key objects tagged "__tuple", "__items" or "__<class>"."""
-    if type(value) in _CLASSES.values():
-        return {f"__{type(value).__name__}": {f.name: encode(getattr(value, f.name))
-                                              for f in dataclasses.fields(value)}}
-    if isinstance(value, tuple):
-        return {"__tuple": [encode(v) for v in value]}
-    if isinstance(value, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in value):
-            return {k: encode(v) for k, v in value.items()}
-        return {"__items": [[encode(k), encode(v)] for k, v in value.items()]}
-    if isinstance(value, list):
-        return [encode(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"checkpoint: cannot save a {type(value).__name__}")
+    _CLASSES become one-key objects tagged "__tuple", "__items" or "__<class>". An object of _CLASSES held in
+    several places (one plan for many clients, one round's aggregation that many clients missed) is written once,
+    with a number, and then as {"__ref": number}: decode gives back one object there too."""
+    numbers: dict[int, int] = {}
+
+    def walk(value):
+        if type(value) in _CLASSES.values():
+            if id(value) in numbers:
+                return {"__ref": numbers[id(value)]}
+            numbers[id(value)] = len(numbers)
+            return {f"__{type(value).__name__}": {"ref": numbers[id(value)], "fields": {
+                f.name: walk(getattr(value, f.name)) for f in dataclasses.fields(value)}}}
+        if isinstance(value, tuple):
+            return {"__tuple": [walk(v) for v in value]}
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in value):
+                return {k: walk(v) for k, v in value.items()}
+            return {"__items": [[walk(k), walk(v)] for k, v in value.items()]}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, np.generic):
+            return value.item()
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"checkpoint: cannot save a {type(value).__name__}")
+
+    return walk(value)
 
 
 def decode(value):
-    if isinstance(value, list):
-        return [decode(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) == 1:
-        (tag, inner), = value.items()
-        if tag == "__tuple":
-            return tuple(decode(v) for v in inner)
-        if tag == "__items":
-            return {_hashable(decode(k)): decode(v) for k, v in inner}
-        if tag.startswith("__") and tag[2:] in _CLASSES:
-            return _CLASSES[tag[2:]](**{k: decode(v) for k, v in inner.items()})
-    return {k: decode(v) for k, v in value.items()}
+    """The values encode wrote (its objects in the order it numbered them)."""
+    shared: dict[int, object] = {}
 
+    def walk(value):
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        if len(value) == 1:
+            (tag, inner), = value.items()
+            if tag == "__tuple":
+                return tuple(walk(v) for v in inner)
+            if tag == "__items":
+                return {walk(k): walk(v) for k, v in inner}
+            if tag == "__ref":
+                return shared[inner]
+            if tag.startswith("__") and tag[2:] in _CLASSES:
+                made = _CLASSES[tag[2:]](**{k: walk(v) for k, v in inner["fields"].items()})
+                shared[inner["ref"]] = made
+                return made
+        return {k: walk(v) for k, v in value.items()}
 
-def _hashable(key):
-    return tuple(_hashable(k) for k in key) if isinstance(key, (tuple, list)) else key
+    return walk(value)
 
 
 def scenario_digest(run_dir: Path) -> str:
