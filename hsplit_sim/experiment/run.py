@@ -200,7 +200,6 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
                 writer.write_table(name, table)
             summary.update(fields)
         summary["status"] = "completed"
-        writer.remove(checkpoint.FILE)  # a completed run cannot resume: its checkpoint would only take space
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="interrupted by the user")
         raise
@@ -256,6 +255,9 @@ def _close(writer: RunWriter, sim: Simulation, summary: dict, rounds: list[dict]
         writer.write_summary(summary)
     except WriteError as exc:
         error = error or exc
+    if summary["status"] == "completed":  # after the summary says so: a complete run cannot resume
+        with contextlib.suppress(OSError):  # and a checkpoint left behind only takes space
+            (writer.path / checkpoint.FILE).unlink(missing_ok=True)
     return error
 
 

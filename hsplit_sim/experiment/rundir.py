@@ -180,10 +180,6 @@ class RunWriter:
         finally:
             os.close(folder)
 
-    @_written
-    def remove(self, name: str) -> None:
-        (self.path / name).unlink(missing_ok=True)
-
     def finish_events(self) -> None:
         self.finish_parts("events", EVENT_SCHEMA)
 
