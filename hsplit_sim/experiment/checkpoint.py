@@ -110,16 +110,15 @@ def load_checkpoint(run_dir: Path) -> tuple[dict, dict[str, tuple[dict, dict]]]:
     try:
         with safe_open(run_dir / FILE, framework="np") as stored:
             meta = decode(json.loads((stored.metadata() or {})["checkpoint"]))
-            tensors = {key: stored.get_tensor(key) for key in stored.keys()}
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        raise ScenarioError(f"--resume: {run_dir / FILE} cannot be read ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise ScenarioError(f"--resume: {run_dir / FILE} is of checkpoint format {meta.get('format')}, this "
-                            f"version reads {FORMAT}")
-    workers = {name: (header, {}) for name, header in meta.pop("workers").items()}
-    for key, value in tensors.items():
-        worker, name = key.split("/", 1)
-        workers[worker][1][name] = value
+            if meta.get("format") != FORMAT:
+                raise ScenarioError(f"--resume: {run_dir / FILE} is of checkpoint format {meta.get('format')}, "
+                                    f"this version reads {FORMAT}")
+            workers = {name: (header, {}) for name, header in meta.pop("workers").items()}
+            for key in stored.keys():
+                worker, name = key.split("/", 1)
+                workers[worker][1][name] = stored.get_tensor(key)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:
+        raise ScenarioError(f"--resume: {run_dir / FILE} cannot be read ({type(exc).__name__}: {exc})") from None
     return meta, workers
 
 
