@@ -9,7 +9,8 @@ torch's random state) under "<worker>/"; its JSON metadata holds the rest: the r
 simulation at the round barrier (sim/engine.py, sim/fleet.py: clock, server queue, bytes, each client's
 factors), the algorithm's round state (plans, importance, what clients missed...), the run's totals and how
 many parts each growing table had. Nothing else needs saving: every random draw of the simulation and every
-batch is a pure function of the seed, the round and the client. safetensors reads tensors and JSON only, never
+batch is a pure function of the seed, the round and the client, and traces are looked up by simulated time.
+safetensors reads tensors and JSON only, never
 code, so a checkpoint from elsewhere cannot run anything.
 """
 
