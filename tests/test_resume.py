@@ -144,6 +144,8 @@ def test_a_worker_state_loads_into_a_fresh_worker_and_trains_on_identically():
                            f"{path}.A": rng.standard_normal((2, 128), dtype=np.float32)})
     state, tensors = over_the_wire(*first.dump_state(None, {}, {}))
     assert [a["adapter"] for a in state["adapters"]] == ["x", "y", "gone"] and state["merged"] == [path]
+    paths_only = first.dump_state(None, {"merged_values": False}, {})
+    assert paths_only[0]["merged"] == [path] and set(tensors) - set(paths_only[1]) == {f"merged.{path}"}
     assert any(key.startswith("optimizer.x.") and key.endswith("exp_avg_sq") for key in tensors)
 
     second = tiny_role()

@@ -162,8 +162,10 @@ class RealBackend(Backend):
         return [dict(zip(HOST_TIME_COLUMNS, row)) for row in rows]
 
     def state(self) -> dict[str, tuple[dict, dict]]:
-        """Every worker's dump_state, asked of all of them at once."""
-        pending = [(worker, worker.send("dump_state")) for worker in self.workers]
+        """Every worker's dump_state, asked of all of them at once. Every merge goes to every worker (apply), so
+        the base weights merges changed are the same on all: only the server's dump carries their values."""
+        pending = [(worker, worker.send("dump_state", args={"merged_values": worker is self.server}))
+                   for worker in self.workers]
         replies = [(worker.name, worker.reply("dump_state", request_id)) for worker, request_id in pending]
         return {name: (reply.header["result"], reply.tensors) for name, reply in replies}
 
@@ -171,7 +173,9 @@ class RealBackend(Backend):
         if set(state) != {worker.name for worker in self.workers}:
             raise RunError(f"the checkpoint holds workers {sorted(state)}, this run has "
                            f"{sorted(worker.name for worker in self.workers)}")
-        pending = [(worker, worker.send("load_state", args=state[worker.name][0], tensors=state[worker.name][1]))
+        merged = {key: value for key, value in state["server"][1].items() if key.startswith("merged.")}
+        pending = [(worker, worker.send("load_state", args=state[worker.name][0],
+                                        tensors={**merged, **state[worker.name][1]}))
                    for worker in self.workers]
         for worker, request_id in pending:
             worker.reply("load_state", request_id)

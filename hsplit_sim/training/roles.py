@@ -202,7 +202,8 @@ class Role:
     def dump_state(self, client, args, tensors):
         """Everything training changed since init, for a checkpoint (load_state puts it back): each adapter's
         configuration and values and its optimizer's state, the base weights merges changed (their values, not
-        the merged factors: adding them again would round differently), every weight under full fine-tuning, and
+        the merged factors: adding them again would round differently; only their paths with args["merged_values"]
+        false, where another worker's dump holds the same values), every weight under full fine-tuning, and
         torch's random state. Sent as the wire sends anything: a JSON header and raw buffers."""
         state = {"adapters": list(self.adapter_args.values()), "merged": sorted(self.merged), "full": self.full_args,
                  "optimizers": {}}
@@ -212,7 +213,7 @@ class Role:
         for name in self.adapter_args:
             out.update({f"adapter.{name}.{key}": value.detach().cpu().numpy()
                         for key, value in get_peft_model_state_dict(self.peft, adapter_name=name).items()})
-        for path in self.merged:
+        for path in self.merged if args.get("merged_values", True) else ():
             out[f"merged.{path}"] = self.base_weight(path).detach().cpu().numpy()
         if self.full_args is not None:
             out.update({f"full.{key}": value.detach().cpu().numpy() for key, value in self.model.state_dict().items()})
