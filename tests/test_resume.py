@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from golden.cases import BASE, FLEET
 from safetensors import safe_open
 
-from golden.cases import BASE, FLEET
 from hsplit_sim.algorithms.base import Planned
 from hsplit_sim.algorithms.plans import ClientPlan
 from hsplit_sim.cli import main
@@ -79,8 +79,9 @@ def assert_same_tables(expected: Path, produced: Path) -> None:
 
 
 def resume(run_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hsplit_sim.cli", "run", "--resume", str(run_dir)], cwd=REPO,
-                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600)
+    return subprocess.run([sys.executable, "-m", "hsplit_sim.cli", "run", "--resume", str(run_dir)], check=False,
+                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                          timeout=600)
 
 
 def checkpoint_round(run_dir: Path) -> int | None:
@@ -188,7 +189,7 @@ def test_a_timing_only_run_killed_before_a_checkpoint_resumes_to_the_same_tables
     outcomes = set(pd.read_parquet(expected / "participation.parquet")["outcome"])
     assert {"reported", "late", "not selected", "dropped"} <= outcomes, outcomes  # the effects do happen
     path = scenario_file(tmp_path, "cut", overrides)
-    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_CHECKPOINT, str(path), "3"], cwd=REPO,
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_CHECKPOINT, str(path), "3"], check=False, cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == 9, killed.stderr
     run_dir = run_dir_of(tmp_path / "cut")
@@ -279,7 +280,7 @@ def refused(capsys, *argv: str) -> str:
 def stopped_run(tmp_path) -> Path:
     """A timing-only run killed before round 2's checkpoint (so with round 1's)."""
     path = scenario_file(tmp_path, "cut", FLEET)
-    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_CHECKPOINT, str(path), "2"], cwd=REPO,
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_CHECKPOINT, str(path), "2"], check=False, cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == 9, killed.stderr
     return run_dir_of(tmp_path / "cut")

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import math
 import shutil
 import time
-from pathlib import Path
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 from hsplit_sim import costs
