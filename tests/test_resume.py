@@ -97,7 +97,9 @@ def test_round_state_survives_the_checkpoint_codec():
     planned = Planned(7, {"shapes": {(0, "q"): (64, 8, 64)}, "broadcast bytes": {0: 10, 3: 12}}, ((64, 8, 64),))
     missed = {3: [planned], 1: [planned, planned]}
     state = {"plans": [plan, plan], "_missed": missed, "importance": {"0.q": float("nan"), "1.v": 0.1 + 0.2},
-             "held": [np.int64(2), 3], "rows": [{"round": 1, "__odd": (1, 2)}]}
+             "held": [np.int64(2), 3], "rows": [{"round": 1, "__odd": (1, 2)}],
+             "global_adapter": {"w.lora_A.weight": np.arange(6, dtype=np.float32).reshape(2, 3) / 7},
+             "layouts": {(None, "server"): ({3: {"q": 4}}, 2), (0, "c0"): ({0: {"q": 2}}, 2)}}
     written = json.dumps(checkpoint.encode(state))
     assert written.count('"__ClientPlan"') == 1 and written.count('"__Planned"') == 1  # each once, then by number
     back = checkpoint.decode(json.loads(written))
@@ -106,7 +108,9 @@ def test_round_state_survives_the_checkpoint_codec():
     assert back["_missed"] == missed and list(back["_missed"]) == [3, 1]
     assert math.isnan(back["importance"]["0.q"]) and back["importance"]["1.v"] == 0.1 + 0.2
     assert back["held"] == [2, 3] and type(back["held"][0]) is int
-    assert back["rows"] == [{"round": 1, "__odd": (1, 2)}]
+    assert back["rows"] == [{"round": 1, "__odd": (1, 2)}] and back["layouts"] == state["layouts"]
+    array = back["global_adapter"]["w.lora_A.weight"]
+    assert array.dtype == np.float32 and np.array_equal(array, state["global_adapter"]["w.lora_A.weight"])
 
 
 def tiny_role():

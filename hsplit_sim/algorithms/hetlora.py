@@ -60,6 +60,8 @@ def rank_of(plan: ClientPlan) -> int:
 @register
 class HetLoRA(FederatedProtocol):
     name = "hetlora"
+    # self-pruning changes ranks and plans from round to round
+    round_state = FederatedProtocol.round_state + ("reference", "ranks", "plans", "plan_table")
 
     class Config(AlgorithmConfig):
         name: Literal["hetlora"]
@@ -87,6 +89,10 @@ class HetLoRA(FederatedProtocol):
         self.plans = [self.plan_of(r) for r in self.ranks]
         self.plan_table = [{**plan.row(1, k), "tail_norm": math.nan, "reference_norm": math.nan}
                           for k, plan in enumerate(self.plans)]
+
+    def restore(self, state: dict) -> None:
+        super().restore(state)
+        self.step_work = [self.whole_step_work(rank) for rank in self.ranks]
 
     def plan_of(self, rank: int) -> ClientPlan:
         """The whole model on the client, every target weight at the rank."""

@@ -14,6 +14,7 @@ safetensors reads tensors and JSON only, never
 code, so a checkpoint from elsewhere cannot run anything.
 """
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -37,8 +38,8 @@ _CLASSES = {"ClientPlan": ClientPlan, "Planned": Planned}
 
 
 def encode(value):
-    """JSON for the values round state holds: tuples, dicts with keys that are not strings and the dataclasses of
-    _CLASSES become one-key objects tagged "__tuple", "__items" or "__<class>". An object of _CLASSES held in
+    """JSON for the values round state holds: tuples, dicts with keys that are not strings, numpy arrays and the
+    dataclasses of _CLASSES become one-key objects tagged "__tuple", "__items", "__array" or "__<class>". An object of _CLASSES held in
     several places (one plan for many clients, one round's aggregation that many clients missed) is written once,
     with a number, and then as {"__ref": number}: decode gives back one object there too."""
     numbers: dict[int, int] = {}
@@ -58,6 +59,9 @@ def encode(value):
             return {"__items": [[walk(k), walk(v)] for k, v in value.items()]}
         if isinstance(value, list):
             return [walk(v) for v in value]
+        if isinstance(value, np.ndarray):  # HSplitLoRA's global adapter without NAA
+            return {"__array": {"dtype": value.dtype.name, "shape": list(value.shape),
+                                "data": base64.b64encode(np.ascontiguousarray(value).tobytes()).decode()}}
         if isinstance(value, np.generic):
             return value.item()
         if value is None or isinstance(value, (bool, int, float, str)):
@@ -84,6 +88,8 @@ def decode(value):
                 return {walk(k): walk(v) for k, v in inner}
             if tag == "__ref":
                 return shared[inner]
+            if tag == "__array":
+                return np.frombuffer(base64.b64decode(inner["data"]), dtype=inner["dtype"]).reshape(inner["shape"])
             if tag.startswith("__") and tag[2:] in _CLASSES:
                 made = _CLASSES[tag[2:]](**{k: walk(v) for k, v in inner["fields"].items()})
                 shared[inner["ref"]] = made

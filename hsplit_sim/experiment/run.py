@@ -44,13 +44,19 @@ def worker_init_args(scenario: Scenario, role: str, n_clients: int) -> dict:
 def frame_limit(scenario: Scenario, spec: costs.ModelSpec, n_clients: int) -> int:
     """The largest frame a worker or the coordinator accepts (ZMQ_MAXMSGSIZE, less CurveZMQ's framing): a quarter
     above the run's largest legitimate frame, the larger of the cost model's largest tensor
-    (costs.largest_frame_bytes) and the JSON header cap (wire.MAX_HEADER_BYTES). A sender checks its frames
-    against it too, so a frame the derivation missed fails loudly instead of being dropped unread."""
+    (costs.largest_frame_bytes), the checkpoint's (a projection's base weight a merge changed; under full
+    fine-tuning any weight or its Adam moment, the embedding the largest) and the JSON header cap
+    (wire.MAX_HEADER_BYTES). A sender checks its frames against it too, so a frame the derivation missed fails
+    loudly instead of being dropped unread."""
     algorithm = scenario.algorithm
     largest = costs.largest_frame_bytes(spec, scenario.training.batch_size, scenario.data.max_length,
                                         max(algorithm.rank, *algorithm.rank_set), n_clients,
                                         training_examples(scenario))
-    return max(largest, MAX_HEADER_BYTES) * 5 // 4
+    weights = [costs.module_shape(spec, m) for m in set(costs.TARGET_MODULES[spec.family].values())]
+    if getattr(ALGORITHMS[algorithm.name], "full_finetune", False):
+        weights.append((spec.vocab_size, spec.d_model))
+    state = max(d_in * d_out for d_in, d_out in weights) * costs.FP32
+    return max(largest, state, MAX_HEADER_BYTES) * 5 // 4
 
 
 def start_workers(pool: WorkerPool, scenario: Scenario, n_clients: int) -> list[np.ndarray]:
