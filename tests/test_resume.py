@@ -321,3 +321,18 @@ def test_resume_refuses_what_it_cannot_continue(stopped_run, tmp_path, capsys, m
     assert main(["run", "--resume", str(stopped_run)]) == 0
     capsys.readouterr()
     assert "complete" in refused(capsys, "--resume", str(stopped_run))
+
+
+def test_the_frame_limit_admits_the_checkpoints_largest_weight():
+    """A checkpoint sends weights whole (one frame each): a merged projection, or under full fine-tuning the
+    embedding and its Adam moments."""
+    from hsplit_sim import costs
+    from hsplit_sim.experiment.run import frame_limit
+    from hsplit_sim.scenario import model_hf_config
+
+    for algorithm, largest in (("flora", lambda spec: spec.d_ff * spec.d_model),
+                               ("ft", lambda spec: spec.vocab_size * spec.d_model)):
+        scenario = scenario_from_dict(copy.deepcopy(BASE), ["model.name=smollm2-135m", f"algorithm.name={algorithm}"])
+        spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
+        assert frame_limit(scenario, spec, 4) >= largest(spec) * 4 > costs.largest_frame_bytes(
+            spec, 2, 32, 8, 4, 64), algorithm
