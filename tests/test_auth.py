@@ -28,9 +28,10 @@ from hsplit_sim.runtime.launcher import spawn_worker
 from hsplit_sim.runtime.wire import decode, encode
 from test_run import BASE, read, scenario
 
-# The attack of #13: a merge that changes the base weights, on the server's PEFT-wrapped model or the plain one.
-MERGES = [{f"{root}transformer.h.3.attn.c_proj.B": np.full((128, 1), 0.05, np.float32),
-           f"{root}transformer.h.3.attn.c_proj.A": np.ones((1, 128), np.float32)}
+# The attack of #13: a merge that changes the base weights, on the server's PEFT-wrapped model or the plain one. Block 0 is
+# run by the client workers (split 1) and by the server's evaluation, so a merge served anywhere changes the run.
+MERGES = [{f"{root}transformer.h.0.attn.c_proj.B": np.full((128, 1), 0.05, np.float32),
+           f"{root}transformer.h.0.attn.c_proj.A": np.ones((1, 128), np.float32)}
           for root in ("base_model.model.", "")]
 
 
@@ -154,9 +155,14 @@ def test_a_process_without_the_key_changes_nothing(undisturbed, tmp_path, monkey
 
 def test_the_same_attack_with_the_coordinators_key_would_change_the_run(undisturbed, tmp_path, monkeypatch):
     """The control: the attack above is a real one. With the coordinator's key its merges are served, and the
-    run's tables differ from an undisturbed run's."""
-    run_dir, _, (replies,) = attacked_run(tmp_path, monkeypatch,
-                                          [lambda r: Attacker(r, "coordinator", shutdown=False)])
+    run's tables differ from an undisturbed run's, or the run breaks (a merge between a client's forward and backward
+    invalidates the step's graph)."""
+    try:
+        run_dir, _, (replies,) = attacked_run(tmp_path, monkeypatch,
+                                              [lambda r: Attacker(r, "coordinator", shutdown=False)])
+    except RunError as error:  # a merge served between a client's forward and backward breaks the run outright
+        assert "modified by an inplace operation" in str(error)
+        return
     assert any(r.get("ok") and r["result"] == {"modules": 1} for r in replies), replies[:5]
     rounds, reference = read(run_dir)["rounds"], read(undisturbed)["rounds"]
     assert not np.array_equal(rounds["eval_loss"].to_numpy(), reference["eval_loss"].to_numpy())

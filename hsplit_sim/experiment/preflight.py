@@ -16,7 +16,7 @@ from hsplit_sim.algorithms import ALGORITHMS
 from hsplit_sim.data import e2e_dir, e2e_file
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.experiment.sweep.sweepfile import yaml_text
-from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, scenario_from_dict
+from hsplit_sim.scenario import expanded_clients, model_hf_config, scenario_from_dict
 from hsplit_sim.scenario.schema import Scenario
 from hsplit_sim.training.data import MIN_TARGET_TOKENS, load_dataset
 

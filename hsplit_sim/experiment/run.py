@@ -27,7 +27,7 @@ from hsplit_sim.experiment.trajectory import timing_partition_sizes, training_ke
 from hsplit_sim.results import RESULTS_VERSION
 from hsplit_sim.runtime.launcher import WorkerPool
 from hsplit_sim.runtime.wire import MAX_HEADER_BYTES
-from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, resolved_dict, server_precision
+from hsplit_sim.scenario import expanded_clients, model_hf_config, resolved_dict, server_precision
 from hsplit_sim.scenario.schema import Scenario
 from hsplit_sim.sim import Fleet, Simulation
 from hsplit_sim.sim.energy import round_energy
