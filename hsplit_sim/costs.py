@@ -472,9 +472,14 @@ def weights_bytes(spec: ModelSpec, start: int, stop: int, embeddings: bool, head
     return _segment_params(spec, start, stop, embeddings, head) * element_bytes
 
 
-# The tensor each projection reads, by logical name: projections reading one tensor save it once.
-_READS = {"q": "attention input", "k": "attention input", "v": "attention input", "o": "attention output",
-          "gate": "MLP input", "up": "MLP input", "down": "MLP activation"}
+# The tensor each projection reads, by module-name suffix: projections reading one tensor save it once.
+PROJECTION_INPUTS = {
+    "llama": {"self_attn.q_proj": "attention input", "self_attn.k_proj": "attention input",
+              "self_attn.v_proj": "attention input", "self_attn.o_proj": "attention output",
+              "mlp.gate_proj": "MLP input", "mlp.up_proj": "MLP input", "mlp.down_proj": "MLP activation"},
+    "gpt2": {"attn.c_attn": "attention input", "attn.c_proj": "attention output", "mlp.c_fc": "MLP input",
+             "mlp.c_proj": "MLP activation"},
+}
 
 
 def block_saved_values(spec: ModelSpec, seq: int) -> int:
@@ -492,10 +497,8 @@ def trained_input_values(spec: ModelSpec, modules: dict[str, int]) -> int:
     """Values per token a block saves only because projections train (`modules`: suffix -> rank; rank 0 with
     full fine-tuning): each trained projection's input, once per tensor read, and each adapter's rank-wide
     output of A, which B's gradient needs."""
-    logical = {}
-    for name, module in TARGET_MODULES[spec.family].items():
-        logical.setdefault(module, name)
-    inputs = {_READS[logical[m]]: module_shape(spec, m)[0] for m in modules}
+    reads = PROJECTION_INPUTS[spec.family]
+    inputs = {reads[m]: module_shape(spec, m)[0] for m in modules}
     return sum(inputs.values()) + sum(modules.values())
 
 

@@ -179,6 +179,7 @@ class SegmentMemory:
                       - self.bare - probe_extra
                       for first in range(split)]
         self.sizes = {m: sum(costs.module_shape(spec, m)) for m in set(costs.TARGET_MODULES[spec.family].values())}
+        self.reads = {m: (costs.PROJECTION_INPUTS[spec.family][m], costs.module_shape(spec, m)[0]) for m in self.sizes}
 
     def of(self, first_adapted: int, params: int, kept: int) -> int:
         """With adapters from block first_adapted on (the split itself: none) holding `params` parameters and
@@ -188,9 +189,11 @@ class SegmentMemory:
         return self.bare + self.saved[first_adapted] + 16 * params + self.token_bytes * kept
 
     def kept_with(self, layer_ranks: dict[str, int], module: str, rank: int) -> int:
-        """What giving `module` rank `rank` adds to its block's kept values per token."""
-        return (costs.trained_input_values(self.spec, {**layer_ranks, module: rank})
-                - costs.trained_input_values(self.spec, layer_ranks))
+        """What giving `module` (not yet in layer_ranks) rank `rank` adds to its block's kept values per token:
+        costs.trained_input_values' difference, without building it twice on ARMSC's hot path."""
+        tensor, width = self.reads[module]
+        shared = any(self.reads[m][0] == tensor for m in layer_ranks)
+        return rank + (0 if shared else width)
 
     def __call__(self, ranks: costs.Ranks) -> int:
         adapted = [layer for layer, modules in ranks.items() if any(modules.values())]
