@@ -293,8 +293,9 @@ def _perplexity(run: Run, out_base: Path) -> tuple[str | None, list[Path]]:
     return None, plot_perplexity(run, out_base)
 
 
-TIMELINE = ("The first two training rounds, one row per device and link: of every client in a small fleet, else of "
-            "the few clients the figure's title names.")
+TIMELINE = ("The first two training rounds (after round 0 where work comes before training: HSplitLoRA's importance "
+            "probe), one row per device and link: of every client in a small fleet, else of the few clients the "
+            "figure's title names.")
 
 
 def _timeline(run: Run, out_base: Path) -> tuple[str | None, list[Path]]:

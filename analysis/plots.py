@@ -39,6 +39,7 @@ KIND_COLORS = {
     "eval": "#8c564b",
     "central_step": "#e377c2",
     "data_upload": "#aec7e8",
+    "importance_upload": "#ad494a",
 }
 SPARE_COLORS = ["#7f7f7f", "#bcbd22", "#c5b0d5", "#f7b6d2", "#c49c94", "#dbdb8d", "#9edae5"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -145,11 +146,15 @@ def _kind_colors(kinds: list[str]) -> dict[str, str]:
     return {k: KIND_COLORS.get(k) or spare[k] for k in kinds}
 
 
-def _first_rounds(numbers: list[int], rounds: int) -> list[int]:
-    """The first `rounds` training rounds (round 0, the initial evaluation, is skipped when training rounds
-    exist)."""
+def _first_rounds(run: Run, rounds: int) -> list[int]:
+    """The first `rounds` training rounds with events, after round 0 where work came before training
+    (HSplitLoRA's importance probe); round 0 with the initial evaluation alone is skipped when training rounds
+    exist."""
+    numbers = run.round_numbers("events")
     if len(numbers) > 1 and numbers[0] == 0:
-        numbers = numbers[1:]
+        before = run.read("events", ["kind"], rounds=[0])
+        prepared = bool((before["kind"].astype(str) != "eval").any())
+        return [0] * prepared + numbers[1:rounds + 1]
     return numbers[:rounds]
 
 
@@ -245,7 +250,7 @@ def _bars(starts: np.ndarray, ends: np.ndarray, min_width: float) -> list[tuple[
 def plot_timeline(run: Run, out_base: Path, rounds: int = 2) -> list[Path]:
     """Gantt chart of the first rounds, one row per device or link (of every client, or of a few chosen ones in
     a large fleet, as the title says); [] when there are no events. Only the rounds drawn are read."""
-    numbers = _first_rounds(run.round_numbers("events"), rounds)
+    numbers = _first_rounds(run, rounds)
     if not numbers:
         return []
     events = run.read("events", ["round", "client", "kind", "resource", "start_s", "end_s"], rounds=numbers)

@@ -25,7 +25,7 @@ EVENT_COLUMNS = ("round", "client", "kind", "resource", "start_s", "end_s", "byt
 EVENT_CATEGORIES = ("compute", "upload", "queue", "server", "download")
 EVENT_KINDS = {
     "client_fwd": "compute", "client_bwd": "compute", "client_step": "compute", "merge": "compute",
-    "upload": "upload", "adapter_upload": "upload", "data_upload": "upload",
+    "upload": "upload", "adapter_upload": "upload", "data_upload": "upload", "importance_upload": "upload",
     "download": "download", "broadcast": "download", "resplit": "download",
     "server_queue": "queue",
     "server_step": "server", "aggregate": "server", "central_step": "server", "eval": "server",

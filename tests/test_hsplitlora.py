@@ -1,6 +1,7 @@
 """HSplitLoRA end to end on tiny models: NAA's exact aggregation, IWI's probe and table, ARMSC's plans
 within each client's budget, the ablations, and every compute duration from the cost model."""
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -15,7 +16,7 @@ from hsplit_sim.algorithms import importance as iwi
 from hsplit_sim.algorithms.aggregation import exact_update, factors_update, relative_error, stack
 from hsplit_sim.algorithms.hsplitlora import HSplitLoRA, server_pieces
 from hsplit_sim.algorithms.plans import ClientPlan, ranks_key
-from hsplit_sim.algorithms.protocols.split import PlanCosts, iteration_estimate
+from hsplit_sim.algorithms.protocols.split import PlanCosts, iteration_estimate, probe_iteration
 from hsplit_sim.experiment.run import run_scenario
 from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, scenario_from_dict
 from hsplit_sim.scenario.models import BUILTIN_MODELS
@@ -103,11 +104,11 @@ def test_hsplitlora_runs_with_exact_aggregation_and_plans_within_budget(runs, ke
     # A merged update changes the base weights: the global model after round 1 is not the initial one.
     assert rounds["eval_loss"][1] != rounds["eval_loss"][0]
     assert rounds["eval_loss"].iloc[-1] < rounds["eval_loss"][0]
-    # IWI: one row per candidate weight for every round, from the first probe (round 1) on.
+    # IWI: one row per candidate weight for every round, from the probe before training (round 0) on.
     importance = tables["importance"]
     spec = costs.ModelSpec.from_hf_config(model_hf_config(sc))
     n_candidates = len(iwi.candidate_weights(spec, 0, spec.n_layers))
-    assert importance.groupby("round").size().to_dict() == {r: n_candidates for r in range(1, ROUNDS + 1)}
+    assert importance.groupby("round").size().to_dict() == {r: n_candidates for r in range(ROUNDS + 1)}
     assert (importance["smoothed"] > 0).all() and (importance["measured"] > 0).all()
     # ARMSC: a plan for every client in every round, within its budget, memory recomputed here.
     n = len(expanded_clients(sc))
@@ -127,13 +128,17 @@ def test_heterogeneous_budgets_give_different_plans(runs, key):
 
 @pytest.mark.parametrize("key", ["gpt2-het", "llama-het"])
 def test_each_split_is_the_fastest_estimated_one_within_budget(runs, key):
-    """ARMSC's split of round 1 against a brute-force search over every split: the least estimated iteration
-    time among splits where the client's memory holds the segment and the selection leaves both sides an
-    adapter (shallowest on ties). The plans table gives each plan's estimate, recomputed here from its ranks."""
+    """ARMSC's splits against a brute-force search over every split: the least estimated iteration time among
+    splits where the client's memory holds the segment and the selection leaves both sides an adapter
+    (shallowest on ties); under uniform importance for the probe before training (round 0), under the probe's
+    importance for round 1. The plans table gives each plan's estimate, recomputed here from its ranks."""
     sc, tables = runs(key)
     spec = costs.ModelSpec.from_hf_config(model_hf_config(sc))
     clients = expanded_clients(sc)
-    uniform = {k: 1.0 for k in iwi.candidate_weights(spec, 0, spec.n_layers)}
+    probed = tables["importance"][tables["importance"]["round"] == 0]
+    importance_of_round = {
+        0: {k: 1.0 for k in iwi.candidate_weights(spec, 0, spec.n_layers)},
+        1: {iwi.weight_key(layer, m): v for layer, m, v in zip(probed["layer"], probed["module"], probed["smoothed"])}}
     plans = tables["plans"]
     block = HSplitLoRA.block_adapter_budget(sc, spec)
 
@@ -141,16 +146,17 @@ def test_each_split_is_the_fastest_estimated_one_within_budget(runs, key):
         iteration = PlanCosts(spec, plan, BATCH, SEQ, c.element_bytes, sc.training.weight_decay).iteration
         return iteration_estimate(sc, c, len(clients), iteration)
 
-    for c in clients:
+    for (r, importance), c in itertools.product(importance_of_round.items(), clients):
         seconds = {}
         for split in range(1, spec.n_layers):
             if memory(spec, split, {}) > c.memory_budget_gb * 1e9:
                 break
-            client, server = iwi.split_ranks(spec, uniform, block, c.memory_budget_gb * 1e9, Q, BATCH, SEQ, split)
+            client, server = iwi.split_ranks(spec, importance, block, c.memory_budget_gb * 1e9, Q, BATCH, SEQ,
+                                             split)
             if client and server:
                 seconds[split] = estimate(c, ClientPlan(split, client, server)).total_s
-        row = plans[(plans["round"] == 1) & (plans["client"] == c.index)].iloc[0]
-        assert row["split"] == min(seconds, key=lambda s: (seconds[s], s)), (c.index, seconds)
+        row = plans[(plans["round"] <= r) & (plans["client"] == c.index)].sort_values("round").iloc[-1]
+        assert row["split"] == min(seconds, key=lambda s: (seconds[s], s)), (r, c.index, seconds)
         in_force = estimate(c, ClientPlan.from_row(row))
         assert row["estimated_iteration_s"] == pytest.approx(in_force.total_s)
         assert row["estimated_server_s"] == pytest.approx(in_force.server_s)
@@ -187,20 +193,22 @@ def split_in_force(tables, r: int, k: int) -> int:
 
 
 def plans_by_round(sc, tables) -> dict[tuple[int, int], object]:
-    """(round, client) -> the plan it trained with, solved here from the run's own importance table:
-    round 1 from uniform importance, later rounds from the previous round's smoothed importance."""
+    """(round, client) -> the plan it trained with (round 0: its probe's), solved here from the run's own
+    importance table: round 0 from uniform importance, round 1 from the probe's over every split, later rounds
+    from the previous round's smoothed importance."""
     spec = costs.ModelSpec.from_hf_config(model_hf_config(sc))
     clients = expanded_clients(sc)
-    plans = {(1, c.index): p for c, p in zip(clients, HSplitLoRA.initial_plans(sc, spec, clients))}
+    plans = {(0, c.index): p for c, p in zip(clients, HSplitLoRA.initial_plans(sc, spec, clients))}
     importance = tables.get("importance")
-    for r in range(2, ROUNDS + 1):
+    for r in range(1, ROUNDS + 1):
         if not sc.algorithm.armsc or importance is None or importance.empty:
-            plans.update({(r, c.index): plans[1, c.index] for c in clients})
+            plans.update({(r, c.index): plans[0, c.index] for c in clients})
             continue
         previous = importance[importance["round"] == r - 1]
         smoothed = {iwi.weight_key(layer, m): v for layer, m, v in
                     zip(previous["layer"], previous["module"], previous["smoothed"])}
-        solved = [HSplitLoRA.solve(sc, spec, c, len(clients), smoothed, [split_in_force(tables, r, c.index)])
+        solved = [HSplitLoRA.solve(sc, spec, c, len(clients), smoothed,
+                                   list(range(1, spec.n_layers)) if r == 1 else [split_in_force(tables, r, c.index)])
                   for c in clients]
         # a shared server-side adapter holds each weight at the largest rank any plan gives it
         plans.update({(r, c.index): p for c, p in zip(clients, HSplitLoRA.shared_server_side(sc, solved))})
@@ -231,6 +239,8 @@ def test_every_compute_duration_comes_from_the_cost_model(runs, key):
     probing = sc.algorithm.iwi
     n = spec.n_layers
     for (r, k), plan in plans.items():
+        if r == 0:
+            continue  # the probe before training: test_the_probe_before_training_is_charged_as_it_runs
         own = events[(events["round"] == r) & (events["client"] == k)]
         fwd = own[own["kind"] == "client_fwd"]
         bwd = own[own["kind"] == "client_bwd"].sort_values("start_s")
@@ -255,6 +265,44 @@ def test_every_compute_duration_comes_from_the_cost_model(runs, key):
             for kind in (bwd, step):
                 seconds_taken = kind["end_s"] - kind["start_s"]
                 assert seconds_taken.iloc[0] > seconds_taken.iloc[1]
+
+
+@pytest.mark.parametrize("key", ["gpt2-het", "llama-het"])
+def test_the_probe_before_training_is_charged_as_it_runs(runs, key):
+    """Round 0: each client's one probe iteration of the base model at its round-0 split (forward, upload,
+    server step, download, backward: no adapter, no optimiser step), durations from the cost model, then the
+    upload of its side's scores; no training loss; round 1 starts after it."""
+    sc, tables = runs(key)
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(sc))
+    clients = expanded_clients(sc)
+    server = resolve_device(sc.server.device)
+    plans = plans_by_round(sc, tables)
+    events = tables["events"]
+    for c in clients:
+        split = plans[0, c.index].split
+        own = events[(events["round"] == 0) & (events["client"] == c.index)].set_index("kind")
+        assert sorted(own.index) == sorted(["client_fwd", "upload", "server_queue", "server_step", "download",
+                                             "client_bwd", "importance_upload"])
+        probe = probe_iteration(spec, split, BATCH, SEQ, c.element_bytes)
+        for kind, work, device in [("client_fwd", probe.client_fwd, c.device),
+                                   ("client_bwd", probe.client_bwd[1], c.device),
+                                   ("server_step", probe.server[1], server)]:
+            assert own.loc[kind, "flops"] == work.flops, kind
+            assert own.loc[kind, "end_s"] - own.loc[kind, "start_s"] == pytest.approx(seconds(work, device),
+                                                                                      rel=1e-9)
+        assert own.loc["importance_upload", "bytes"] == 4 * len(iwi.candidate_weights(spec, 0, split))
+        assert own.loc["importance_upload", "start_s"] >= own.loc["client_bwd", "end_s"]
+    rounds = tables["rounds"]
+    assert np.isnan(rounds["train_loss"][0]) and rounds["sim_time_s"][0] == events[events["round"] == 0]["end_s"].max()
+    assert events[events["round"] == 1]["start_s"].min() >= rounds["sim_time_s"][0]
+    assert (tables["participation"].query("round == 0")["outcome"] == "reported").all()
+
+
+def test_without_armsc_there_is_no_probe_before_training(runs):
+    _, tables = runs("no-armsc")
+    events = tables["events"]
+    assert events[events["round"] == 0]["kind"].tolist() == ["eval"]
+    assert tables["rounds"]["sim_time_s"][0] == 0
 
 
 def test_without_iwi_there_is_no_probe_and_no_importance(runs):

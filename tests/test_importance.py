@@ -15,6 +15,7 @@ from peft import get_peft_model
 
 from hsplit_sim import costs
 from hsplit_sim.algorithms import importance as iwi
+from hsplit_sim.algorithms.protocols.split import probe_iteration
 from hsplit_sim.scenario.models import BUILTIN_MODELS
 from hsplit_sim.training.split import SplitLM, lora_config
 from hsplit_sim.training.probe import OutputProbe, WeightProbe
@@ -442,6 +443,47 @@ def test_output_probe_work_is_the_cost_model(name, ranks):
         weights = costs.segment_work(spec, start, stop, PROBE_BATCH, PROBE_SEQ, ranks, weight_grads=True,
                                      **flags)[1]
         assert plain.flops <= predicted.flops < weights.flops
+
+
+@pytest.mark.parametrize("name, ranks", PROBE_CASES)
+def test_the_probe_before_training_is_the_cost_model(name, ranks):
+    """IWI's probe before round 1 runs the base model (the adapters there are switched off): its passes on both
+    sides, FLOPs as FlopCounterMode counts them and kernels as the dispatcher sees them, against
+    probe_iteration."""
+    spec = spec_of(name)
+    lm = SplitLM(get_peft_model(plain_model(name), lora_config(spec.family, ranks, 2.0), adapter_name="c0"))
+    torch.manual_seed(1)
+    ids = torch.randint(3, 1000, (PROBE_BATCH, PROBE_SEQ))
+    mask = torch.ones(PROBE_BATCH, PROBE_SEQ, dtype=torch.long)
+    received = torch.randn(PROBE_BATCH, PROBE_SEQ, spec.d_model, requires_grad=True)
+    gradient = torch.randn(PROBE_BATCH, PROBE_SEQ, spec.d_model)
+    predicted = probe_iteration(spec, SPLIT, PROBE_BATCH, PROBE_SEQ, 4)
+
+    def passes(start, stop, forward, inputs, grad=None):
+        """(FLOPs, kernels) of the forward and of the backward (with the scores) of one side's probe."""
+        found = []
+        for count in (counted, lambda fn: dispatched(fn)[1]):
+            probe, out = OutputProbe(lm, start, stop), {}
+
+            def run_forward():
+                with probe, lm.model.disable_adapter():
+                    out["value"] = forward()
+
+            def run_backward():
+                with probe:
+                    grads = torch.autograd.grad(out["value"], inputs + probe.inputs(), grad)
+                probe.scores(grads[len(inputs):])
+
+            found.append((count(run_forward), count(run_backward)))
+        return found
+
+    client_flops, client_kernels = passes(0, SPLIT, lambda: lm.client_forward(ids, mask, SPLIT), [], gradient)
+    server_flops, server_kernels = passes(SPLIT, spec.n_layers, lambda: lm.server_loss(received, mask, ids, SPLIT),
+                                            [received])
+    assert client_flops == (predicted.client_fwd.flops, predicted.client_bwd[1].flops)
+    assert client_kernels == (predicted.client_fwd.kernels, predicted.client_bwd[1].kernels)
+    assert sum(server_flops) == predicted.server[1].flops
+    assert sum(server_kernels) == predicted.server[1].kernels
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "smollm2-135m"])

@@ -93,3 +93,36 @@ def test_reshape_keeps_the_leading_ranks_and_their_moments():
         if "lora_B" in n:
             assert not p.detach()[:, 2:].any()  # B starts at zero
         assert p not in role.optimizers["a"].state
+
+
+def test_the_probe_before_training_trains_nothing():
+    """IWI's probe before round 1 (no adapter named): every projection's score on both sides of the cut, equal
+    to a training probe's with fresh adapters (B = 0 leaves every output and gradient as the base model's);
+    no adapter value or optimiser state moves. (Its cost: tests/test_importance.py.)"""
+    from hsplit_sim import costs
+    from hsplit_sim.scenario import model_hf_config
+
+    scenario = load_scenario(TINY, ["model.name=tiny-llama", "data.train_examples=16"])
+    client, server = (make_role(worker_init_args(scenario, role, 2)) for role in ("clients", "server"))
+    for role, layer in ((client, 0), (server, 1)):  # each side's adapter on its side of the cut at 1
+        ranks = [[layer, module, 4] for module in ("self_attn.q_proj", "mlp.up_proj")]
+        role.configure(0, {"adapter": "a", "scaling": 2.0, "ranks": ranks, "split": 1, "lr": 1e-2}, {})
+    before = {role: role.get_adapter(0, {"adapter": "a"}, {})[1] for role in (client, server)}
+
+    def iteration(adapter):
+        probe = {"adapter": adapter, "split": 1, "probe": True, "measure": "abs_sum"}
+        smashed = client.forward(0, probe, {"batch": np.arange(4)})[1]
+        result, grad = server.server_step(0, probe, smashed)
+        return {**client.backward(0, {"adapter": adapter}, grad)[0]["importance"], **result["importance"]}
+
+    probed = iteration(None)
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
+    assert len(probed) == len(set(costs.TARGET_MODULES[spec.family].values())) * spec.n_layers
+    for role in (client, server):
+        after = role.get_adapter(0, {"adapter": "a"}, {})[1]
+        assert all(np.array_equal(before[role][k], after[k]) for k in after)
+        assert not role.optimizers["a"].state
+    trained = iteration("a")
+    assert trained.keys() == probed.keys()
+    for key, value in probed.items():
+        assert value == pytest.approx(trained[key], rel=1e-5, abs=1e-9), key

@@ -88,6 +88,7 @@ class Algorithm:
     name: str
     family: str  # "split", "federated" or "centralised"
     order_sensitive = False  # clients share state updated in simulated-time order (a shared server adapter)
+    prepares = False  # work comes before round 1, as round 0 (prepare)
     # Attributes that change from round to round: a checkpoint saves them at each round's end so that a run can
     # resume (experiment/checkpoint.py); setup() rebuilds everything else from the scenario.
     round_state: tuple[str, ...] = ()
@@ -121,6 +122,10 @@ class Algorithm:
         raise NotImplementedError
 
     def round(self, round_index: int):
+        raise NotImplementedError
+
+    def prepare(self):
+        """Work before round 1, as round 0 (HSplitLoRA's importance probe): a SimPy process like round."""
         raise NotImplementedError
 
     def state(self) -> dict:

@@ -1,16 +1,17 @@
 """HSplitLoRA = IWI + ARMSC + NAA (Lin et al., arXiv 2505.02795; formulas and choices in docs/algorithms.md).
 
-Each round: every client trains its own client-side adapters and, on the server, its own server-side
-adapters (algorithm.server_adapters: per_client, the default) or one server-side adapter that all clients
-train in turn (shared, as SplitLoRA's code does), under a per-client plan (split point, rank per weight)
-that fits its memory budget. The first local step of a round also measures weight importance (IWI's
-gradient probe, charged in simulated time). At the round's end all adapters are stacked with each
-client's weight and scaling folded in (NAA; a shared server-side adapter counts block by block for the
-clients whose server side holds the block), the exact sum of updates is merged into the base weights on
-every worker, and fresh adapters start the next round under plans re-solved from the smoothed importance
-(ARMSC).
+Before round 1 (as round 0), every client runs one probe iteration of the base model, whose importance
+(I_bar_0) the plans of round 1 are solved from (prepare). Each round: every client trains its own client-side
+adapters and, on the server, one server-side adapter that all clients train in turn (algorithm.server_adapters:
+shared, the default, as SplitLoRA's code does) or its own server-side adapters (per_client), under a
+per-client plan (split point, rank per weight) that fits its memory budget. The first local step of a round
+also measures weight importance (IWI's gradient probe, charged in simulated time). At the round's end all
+adapters are stacked with each client's weight and scaling folded in (NAA; a shared server-side adapter
+counts block by block for the clients whose server side holds the block), the exact sum of updates is merged
+into the base weights on every worker, and fresh adapters start the next round under plans re-solved from
+the smoothed importance (ARMSC).
 
-Timing-only runs (no workers) measure nothing: importance stays uniform, the plans of round 1 stand, and
+Timing-only runs (no workers) measure nothing: importance stays uniform, the plans of round 0 stand, and
 the probes are still charged. A replay (re-timing a trained run) takes each round's plans from the trained
 run's plans table instead, so it charges exactly what the trained run did.
 
@@ -40,7 +41,7 @@ from hsplit_sim.algorithms.aggregation import (
 )
 from hsplit_sim.algorithms.base import Outcome, Planned, server_placement
 from hsplit_sim.algorithms.plans import ClientPlan, ranks_key
-from hsplit_sim.algorithms.protocols.split import PlanCosts, SplitProtocol, iteration_estimate
+from hsplit_sim.algorithms.protocols.split import PlanCosts, SplitProtocol, iteration_estimate, probe_iteration
 from hsplit_sim.algorithms.registry import register
 from hsplit_sim.algorithms.splitlora import fitting_configuration
 from hsplit_sim.errors import ScenarioError
@@ -202,7 +203,7 @@ class HSplitLoRA(SplitProtocol):
         self.plans = self.initial_plans(ctx.scenario, ctx.spec, ctx.clients)
         self.held = [p.split for p in self.plans]  # blocks 0..held-1 of each client have current weights
         self.shares = [iwi.client_side_share({k: 1.0 for k in self.cost}, p.split) for p in self.plans]
-        self.plan_rows(1)
+        self.plan_rows(0 if self.prepares else 1)  # with a probe first, these plans only cut its iteration
         self.configure_all()
         if not self.config.naa:
             self.start_global()
@@ -246,6 +247,54 @@ class HSplitLoRA(SplitProtocol):
 
     def start_round(self, round_index: int) -> None:
         self.measured = {}
+
+    @property
+    def prepares(self) -> bool:
+        """IWI's probe before round 1, wherever importance can change the plans (charged in timing-only runs
+        too, which measure nothing)."""
+        return self.config.iwi and self.config.armsc
+
+    def prepare(self):
+        """IWI's probe before round 1, as round 0: every client the fleet lets take part runs one probe
+        iteration of the base model at the split its budgets alone give it (initial_plans) and uploads its
+        side's scores; I_bar_0 is their average (update_importance), and every client's plan is solved again
+        from it over all splits, as in round 1 of the paper."""
+        ctx = self.ctx
+        self.start_round(0)
+        taking_part = yield ctx.fleet.sim.env.process(ctx.fleet.participate(
+            0, self.active_clients(), 1, lambda node, steps, report: self.probe(node.index, steps, report)))
+        reported = set(taking_part.reported)  # a client stopped before its scores arrived counts for nothing
+        self.measured = {key: kept for key, by_client in self.measured.items()
+                         if (kept := {c: v for c, v in by_client.items() if c in reported})}
+        self.update_importance(0)
+        previous, proposed = self.plans, self.plans
+        if self.importance is not None:
+            splits = list(range(1, ctx.spec.n_layers))
+            proposed = self.shared_server_side(ctx.scenario, [
+                self.solve(ctx.scenario, ctx.spec, client, len(ctx.clients), self.importance, splits) or plan
+                for client, plan in zip(ctx.clients, previous)])
+        self.plans = ctx.backend.plans(1, proposed, previous)
+        self.shares = [iwi.client_side_share(self.importance or {k: 1.0 for k in self.cost}, p.split)
+                       for p in self.plans]
+        self.plan_rows(1)
+        if self.plans != previous:
+            if self.config.naa:
+                self.configure_all()
+            else:
+                self.load_global()
+
+    def probe(self, client: int, steps: int, report: bool):
+        """A client's probe before round 1 (none where the fleet has it drop out at once), then the upload of
+        its side's scores (one fp32 value per projection) if it reports."""
+        ctx = self.ctx
+        node, split = ctx.fleet.clients[client], self.plans[client].split
+        iteration = probe_iteration(ctx.spec, split, ctx.batch, ctx.seq, ctx.clients[client].element_bytes,
+                                    self.importance_measure)
+        work = ctx.backend.probe_work(client, split, iteration, self.importance_measure, self.record_importance)
+        if steps:
+            yield from ctx.fleet.split_iterations(0, node, iteration, 1, frozenset({0}), work, 0)
+        if report:
+            yield from node.upload(0, "importance_upload", 4 * len(iwi.candidate_weights(ctx.spec, 0, split)))
 
     def record_importance(self, client: int, scores: dict[str, float]) -> None:
         """Kept per client and averaged in client order, so importance (and the plans) cannot depend on the

@@ -37,6 +37,11 @@ class Backend:
         importance with `measure` (abs_sum or sum_abs) and hand it to `on_importance(client, scores)`."""
         raise NotImplementedError
 
+    def probe_work(self, client: int, split: int, costs, measure: str, on_importance) -> SplitWork | None:
+        """IWI's probe before round 1 for a client: one split iteration of the base model cut at `split`, no
+        adapter and no optimiser step, on the batch of its first training step (None: nothing but time)."""
+        raise NotImplementedError
+
     def step_work(self, round_index: int, client: int | None, adapter: str | None, steps: int) -> StepWork | None:
         """Whole-model steps of one round on a client (client None: the server, on the pooled data); None:
         nothing but time."""
@@ -105,6 +110,9 @@ class TimingBackend(Backend):
 
     def split_work(self, round_index, client, adapter, server_adapter, split, costs, measure,
                    on_importance) -> None:
+        return None
+
+    def probe_work(self, client, split, costs, measure, on_importance) -> None:
         return None
 
     def step_work(self, round_index, client, adapter, steps) -> None:

@@ -100,6 +100,9 @@ class RealBackend(Backend):
         return _RealSplitWork(self, round_index, client, adapter, server_adapter, split, costs, measure,
                               on_importance)
 
+    def probe_work(self, client, split, costs, measure, on_importance) -> SplitWork:
+        return _RealSplitWork(self, 0, client, None, None, split, costs, measure, on_importance)
+
     def step_work(self, round_index, client, adapter, steps) -> StepWork:
         return _RealStepWork(self, round_index, client, adapter, steps)
 
@@ -186,7 +189,8 @@ class RealBackend(Backend):
 
 
 class _RealSplitWork(SplitWork):
-    """Forward on the client's worker, the step on the server worker, backward on the client's worker."""
+    """Forward on the client's worker, the step on the server worker, backward on the client's worker. Without
+    adapters (None), the base model's probe before training: nothing trains."""
 
     def __init__(self, backend: RealBackend, round_index, client, adapter, server_adapter, split, costs, measure,
                  on_importance):
@@ -198,9 +202,11 @@ class _RealSplitWork(SplitWork):
         self.smashed = self.reply = None
 
     def forward(self, step, probe) -> None:
-        batch = self.backend.batch(self.backend.partitions[self.client], self.round, self.steps, step)
+        # round 0 is IWI's probe before training: the batch of the client's first training step
+        batch = self.backend.batch(self.backend.partitions[self.client], max(self.round, 1), self.steps, step)
         self.smashed = self.backend.timed(self.worker.call(
-            "forward", client=self.client, args={"adapter": self.adapter, "probe": probe, "measure": self.measure},
+            "forward", client=self.client, args={"adapter": self.adapter, "split": self.split, "probe": probe,
+                                                 "measure": self.measure},
             tensors={"batch": batch}),
             self.round, self.client, "client_fwd", step)
         checked_bytes(self.smashed, self.costs.host_up, "upload of activations")
@@ -210,7 +216,8 @@ class _RealSplitWork(SplitWork):
             "step", client=self.client, tensors=self.smashed.tensors, args={
                 "adapter": self.server_adapter, "split": self.split, "probe": probe, "measure": self.measure}),
             self.round, self.client, "server_step", step)
-        self.backend.stats.losses.append(self.reply.header["result"]["loss"])
+        if self.adapter is not None:  # a training step's loss, not the probe's
+            self.backend.stats.losses.append(self.reply.header["result"]["loss"])
         checked_bytes(self.reply, self.costs.host_down, "download of gradients")
 
     def backward(self, step, probe) -> None:

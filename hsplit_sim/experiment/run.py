@@ -330,8 +330,8 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
         ctx.stats.losses, ctx.stats.agg_error = [], float("nan")
         clients = algorithm.client_rows(round_index)  # before the round: the plans it trains with
         started_s = sim.now
-        if round_index > 0:
-            yield sim.env.process(algorithm.round(round_index))
+        if round_index > 0 or algorithm.prepares:
+            yield sim.env.process(algorithm.round(round_index) if round_index > 0 else algorithm.prepare())
             participation = fleet.take_participation()
             energy = round_energy(round_index, {node.index: node.take_busy() for node in fleet.clients}, ctx.clients,
                                   sim.now - started_s)

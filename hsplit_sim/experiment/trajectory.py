@@ -50,8 +50,9 @@ from hsplit_sim.scenario.schema import Scenario
 
 # Raised whenever the code trains differently from the same inputs, so that a replay refuses runs trained before:
 # 3 = ARMSC's estimated-time split and adapter budgets, one LoRA scaling for every rank, AdamW kept across
-# aggregation; 4 = HetLoRA's rank self-pruning, HSplitLoRA without NAA keeping one global adapter.
-KEY_VERSION = 4
+# aggregation; 4 = HetLoRA's rank self-pruning, HSplitLoRA without NAA keeping one global adapter; 5 = HSplitLoRA's
+# round 1 planned from a probe before training.
+KEY_VERSION = 5
 
 
 def training_inputs(scenario: Scenario) -> dict:

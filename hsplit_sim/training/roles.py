@@ -353,30 +353,37 @@ class ClientRole(Role):
     def forward(self, client, args, tensors):
         """Client forward on the batch's indices; what a real client would upload comes back.
 
-        With probe, the forward also keeps what IWI's importance needs (training/probe.py).
+        With probe, the forward also keeps what IWI's importance needs (training/probe.py). Without an adapter
+        (None) it is IWI's probe before training: the base model cut at args["split"].
         """
         name = args["adapter"]
         batch = self.batch(tensors)
-        self.activate(name)  # before the probe: activating an adapter freezes every other weight
-        probe = make_probe(self.lm, 0, self.splits[name], args)
-        with probe:
-            hidden = self.lm.client_forward(batch["input_ids"], batch["attention_mask"], self.splits[name])
+        if name is not None:
+            self.activate(name)  # before the probe: activating an adapter freezes every other weight
+        split = args["split"] if name is None else self.splits[name]
+        probe = make_probe(self.lm, 0, split, args)
+        with probe, self._adapters_off(name is None):
+            hidden = self.lm.client_forward(batch["input_ids"], batch["attention_mask"], split)
         self.pending[client] = (hidden, probe)
         return {}, {"hidden": hidden.detach().cpu().numpy(), "labels": batch["labels"].cpu().numpy(),
                     "attention_mask": batch["attention_mask"].cpu().numpy()}
 
     def backward(self, client, args, tensors):
-        """Client backward and optimizer step; after a probe, also the importance of the segment's weights."""
+        """Client backward and optimizer step (none without an adapter); after a probe, also the importance of
+        the segment's weights."""
         hidden, probe = self.pending.pop(client)
-        self.activate(args["adapter"])  # other clients' forwards froze this client's adapter since
-        optimizer = self.optimizers[args["adapter"]]
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer = None
+        if args["adapter"] is not None:
+            self.activate(args["adapter"])  # other clients' forwards froze this client's adapter since
+            optimizer = self.optimizers[args["adapter"]]
+        params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
         with probe:
             grads = torch.autograd.grad(hidden, params + probe.inputs(),
                                         grad_outputs=torch.from_numpy(np.array(tensors["grad"])).to(self.device))
         for param, grad in zip(params, grads):
             param.grad = grad
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.step()
         return {"importance": probe.scores(grads[len(params):])}, {}
 
 
@@ -392,17 +399,20 @@ class ServerRole(Role):
         hidden = torch.from_numpy(np.array(tensors["hidden"])).to(self.device).requires_grad_(True)
         mask = torch.from_numpy(np.array(tensors["attention_mask"])).to(self.device)
         labels = torch.from_numpy(np.array(tensors["labels"])).to(self.device)
-        self.activate(name)  # before the probe: activating an adapter freezes every other weight
-        optimizer = self.optimizers[name]
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer = None
+        if name is not None:  # None: IWI's probe before training, on the base model
+            self.activate(name)  # before the probe: activating an adapter freezes every other weight
+            optimizer = self.optimizers[name]
+        params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
         probe = make_probe(self.lm, split, self.lm.n_layers, args)
-        with probe:
+        with probe, self._adapters_off(name is None):
             loss = self.lm.server_loss(hidden, mask, labels, split)
             # A shared server-side adapter also covers blocks below this client's split: those get no gradient.
             grads = torch.autograd.grad(loss, [hidden] + params + probe.inputs(), allow_unused=True)
         for param, grad in zip(params, grads[1:]):
             param.grad = grad
-        optimizer.step()
+        if optimizer is not None:
+            optimizer.step()
         return ({"loss": loss.item(), "importance": probe.scores(grads[1 + len(params):])},
                 {"grad": grads[0].cpu().numpy()})
 

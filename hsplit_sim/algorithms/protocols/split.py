@@ -54,6 +54,20 @@ class PlanCosts:
                                                                 embeddings=True, head=False, element_bytes=e)}
 
 
+def probe_iteration(spec: costs.ModelSpec, split: int, batch: int, seq: int, element_bytes: int,
+                    measure: str = "abs_sum") -> IterationCosts:
+    """IWI's probe before round 1: one iteration of the base model cut at `split` (no adapter yet, no optimiser
+    step) that measures every projection's importance, on both sides of the cut (`probing` is always on)."""
+    flag = {"output_grads": True} if measure == "abs_sum" else {"weight_grads": True}
+    client_fwd, client_bwd = costs.segment_work(spec, 0, split, batch, seq, {}, False, False, **flag)
+    server_fwd, server_bwd = costs.segment_work(spec, split, spec.n_layers, batch, seq, {}, True, True, **flag)
+    server = server_fwd + server_bwd
+    return IterationCosts(client_fwd, (client_bwd, client_bwd), (server, server),
+                          costs.smashed_bytes(spec, batch, seq, element_bytes),
+                          costs.gradient_bytes(spec, batch, seq, element_bytes),
+                          costs.smashed_bytes(spec, batch, seq), costs.gradient_bytes(spec, batch, seq))
+
+
 def iteration_estimate(scenario, client, n_clients: int, iteration: IterationCosts) -> SplitIterationEstimate:
     """A client's estimated split iteration without a probe (HSplitLoRA's ARMSC chooses splits by it; the plans
     table shows it for every split method). With one shared server-side adapter every client's server step
