@@ -189,3 +189,36 @@ def test_sigterm_stops_the_sweep_and_its_points(tmp_path):
     assert list(table["status"]) == ["interrupted"]
     leftover = subprocess.run(["pgrep", "-f", str(runs)], capture_output=True, text=True).stdout.split()
     assert not leftover, "point processes outlived the sweep"
+
+
+def test_resume_continues_a_point_that_stopped_with_a_checkpoint(tmp_path, monkeypatch):
+    """A point killed after round 1's checkpoint continues from it (`run --resume`) when the sweep resumes: one
+    run directory, marked resumed, with the rounds an uninterrupted run of the point gives."""
+    from test_resume import KILL_BEFORE_CHECKPOINT
+
+    from hsplit_sim.experiment.sweep import executors
+
+    path = sweep_file(tmp_path, grid={"algorithm.name": ["fedlora"]})
+    sweep = load_sweep_file(path, ["training.rounds=3", "runtime.timing_only=true", f"output.dir={tmp_path / 'runs'}"])
+
+    class Killing(executors.LocalExecutor):
+        def submit(self, argv, env, log_path, cpus):  # the point's process dies before round 2's checkpoint
+            return super().submit([sys.executable, "-c", KILL_BEFORE_CHECKPOINT, argv[-1], "2"], env, log_path, cpus)
+
+    monkeypatch.setitem(executors.EXECUTORS, "local", Killing)
+    sweep_dir = run_sweep(sweep, processes=1, progress=False)
+    assert list(pd.read_parquet(sweep_dir / "sweep.parquet")["status"]) == ["crashed"]
+    monkeypatch.undo()
+
+    run_sweep(sweep, resume=sweep_dir, processes=1, progress=False)
+    point = next((sweep_dir / "points").iterdir())
+    (run_dir,) = [d for d in point.iterdir() if d.is_dir()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and [r["from_round"] for r in summary["resumed"]] == [1]
+    assert list(pd.read_parquet(sweep_dir / "sweep.parquet")["status"]) == ["completed"]
+    fresh = subprocess.run([sys.executable, "-m", "hsplit_sim.cli", "run", str(point / "scenario.yaml"), "--set",
+                            f"output.dir={tmp_path / 'fresh'}"], cwd=REPO, capture_output=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    (fresh_dir,) = (tmp_path / "fresh").iterdir()
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "rounds.parquet").drop(columns="wall_time_s"),
+                                  pd.read_parquet(fresh_dir / "rounds.parquet").drop(columns="wall_time_s"))

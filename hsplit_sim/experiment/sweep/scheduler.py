@@ -13,6 +13,7 @@ import pandas as pd
 import yaml
 
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.experiment import checkpoint
 from hsplit_sim.experiment.progress import ProgressLine
 from hsplit_sim.experiment.sweep.executors import EXECUTORS, Executor
 from hsplit_sim.experiment.sweep.sweepfile import Point, Sweep
@@ -38,6 +39,13 @@ def run_sweep(sweep: Sweep, resume: str | Path | None = None, processes: int | N
     sweep_dir = sweep_dir.resolve()
     _Runner(sweep, sweep_dir, runs_on, processes, threads, progress, reuse).run()
     return sweep_dir
+
+
+def resumable_attempt(point_dir: Path) -> Path | None:
+    """The run directory of a point's attempt that stopped with a checkpoint (the newest such): a completed run
+    removes its checkpoint, so one left behind is a run that can continue."""
+    checkpoints = sorted(point_dir.glob(f"*/{checkpoint.FILE}"), key=lambda f: f.stat().st_mtime)
+    return checkpoints[-1].parent if checkpoints else None
 
 
 class _Runner:
@@ -92,7 +100,8 @@ class _Runner:
 
     def _run_point(self, point: Point, replay: Path | None = None) -> float:
         """One `hsplit-sim run` on the executor; with `replay`, a re-timing of that trained run (which trains
-        anew if its server order differs)."""
+        anew if its server order differs). A point whose earlier attempt stopped with a checkpoint continues
+        it (`run --resume`), and runs anew only where that is refused."""
         started = time.monotonic()
         point_dir = self.dir / "points" / point.id
         point_dir.mkdir(parents=True, exist_ok=True)
@@ -101,15 +110,24 @@ class _Runner:
             scenario["runtime"] = dict(scenario["runtime"], replay_from=str(replay), replay_fallback="train")
         scenario_file = point_dir / "scenario.yaml"
         scenario_file.write_text(yaml.safe_dump(scenario, sort_keys=False))
+        interrupted = resumable_attempt(point_dir) if replay is None else None
+        if interrupted is not None and self._execute(point, point_dir, ["run", "--resume", str(interrupted)]) != 2:
+            return time.monotonic() - started
+        self._execute(point, point_dir, ["run", str(scenario_file)])
+        return time.monotonic() - started
+
+    def _execute(self, point: Point, point_dir: Path, command: list[str]) -> int | None:
+        """`hsplit-sim COMMAND` for a point on the executor, logged to its point.log; its exit status (None:
+        the sweep was interrupted before it started)."""
         env = dict(os.environ, HSPLIT_SIM_TORCH_THREADS=str(self.threads),
                    HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"))
         log = point_dir / "point.log"
         with open(log, "ab") as out:
-            out.write(f"--- {datetime.now(timezone.utc).isoformat()} {scenario_file}\n".encode())
-        argv = [sys.executable, "-m", "hsplit_sim.cli", "run", str(scenario_file)]
+            out.write(f"--- {datetime.now(timezone.utc).isoformat()} {' '.join(command)}\n".encode())
+        argv = [sys.executable, "-m", "hsplit_sim.cli", *command]
         with self.lock:
             if self.interrupted:
-                return 0.0
+                return None
             handle = self.running[point.id] = self.executor.submit(argv, env, str(log), self.threads)
         self._progress_line(f"started {point.id}")
         status = self.executor.wait(handle)
@@ -117,7 +135,7 @@ class _Runner:
             del self.running[point.id]
         with open(log, "ab") as out:
             out.write(f"--- exit status {status}\n".encode())
-        return time.monotonic() - started
+        return status
 
     def _interrupt(self, pool: ThreadPoolExecutor) -> None:
         """Stop scheduling, have the executor stop the running points, and record where each stands."""
