@@ -185,20 +185,23 @@ def test_full_fine_tuning_state_loads_into_a_fresh_worker():
     assert not all(after[0][key].equal(tiny_role().model.state_dict()[key]) for key in after[0])  # it trained
 
 
-@pytest.mark.parametrize("algorithm", ["hsplitlora", "fedlora"])
-def test_a_timing_only_run_killed_before_a_checkpoint_resumes_to_the_same_tables(algorithm, tmp_path):
-    overrides = [*SYSTEM, f"algorithm.name={algorithm}"]
+@pytest.mark.parametrize("algorithm, every, killed_at", [("hsplitlora", 1, 3), ("fedlora", 1, 3), ("fedlora", 2, 4)])
+def test_a_timing_only_run_killed_before_a_checkpoint_resumes_to_the_same_tables(algorithm, every, killed_at,
+                                                                                  tmp_path):
+    """Killed after round `killed_at`'s tables; with a checkpoint every `every` rounds the last one is round 2's,
+    so the resume redoes the rounds after it."""
+    overrides = [*SYSTEM, f"algorithm.name={algorithm}", f"output.checkpoint_every={every}"]
     expected = run_scenario(scenario_from_dict(copy.deepcopy(BASE), [*overrides, f"output.dir={tmp_path / 'ref'}"]),
                             progress=False)
     outcomes = set(pd.read_parquet(expected / "participation.parquet")["outcome"])
     assert {"reported", "late", "not selected", "dropped"} <= outcomes, outcomes  # the effects do happen
     path = scenario_file(tmp_path, "cut", overrides)
-    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_CHECKPOINT, str(path), "3"], check=False, cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_CHECKPOINT, str(path), str(killed_at)], check=False,
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert killed.returncode == 9, killed.stderr
     run_dir = run_dir_of(tmp_path / "cut")
     assert checkpoint_round(run_dir) == 2
-    assert len(pd.read_parquet(run_dir / "rounds.parquet")) == 4  # round 3 is on disk, its checkpoint is not
+    assert len(pd.read_parquet(run_dir / "rounds.parquet")) == killed_at + 1  # on disk past the checkpoint
     resumed = resume(run_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.strip().splitlines()[-1] == str(run_dir)
@@ -207,6 +210,17 @@ def test_a_timing_only_run_killed_before_a_checkpoint_resumes_to_the_same_tables
     assert summary["status"] == "completed" and summary["resumed"][0]["from_round"] == 2
     assert summary["events"] == json.loads((expected / "summary.json").read_text())["events"]
     assert not (run_dir / checkpoint.FILE).exists()
+
+
+def test_without_checkpoints_a_killed_run_cannot_resume(tmp_path):
+    path = scenario_file(tmp_path, "cut", [*FLEET, "output.checkpoint_every=0"])
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_CHECKPOINT, str(path), "2"], check=False, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr
+    run_dir = run_dir_of(tmp_path / "cut")
+    assert len(pd.read_parquet(run_dir / "rounds.parquet")) == 3 and not (run_dir / checkpoint.FILE).exists()
+    refused = resume(run_dir)
+    assert refused.returncode == 2 and "no checkpoint" in refused.stderr
 
 
 def children(pid: int) -> list[int]:

@@ -289,8 +289,8 @@ class RunTotals:
 
 
 class _Checkpoints:
-    """The run's state at each round's end, saved into the run directory, and put back on resume (checkpoint.py
-    says what it holds)."""
+    """The run's state at the end of every output.checkpoint_every-th round, saved into the run directory, and
+    put back on resume (checkpoint.py says what it holds)."""
 
     def __init__(self, writer: RunWriter, ctx: RunContext, algorithm, rows: list[dict], totals: RunTotals,
                  key: str):
@@ -299,6 +299,9 @@ class _Checkpoints:
         self.digest = checkpoint.scenario_digest(writer.path)
 
     def save(self, round_index: int) -> None:
+        every = self.ctx.scenario.output.checkpoint_every
+        if every == 0 or round_index % every:
+            return
         fleet = self.ctx.fleet
         run = {"training_key": self.key, "scenario_sha256": self.digest, "rows": self.rows,
                "totals": {"energy_j": self.totals.energy_j, "outcomes": dict(self.totals.outcomes)},

@@ -302,6 +302,9 @@ class RuntimeSpec(StrictModel):
 
 class OutputSpec(StrictModel):
     dir: str = "runs"
+    checkpoint_every: int = Field(1, ge=0, description="rounds between the checkpoints `run --resume` continues "
+                                  "from (0: none). Each holds what trains: for full fine-tuning the whole model "
+                                  "and both Adam moments (SmolLM2-135M: about 1.6 GB)")
 
 
 class Scenario(StrictModel):
