@@ -109,11 +109,12 @@ def _check_checkpoint(path: Path) -> None:
 
 
 def _check_host_memory(scenario: Scenario) -> None:
-    """Every worker process (the server and each client worker) holds the whole model in fp32: refuse a model
-    that cannot fit this machine's memory that many times, rather than swap for minutes and then fail."""
+    """Every worker process on this machine (the server and each client worker not started by hand elsewhere)
+    holds the whole model in fp32: refuse a model that cannot fit this machine's memory that many times, rather
+    than swap for minutes and then fail."""
     spec = costs.ModelSpec.from_hf_config(model_hf_config(scenario))
     per_worker = costs.weights_bytes(spec, 0, spec.n_layers, embeddings=True, head=True)
-    workers = 1 + scenario.runtime.client_workers
+    workers = 1 + (0 if scenario.runtime.remote_workers else scenario.runtime.client_workers)
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if per_worker * workers > available:
         what = scenario.model.name or scenario.model.path

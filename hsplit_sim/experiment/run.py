@@ -61,8 +61,8 @@ def frame_limit(scenario: Scenario, spec: costs.ModelSpec, n_clients: int) -> in
 
 def start_workers(pool: WorkerPool, scenario: Scenario, n_clients: int) -> list[np.ndarray]:
     """Initialise every worker at once (model loading dominates) and check that they agree on the data."""
-    pending = [(c, c.send("init", args=worker_init_args(scenario, "server" if c is pool.server else "clients",
-                                                           n_clients)))
+    pending = [(c, c.send("init", args={**worker_init_args(scenario, "server" if c is pool.server else "clients",
+                                                            n_clients), **pool.init_args(c)}))
                for c in pool.connections.values()]
     replies = [c.reply("init", request_id) for c, request_id in pending]
     partitions = [np.array(replies[0].tensors[f"partition.{k}"]) for k in range(n_clients)]
@@ -185,7 +185,8 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
                 pool = stack.enter_context(WorkerPool(
                     scenario.runtime.client_workers, scenario.runtime.transport, scenario.runtime.host,
                     writer.path / "log.txt", scenario.runtime.request_timeout_s,
-                    frame_limit(scenario, spec, len(clients)), coordinator_keys(scenario)))
+                    frame_limit(scenario, spec, len(clients)), coordinator_keys(scenario),
+                    remote_workers=scenario.runtime.remote_workers))
                 log.info("workers started: %s", pool.pids())
                 partitions = start_workers(pool, scenario, len(clients))
                 backend = RealBackend(scenario, pool.server, pool.client_workers, partitions, stats)

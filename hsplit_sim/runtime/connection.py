@@ -17,13 +17,16 @@ POLL_MS = 200
 
 
 class WorkerConnection:
-    def __init__(self, context: zmq.Context, name: str, endpoint: str, process: subprocess.Popen,
-                 timeout_s: float, heartbeats: Heartbeats, server_key: bytes, frame_limit: int):
-        """server_key: the worker's public key; the coordinator's own key pair is the heartbeats'. frame_limit:
-        the run's largest legitimate frame (a larger reply closes the connection before it is read)."""
+    def __init__(self, context: zmq.Context, name: str, endpoint: str, process: subprocess.Popen | None,
+                 timeout_s: float, heartbeats: Heartbeats, server_key: bytes, frame_limit: int,
+                 session: str | None = None):
+        """process: None for a worker started by hand; server_key: the worker's public key; the coordinator's own
+        key pair is the heartbeats'. frame_limit: the run's largest legitimate frame (a larger reply closes the
+        connection before it is read). session: the id every request to a hand-started worker carries."""
         self.name = name
         self.endpoint = endpoint
         self.process = process
+        self.session = session
         self.timeout_s = timeout_s
         self.heartbeats = heartbeats
         self.frame_limit = frame_limit
@@ -55,11 +58,14 @@ class WorkerConnection:
             raise RunError(self.failure)
         request_id = next(self._ids)
         header = {"op": op, "id": request_id, "client": client, "args": args or {}}
+        if self.session is not None:
+            header["session"] = self.session
         frames = encode(header, tensors)
         largest = frame_bytes(frames)
         if largest > self.frame_limit:  # the worker would drop the connection, and the request with it
             raise RunError(f"worker {self.name}: a frame of {largest:,} bytes in {op!r} exceeds the run's frame "
-                           f"limit of {self.frame_limit:,} bytes (a bug in the limit's derivation)")
+                           f"limit of {self.frame_limit:,} bytes (a bug in the limit's derivation, or the --max-frame "
+                           "of a worker started by hand)")
         try:
             self.socket.send_multipart(frames, copy=False)
         except zmq.ZMQError as exc:
@@ -73,6 +79,8 @@ class WorkerConnection:
                              f"{request_id}")
         if not reply.header.get("ok"):
             raise RunError(f"worker {self.name} failed on {op!r}: {reply.header.get('error')}")
+        if op == "init" and self.session is not None:  # a hand-started worker takes frames up to its --max-frame
+            self.frame_limit = min(self.frame_limit, reply.header["result"]["frame_limit"])
         return reply
 
     def _receive(self, op: str, timeout_s: float) -> Message:
@@ -81,13 +89,14 @@ class WorkerConnection:
             if stop.requested() and op != "shutdown":
                 raise KeyboardInterrupt
             waited_ms += POLL_MS
-            if self.process.poll() is not None:
+            if self.process is not None and self.process.poll() is not None:
                 raise self._fail(f"worker {self.name} died (exit status {self.process.returncode}) during {op!r}; "
                                  "see log.txt in the run directory")
-            stale = self.heartbeats.stale()
+            # shutdown has a grace of its own, which another worker's silence must not cut short
+            stale = self.heartbeats.stale() if op != "shutdown" else []
             if stale:
-                raise self._fail(f"worker {stale[0]} stopped answering heartbeats (none for "
-                                 f"{HEARTBEAT_TIMEOUT_S:.0f} s while waiting for {self.name}'s reply to {op!r}): "
+                raise self._fail(f"worker {self.heartbeats.describe(stale[0])} stopped answering heartbeats (none "
+                                 f"for {HEARTBEAT_TIMEOUT_S:.0f} s while waiting for {self.name}'s reply to {op!r}): "
                                  "it is stopped, hung or unreachable")
             if waited_ms >= timeout_s * 1000:
                 raise self._fail(f"worker {self.name} did not answer {op!r} within {timeout_s:.0f} s")

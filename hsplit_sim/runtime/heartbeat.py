@@ -10,6 +10,12 @@ The thread keeps beating while the worker's main thread computes: torch releases
 Python hands the GIL over every 5 ms (sys.getswitchinterval) otherwise; tests/test_liveness.py checks the gaps
 while a process imports torch and multiplies matrices.
 
+A worker started by hand (`hsplit-sim worker`) has no parent to watch: it learns the heartbeat socket and its name
+in the run at `init` and beats from a `SessionBeat`, whose PUSH connection also carries ZeroMQ's own heartbeats
+(ZMQ_HEARTBEAT_IVL: pings that the coordinator's I/O thread answers whatever its main thread does). When that
+connection has been down for COORDINATOR_TIMEOUT_S (the coordinator exited, is stopped or unreachable), the session
+is over and the worker listens for the next coordinator (worker.py).
+
 Both ends use CurveZMQ (keys.py): the PULL socket is a server that admits only the keys of the workers it watches,
 and a beat counts only for the worker whose key sent it, so no other process can keep a stopped worker alive.
 """
@@ -27,6 +33,7 @@ from hsplit_sim.runtime.keys import Gate, Keypair, as_client, as_server
 
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TIMEOUT_S = 5.0
+COORDINATOR_TIMEOUT_S = 10.0  # a hand-started worker's session ends after its heartbeat connection is down this long
 MAX_BEAT_BYTES = 1024  # a beat is a worker's name: the PULL socket's ZMQ_MAXMSGSIZE
 
 
@@ -47,18 +54,23 @@ class Heartbeats:
         except BaseException:
             self.close()
             raise
-        # what workers connect to: a bind to every interface is reached on loopback here
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT).replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
+        # what workers on other machines are told: a bind to every interface (0.0.0.0) they reach at the address
+        # their requests come from (SessionBeat); local workers reach it on loopback
+        self.bound = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = self.bound.replace("tcp://0.0.0.0:", "tcp://127.0.0.1:")
         self.silent: set[str] = set()  # every worker stale() has reported: close() kills them without asking
         self._last: dict[str, float] = {}
-        self._processes: dict[str, subprocess.Popen] = {}
+        self._processes: dict[str, subprocess.Popen | None] = {}
         self._user_ids: dict[str, str] = {}
+        self._where: dict[str, str | None] = {}
         self._drained = time.monotonic()
 
-    def watch(self, name: str, process: subprocess.Popen, public: bytes) -> None:
+    def watch(self, name: str, process: subprocess.Popen | None, public: bytes, where: str | None = None) -> None:
         """Expect heartbeats from a worker just started with that public key (the clock starts now, its first beat
-        is due soon)."""
+        is due soon). process: None for a worker started by hand, which beats once it has its `init`; where: its
+        endpoint, named in errors."""
         self.gate.admit(public)
+        self._where[name] = where
         self._user_ids[name] = public.decode()  # the ZAP handler's User-Id of a CurveZMQ client: its Z85 key
         self._last[name] = time.monotonic()
         self._processes[name] = process
@@ -79,13 +91,22 @@ class Heartbeats:
             if name in self._last and frame.get("User-Id") == self._user_ids[name]:
                 self._last[name] = now
         stale = [name for name, last in self._last.items()
-                 if now - last > HEARTBEAT_TIMEOUT_S and self._processes[name].poll() is None]
+                 if now - last > HEARTBEAT_TIMEOUT_S and _running(self._processes[name])]
         self.silent.update(stale)
         return stale
+
+    def describe(self, name: str) -> str:
+        """A worker's name, with its endpoint when it was started by hand."""
+        return f"{name} at {self._where[name]}" if self._where.get(name) else name
 
     def close(self) -> None:
         self.socket.close(linger=0)
         self.gate.close()
+
+
+def _running(process: subprocess.Popen | None) -> bool:
+    """A local worker that has not exited, or a worker started by hand (whose process the coordinator cannot see)."""
+    return process is None or process.poll() is None
 
 
 def start_beating(name: str, endpoint: str, parent: int, serving: str, keys: Keypair, coordinator: bytes) -> None:
@@ -124,3 +145,53 @@ def _coordinator_gone(name: str, parent: int, ipc_paths: list[str]) -> None:
         with contextlib.suppress(OSError):  # the last worker out finds it empty
             os.rmdir(folder)
     os._exit(3)
+
+
+class SessionBeat:
+    """A hand-started worker's heartbeats for the run it serves, and its watch on that run's coordinator: `gone` is
+    set once the heartbeat connection has been down for COORDINATOR_TIMEOUT_S (never up counts as down). ZeroMQ's
+    heartbeats (a ping every HEARTBEAT_INTERVAL_S, the connection closed after HEARTBEAT_TIMEOUT_S without an
+    answer) bring a stopped or unreachable coordinator down like one that exited."""
+
+    def __init__(self, name: str, endpoint: str, keys: Keypair, coordinator: bytes):
+        """name: the worker's name in the run (what the coordinator watches); keys: the worker's; coordinator: the
+        coordinator's public key."""
+        self.gone = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(name, endpoint, keys, coordinator),
+                                        name="session-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, name: str, endpoint: str, keys: Keypair, coordinator: bytes) -> None:
+        context = zmq.Context()
+        socket = context.socket(zmq.PUSH)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, 10)
+        socket.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_INTERVAL_S * 1000))
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT_S * 1000))
+        as_client(socket, keys, coordinator)
+        monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        socket.connect(endpoint)
+        up, down_since = False, time.monotonic()
+        try:
+            while not self._stop.is_set():
+                while monitor.poll(0):  # an event's first frame: its kind (uint16), then a value
+                    if int.from_bytes(monitor.recv_multipart()[0][:2], "little") == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                        up = True
+                    elif up:
+                        up, down_since = False, time.monotonic()
+                if not up and time.monotonic() - down_since > COORDINATOR_TIMEOUT_S:
+                    self.gone.set()
+                    return
+                with contextlib.suppress(zmq.Again):
+                    socket.send(name.encode(), zmq.NOBLOCK)
+                self._stop.wait(HEARTBEAT_INTERVAL_S)
+        finally:
+            socket.disable_monitor()
+            monitor.close(linger=0)
+            socket.close(linger=0)
+            context.term()

@@ -1,7 +1,9 @@
-"""Starts the server worker and the client workers as local processes and connects to them."""
+"""Starts the server worker and the client workers as local processes, or connects to client workers started by
+hand (runtime.remote_workers), and connects to them."""
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -53,12 +55,16 @@ def hand_keys(process: subprocess.Popen, keys: Keypair, coordinator: bytes) -> N
 
 
 class WorkerPool:
-    """One server worker and `client_workers` client workers, each its own process."""
+    """One server worker and `client_workers` client workers, each its own process; or, with remote_workers, the
+    client workers started by hand at those endpoints."""
 
     def __init__(self, client_workers: int, transport: str, host: str, log_path: Path, timeout_s: float,
-                 frame_limit: int, keys: Keypair | None = None, torch_threads: int | None = None):
+                 frame_limit: int, keys: Keypair | None = None, torch_threads: int | None = None,
+                 remote_workers: list[str] = ()):
         """frame_limit: the run's largest legitimate frame in bytes (a larger one is refused unread, both ways);
-        keys: the coordinator's key pair (runtime.key_file), else one made for this run."""
+        keys: the coordinator's key pair (runtime.key_file), else one made for this run; remote_workers: tcp
+        endpoints of workers started by hand with the same key file (`hsplit-sim worker`), in place of local
+        client workers."""
         self.context = zmq.Context()
         self._ipc_dir = tempfile.mkdtemp(prefix="hsplit-sim-") if transport == "ipc" else None
         self._log = open(log_path, "ab")
@@ -69,7 +75,9 @@ class WorkerPool:
         try:
             self.heartbeats = Heartbeats(self.context, f"ipc://{self._ipc_dir}/heartbeat.sock" if self._ipc_dir
                                          else f"tcp://{host}:*", keys or Keypair.new())
-            self._start(client_workers, host, timeout_s, torch_threads)
+            self._start(0 if remote_workers else client_workers, host, timeout_s, torch_threads)
+            for i, endpoint in enumerate(remote_workers):
+                self._connect(f"clients{i}", endpoint, timeout_s)
         except BaseException:  # Ctrl-C while starting: the workers started so far and the socket folder go too
             self.close()
             raise
@@ -91,6 +99,21 @@ class WorkerPool:
             self.connections[name] = WorkerConnection(self.context, name, reach, process, timeout_s,
                                                       self.heartbeats, keys.public, self.frame_limit)
 
+    def _connect(self, name: str, endpoint: str, timeout_s: float) -> None:
+        """A worker started by hand with the key file: its key pair is the coordinator's. Its heartbeats are
+        expected from now; it starts them when `init` (init_args) tells it where to send them."""
+        keys = self.heartbeats.keys
+        self.heartbeats.watch(name, None, keys.public, where=endpoint)
+        self.connections[name] = WorkerConnection(self.context, name, endpoint, None, timeout_s, self.heartbeats,
+                                                  keys.public, self.frame_limit, session=secrets.token_hex(16))
+
+    def init_args(self, connection: WorkerConnection) -> dict:
+        """What `init` adds for a worker started by hand: its session (worker.Worker._open), else nothing."""
+        if connection.session is None:
+            return {}
+        return {"session": {"id": connection.session, "name": connection.name, "heartbeat": self.heartbeats.bound,
+                            "frame_limit": self.frame_limit}}
+
     @property
     def server(self) -> WorkerConnection:
         return self.connections["server"]
@@ -105,10 +128,11 @@ class WorkerPool:
     def close(self) -> None:
         """Ask each worker that can still answer to stop, then make sure: nothing outlives the run. A worker whose
         connection failed (its REQ socket is out of step) or that stopped answering heartbeats (a stopped process
-        never answers) is killed at once. Another Ctrl-C waits until this is done."""
+        never answers) is killed at once. A worker started by hand is asked to end the run's session, and otherwise
+        ends it itself once the heartbeat socket is gone. Another Ctrl-C waits until this is done."""
         with stop.deferred():
             for connection in self.connections.values():
-                if (connection.process.poll() is None and not connection.failure
+                if ((connection.process is None or connection.process.poll() is None) and not connection.failure
                         and connection.name not in self.heartbeats.silent):
                     try:
                         connection.call("shutdown", timeout_s=SHUTDOWN_GRACE_S)
@@ -117,7 +141,7 @@ class WorkerPool:
                 connection.close()
             silent = self.heartbeats.silent if self.heartbeats else set()
             for connection in self.connections.values():
-                if connection.failure or connection.name in silent:
+                if connection.process is not None and (connection.failure or connection.name in silent):
                     connection.process.kill()
             for process in self._processes:
                 try:

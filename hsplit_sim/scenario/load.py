@@ -21,7 +21,7 @@ from hsplit_sim.data import E2E_DIR_ENV, e2e_file
 from hsplit_sim.errors import ScenarioError
 from hsplit_sim.scenario.catalog import resolve_device, resolve_link
 from hsplit_sim.scenario.models import CONFIG_ONLY, model_config
-from hsplit_sim.scenario.schema import ClientSpec, Scenario
+from hsplit_sim.scenario.schema import REMOTE_WORKER, ClientSpec, Scenario
 from hsplit_sim.scenario.traces import bandwidth_steps, online_windows
 
 # Distributions whose versions go into scenario.resolved.yaml.
@@ -284,6 +284,7 @@ def _check(scenario: Scenario) -> None:
 
     _check_system(scenario)
     _check_precision(scenario)
+    _check_remote_workers(scenario)
     _check_host(scenario)
 
     n_clients = sum(group.count for group in scenario.clients)
@@ -310,6 +311,35 @@ def _check_host(scenario: Scenario) -> None:
     if runtime.transport == "tcp" and runtime.key_file is None and not is_loopback(runtime.host):
         raise ScenarioError(f"runtime.host: {runtime.host!r} is not a loopback address; listening there needs "
                             "runtime.key_file too (hsplit-sim keygen FILE)")
+
+
+def _check_remote_workers(scenario: Scenario) -> None:
+    """Workers started by hand (`hsplit-sim worker`) admit only their key file's key, and send their heartbeats to
+    the coordinator's tcp socket on runtime.host: the scenario must hold the same key and listen where they reach
+    it."""
+    runtime = scenario.runtime
+    if not runtime.remote_workers:
+        return
+    for j, endpoint in enumerate(runtime.remote_workers):
+        if endpoint in runtime.remote_workers[:j]:
+            raise ScenarioError(f"runtime.remote_workers.{j}: {endpoint!r} is listed twice")
+    if runtime.client_workers != len(runtime.remote_workers):
+        raise ScenarioError(f"runtime.client_workers: {runtime.client_workers}, but runtime.remote_workers lists "
+                            f"{len(runtime.remote_workers)}: the remote workers are the client workers (leave "
+                            "client_workers out)")
+    if runtime.key_file is None:
+        raise ScenarioError("runtime.remote_workers: workers started by hand admit only their key file's key; set "
+                            "runtime.key_file to a copy of the file their --key names")
+    if runtime.transport != "tcp":
+        raise ScenarioError(f"runtime.transport: {runtime.transport!r} cannot serve runtime.remote_workers, which "
+                            "send heartbeats to this machine: set it to tcp")
+    if is_loopback(runtime.host):
+        for endpoint in runtime.remote_workers:
+            host = REMOTE_WORKER.fullmatch(endpoint).group(1).strip("[]")
+            if not is_loopback(host):
+                raise ScenarioError(f"runtime.host: {runtime.host!r} is a loopback address, where the worker at "
+                                    f"{endpoint} cannot send heartbeats; set it to this machine's address or "
+                                    "'0.0.0.0'")
 
 
 def is_loopback(host: str) -> bool:

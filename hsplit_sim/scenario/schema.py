@@ -1,6 +1,7 @@
 """The scenario file's schema: pydantic models that reject unknown keys, so typos never pass silently."""
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
@@ -280,8 +281,26 @@ class SystemSpec(StrictModel):
     media: list[Medium] = Field(default_factory=list)
 
 
+REMOTE_WORKER = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):(\d{1,5})")
+
+
+def _remote_worker(endpoint: str) -> str:
+    """tcp://HOST:PORT with a port a worker can listen on: a worker on another machine is reached over tcp."""
+    match = REMOTE_WORKER.fullmatch(endpoint)
+    if match is None or not 1 <= int(match.group(2)) <= 65535:
+        raise ValueError(f"{endpoint!r} is not tcp://HOST:PORT (a worker started by hand is reached over tcp, at the "
+                         "port its --listen names)")
+    return endpoint
+
+
 class RuntimeSpec(StrictModel):
-    client_workers: int = Field(1, gt=0, le=256, description="client worker processes (at most 256)")
+    client_workers: int = Field(1, gt=0, le=256, description="client worker processes (at most 256); with "
+                                "remote_workers, their number")
+    remote_workers: list[Annotated[str, AfterValidator(_remote_worker)]] = Field(
+        default_factory=list, max_length=256,
+        description="tcp://HOST:PORT of client workers started by hand (hsplit-sim worker --listen ADDR --key FILE), "
+        "in place of the client workers the run would start; the server worker stays local. Needs key_file (a copy "
+        "of the workers' --key) and transport tcp on a host they reach")
     torch_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     request_timeout_s: float = Field(600.0, gt=0)
     transport: Literal["ipc", "tcp"] = "ipc"
@@ -298,6 +317,12 @@ class RuntimeSpec(StrictModel):
     replay_fallback: Literal["error", "train"] = Field(
         "error", description="when the replayed run's server order differs (SplitLoRA's shared server adapter): "
         "stop with an error, or train anew")
+
+    @model_validator(mode="after")
+    def _remote_workers_are_the_client_workers(self):
+        if self.remote_workers and "client_workers" not in self.model_fields_set:
+            self.client_workers = len(self.remote_workers)
+        return self
 
 
 class OutputSpec(StrictModel):
