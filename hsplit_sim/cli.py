@@ -14,7 +14,7 @@ from hsplit_sim.runtime import stop  # past the experiment layer on purpose: the
                                      # the Ctrl-C/SIGTERM flag that worker connections read (no heavy imports)
 
 
-DEFAULT_WORKER_FRAME = 64 << 20  # a worker started by hand knows no run's frame limit: --max-frame sets one
+DEFAULT_WORKER_FRAME = 64 << 20  # a worker started by hand takes each run's frame limit at init, up to --max-frame
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the key file (hsplit-sim keygen) that the coordinator's runtime.key_file names")
     worker.add_argument("--name", default="remote", help="the worker's name in its log lines (default: remote)")
     worker.add_argument("--max-frame", type=_positive, default=DEFAULT_WORKER_FRAME, metavar="BYTES",
-                        help="refuse frames above this many bytes unread (default: 64 MiB)")
+                        help="refuse frames above this many bytes unread (default: 64 MiB); each run sets its own "
+                             "limit up to this")
     worker.set_defaults(handler=_worker)
 
     keygen = commands.add_parser("keygen", help="write a new CurveZMQ key file for runtime.key_file (mode 0600)")

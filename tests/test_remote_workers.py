@@ -139,16 +139,14 @@ def ask(endpoint: str, key: Path, header: dict) -> dict:
         context.term()
 
 
-def test_a_stopped_worker_started_by_hand_ends_the_run_and_drops_the_session_once_resumed(workers, tmp_path):
-    """A run of 30 rounds on the two workers: another coordinator with the same key file is refused meanwhile;
-    SIGSTOP of worker a ends the run in seconds with one error line naming it and its endpoint, although the request
-    timeout is 600 s. Resumed, a finds its coordinator gone and drops the session, and listens again."""
-    key, (a, b) = workers
-    seen = [len(a.lines()), len(b.lines())]
+@contextlib.contextmanager
+def long_run(tmp_path: Path, key: Path, workers: list[HandWorker]):
+    """The tiny scenario for 30 rounds on the hand-started workers as `hsplit-sim run`, yielded once it has written
+    a round; killed afterwards if still running."""
     data = yaml.safe_load(TINY.read_text())
     data["training"]["rounds"] = 30
     data["output"] = {"dir": str(tmp_path / "runs")}
-    data["runtime"] = {"transport": "tcp", "key_file": str(key), "remote_workers": [a.endpoint, b.endpoint]}
+    data["runtime"] = {"transport": "tcp", "key_file": str(key), "remote_workers": [w.endpoint for w in workers]}
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(data))
     process = subprocess.Popen([sys.executable, "-m", "hsplit_sim.cli", "run", str(path)], cwd=REPO,
@@ -159,32 +157,71 @@ def test_a_stopped_worker_started_by_hand_ends_the_run_and_drops_the_session_onc
         while not list((tmp_path / "runs").glob("*/rounds.csv")) and time.monotonic() < deadline:
             assert process.poll() is None, process.communicate()
             time.sleep(0.1)
-        other = ask(b.endpoint, key, {"op": "init", "session": "x",
-                                      "args": {"session": {"id": "x", "name": "clients0", "frame_limit": 1000,
-                                                           "heartbeat": "tcp://127.0.0.1:1"}}})
-        assert not other["ok"] and "this worker is serving another run" in other["error"]
-        a.process.send_signal(signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        _, stderr = process.communicate(timeout=60)
-        took = time.monotonic() - stopped_at
+        yield process
     finally:
-        a.process.send_signal(signal.SIGCONT)
         if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
             process.kill()
             process.communicate()
-    errors = [line for line in stderr.decode().splitlines() if line.startswith("error:")]
-    assert process.returncode == 1 and "Traceback" not in stderr.decode(), stderr.decode()
-    assert len(errors) == 1 and errors[0].startswith(f"error: worker clients0 at {a.endpoint} stopped answering "
-                                                     "heartbeats"), errors
-    assert took < BOUND_S, took
+
+
+def one_error(process: subprocess.Popen, stderr: bytes, tmp_path: Path) -> str:
+    """The run's one error line, which its summary holds too."""
+    text = stderr.decode()
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert process.returncode == 1 and "Traceback" not in text and len(errors) == 1, text
     summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
     assert summary["status"] == "failed" and summary["error"] in errors[0]
+    return errors[0]
+
+
+def test_a_stopped_worker_started_by_hand_ends_the_run_and_drops_the_session_once_resumed(workers, tmp_path):
+    """A run on the two workers: another coordinator with the same key file is refused meanwhile; SIGSTOP of worker
+    a ends the run in seconds with one error line naming it and its endpoint, although the request timeout is
+    600 s. Resumed, a finds its coordinator gone, drops the session and listens again."""
+    key, (a, b) = workers
+    seen = [len(a.lines()), len(b.lines())]
+    try:
+        with long_run(tmp_path, key, [a, b]) as process:
+            other = ask(b.endpoint, key, {"op": "init", "session": "x",
+                                          "args": {"session": {"id": "x", "name": "clients0", "frame_limit": 1000,
+                                                               "heartbeat": "tcp://127.0.0.1:1"}}})
+            assert not other["ok"] and "this worker is serving another run" in other["error"]
+            a.process.send_signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            _, stderr = process.communicate(timeout=60)
+            took = time.monotonic() - stopped_at
+    finally:
+        a.process.send_signal(signal.SIGCONT)
+    assert one_error(process, stderr, tmp_path).startswith(
+        f"error: worker clients0 at {a.endpoint} stopped answering heartbeats")
+    assert took < BOUND_S, took
     b.wait_for("worker b: session ended", seen[1], timeout_s=40)  # told, or finding the coordinator gone: the
     # coordinator cannot tell a worker whose request it was waiting for when a's silence ended the run
     assert "session ended (its coordinator is gone: no heartbeat connection for 10 s)" in a.wait_for(
         "worker a: session ended", seen[0], timeout_s=40)
     assert alive(a.process.pid) and alive(b.process.pid)
     assert ask(a.endpoint, key, {"op": "ping"})["ok"]
+
+
+def test_a_stopped_coordinator_loses_its_sessions_and_fails_in_one_line_once_resumed(workers, tmp_path):
+    """SIGSTOP of the coordinator: its I/O threads stop answering ZeroMQ's heartbeats, so both workers drop the
+    session (5 s to notice, 10 s down); resumed, the run ends with one error line."""
+    key, (a, b) = workers
+    seen = [len(a.lines()), len(b.lines())]
+    with long_run(tmp_path, key, [a, b]) as process:
+        process.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        for worker, after in zip((a, b), seen):
+            assert "(its coordinator is gone: no heartbeat connection for 10 s)" in worker.wait_for(
+                f"worker {worker.name}: session ended", after, timeout_s=60)
+        took = time.monotonic() - stopped_at
+        process.send_signal(signal.SIGCONT)
+        _, stderr = process.communicate(timeout=60)
+    assert 10 < took < 15 + BOUND_S, took
+    error = one_error(process, stderr, tmp_path)
+    assert ("this worker ended the run's session (its coordinator is gone" in error  # its next request
+            or "stopped answering heartbeats" in error), error  # or the coordinator waited for one of them
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -31,6 +31,10 @@ from hsplit_sim.runtime.keys import Gate, Keypair, as_server, checked_key, load_
 from hsplit_sim.runtime.wire import Message, ProtocolError, decode, encode, frame_bytes
 
 
+class SessionError(Exception):
+    """A request a hand-started worker refuses because it belongs to no run it serves now."""
+
+
 class Worker:
     def __init__(self, name: str, frame_limit: int, by_hand: Keypair | None = None):
         """frame_limit: the largest frame this worker sends or takes; by_hand: a hand-started worker's key pair
@@ -41,6 +45,7 @@ class Worker:
         self.by_hand = by_hand
         self.session: str | None = None
         self.beat: SessionBeat | None = None
+        self.ended: tuple[str, str] | None = None  # the last session's id and why it ended
         self.done = False
 
     def handle(self, message: Message, peer: str | None = None) -> tuple[dict, dict]:
@@ -79,15 +84,17 @@ class Worker:
             if op == "shutdown" and session is None:
                 self.done = True
                 return {}, {}
+            if self.ended is not None and session == self.ended[0]:
+                raise SessionError(f"{op!r} refused: this worker ended the run's session ({self.ended[1]})")
             if op != "init":
-                raise ProtocolError(f"{op!r} outside a session: this worker serves no run now (a run's session "
-                                    "starts with its init)")
+                raise SessionError(f"{op!r} refused: this worker serves no run now (a run's session starts with "
+                                   "its init)")
             return self._open(args, peer)
         if session != self.session:
-            raise ProtocolError(f"this worker is serving another run (a coordinator with the same key file); "
-                                f"{op!r} refused")
+            raise SessionError(f"{op!r} refused: this worker is serving another run (a coordinator with the same "
+                               "key file)")
         if op == "init":
-            raise ProtocolError("init twice in one session")
+            raise SessionError("init twice in one session")
         if op == "shutdown":
             self.end_session("its coordinator ended the run")
             return {}, {}
@@ -98,8 +105,8 @@ class Worker:
         endpoint; a wildcard host means the address the request came from), "frame_limit"}. The worker beats before
         the model loads, takes the run's frame limit up to its own maximum, and replies with the limit it took."""
         session = args.pop("session", None)
-        if not (isinstance(session, dict) and isinstance(session.get("id"), str) and isinstance(session.get("name"), str)
-                and isinstance(session.get("heartbeat"), str) and isinstance(session.get("frame_limit"), int)):
+        types = {"id": str, "name": str, "heartbeat": str, "frame_limit": int}
+        if not (isinstance(session, dict) and all(isinstance(session.get(k), t) for k, t in types.items())):
             raise ProtocolError("a hand-started worker's init needs args.session {id, name, heartbeat, frame_limit}")
         endpoint = session["heartbeat"]
         for wildcard in ("tcp://0.0.0.0:", "tcp://*:"):
@@ -119,6 +126,7 @@ class Worker:
     def end_session(self, why: str) -> None:
         """Drop the run's model and heartbeats and listen for the next coordinator."""
         self.beat.stop()
+        self.ended = (self.session, why)
         self.session, self.beat, self.role, self.frame_limit = None, None, None, self.max_frame
         gc.collect()
         print(f"worker {self.name}: session ended ({why}); listening for the next run", file=sys.stderr, flush=True)
@@ -176,6 +184,8 @@ def _answer(sock: zmq.Socket, worker: Worker) -> None:
             sock.send_multipart(frames, copy=False)
         except ProtocolError as exc:
             sock.send_multipart(encode({"id": request_id, "ok": False, "error": f"malformed request: {exc}"}))
+        except SessionError as exc:
+            sock.send_multipart(encode({"id": request_id, "ok": False, "error": str(exc)}))
         except Exception as exc:  # noqa: BLE001 - any failure of one request becomes its error reply
             traceback.print_exc(file=sys.stderr)
             sock.send_multipart(encode({"id": request_id, "ok": False, "error": f"{type(exc).__name__}: {exc}"}))
