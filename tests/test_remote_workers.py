@@ -20,6 +20,7 @@ import yaml
 import zmq
 
 from hsplit_sim.cli import main
+from hsplit_sim.errors import RunError
 from hsplit_sim.experiment.run import run_scenario
 from hsplit_sim.runtime.keys import as_client, load_key_file
 from hsplit_sim.runtime.wire import decode, encode
@@ -222,6 +223,27 @@ def test_a_stopped_coordinator_loses_its_sessions_and_fails_in_one_line_once_res
     error = one_error(process, stderr, tmp_path)
     assert ("this worker ended the run's session (its coordinator is gone" in error  # its next request
             or "stopped answering heartbeats" in error), error  # or the coordinator waited for one of them
+
+
+def test_a_worker_started_with_another_key_file_ends_the_run_in_seconds(workers, tmp_path):
+    """The coordinator expects the key file's public key of the worker, which cannot complete the handshake with
+    another key pair: the worker never gets its init nor beats, and the run fails as for an unreachable worker, with
+    the key named as a possible cause."""
+    key, _ = workers
+    other_key = tmp_path / "other.key_secret"
+    assert main(["keygen", str(other_key)]) == 0
+    stranger = HandWorker(tmp_path / "host-c", other_key, "c")
+    try:
+        started = time.monotonic()
+        with pytest.raises(RunError) as error:
+            run_scenario(tiny(tmp_path, *remote(key, [stranger]), "runtime.client_workers=1"), progress=False)
+        assert str(error.value).startswith(f"worker clients0 at {stranger.endpoint} stopped answering heartbeats")
+        assert str(error.value).endswith("it is stopped, hung or unreachable, or its --key is not a copy of "
+                                         "runtime.key_file")
+        assert time.monotonic() - started < 60  # the server worker's start, then 5 s of silence
+    finally:
+        stranger.process.terminate()
+        stranger.process.wait(20)
 
 
 @pytest.mark.parametrize("overrides, message", [

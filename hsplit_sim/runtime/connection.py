@@ -95,9 +95,11 @@ class WorkerConnection:
             # shutdown has a grace of its own, which another worker's silence must not cut short
             stale = self.heartbeats.stale() if op != "shutdown" else []
             if stale:
-                raise self._fail(f"worker {self.heartbeats.describe(stale[0])} stopped answering heartbeats (none "
-                                 f"for {HEARTBEAT_TIMEOUT_S:.0f} s while waiting for {self.name}'s reply to {op!r}): "
-                                 "it is stopped, hung or unreachable")
+                where = self.heartbeats.where.get(stale[0])  # a worker started by hand: where, and which key
+                raise self._fail(f"worker {stale[0]}{f' at {where}' if where else ''} stopped answering heartbeats "
+                                 f"(none for {HEARTBEAT_TIMEOUT_S:.0f} s while waiting for {self.name}'s reply to "
+                                 f"{op!r}): it is stopped, hung or unreachable"
+                                 f"{', or its --key is not a copy of runtime.key_file' if where else ''}")
             if waited_ms >= timeout_s * 1000:
                 raise self._fail(f"worker {self.name} did not answer {op!r} within {timeout_s:.0f} s")
         try:

@@ -62,7 +62,7 @@ class Heartbeats:
         self._last: dict[str, float] = {}
         self._processes: dict[str, subprocess.Popen | None] = {}
         self._user_ids: dict[str, str] = {}
-        self._where: dict[str, str | None] = {}
+        self.where: dict[str, str] = {}  # the endpoints of workers started by hand
         self._drained = time.monotonic()
 
     def watch(self, name: str, process: subprocess.Popen | None, public: bytes, where: str | None = None) -> None:
@@ -70,7 +70,8 @@ class Heartbeats:
         is due soon). process: None for a worker started by hand, which beats once it has its `init`; where: its
         endpoint, named in errors."""
         self.gate.admit(public)
-        self._where[name] = where
+        if where is not None:
+            self.where[name] = where
         self._user_ids[name] = public.decode()  # the ZAP handler's User-Id of a CurveZMQ client: its Z85 key
         self._last[name] = time.monotonic()
         self._processes[name] = process
@@ -94,10 +95,6 @@ class Heartbeats:
                  if now - last > HEARTBEAT_TIMEOUT_S and _running(self._processes[name])]
         self.silent.update(stale)
         return stale
-
-    def describe(self, name: str) -> str:
-        """A worker's name, with its endpoint when it was started by hand."""
-        return f"{name} at {self._where[name]}" if self._where.get(name) else name
 
     def close(self) -> None:
         self.socket.close(linger=0)
