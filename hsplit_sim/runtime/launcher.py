@@ -1,5 +1,5 @@
-"""Starts the server worker and the client workers as local processes, or connects to client workers started by
-hand (runtime.remote_workers), and connects to them."""
+"""Starts the server worker and the client workers as local processes (or takes client workers started by hand:
+runtime.remote_workers) and connects to them."""
 
 import json
 import os
@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import zmq
@@ -60,7 +61,7 @@ class WorkerPool:
 
     def __init__(self, client_workers: int, transport: str, host: str, log_path: Path, timeout_s: float,
                  frame_limit: int, keys: Keypair | None = None, torch_threads: int | None = None,
-                 remote_workers: list[str] = ()):
+                 remote_workers: Sequence[str] = ()):
         """frame_limit: the run's largest legitimate frame in bytes (a larger one is refused unread, both ways);
         keys: the coordinator's key pair (runtime.key_file), else one made for this run; remote_workers: tcp
         endpoints of workers started by hand with the same key file (`hsplit-sim worker`), in place of local
