@@ -222,3 +222,11 @@ def test_resume_continues_a_point_that_stopped_with_a_checkpoint(tmp_path, monke
     (fresh_dir,) = (tmp_path / "fresh").iterdir()
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "rounds.parquet").drop(columns="wall_time_s"),
                                   pd.read_parquet(fresh_dir / "rounds.parquet").drop(columns="wall_time_s"))
+
+
+def test_points_on_remote_workers_run_one_at_a_time(tmp_path):
+    path = sweep_file(tmp_path, grid={"algorithm.name": ["splitlora", "fedlora"]})
+    sweep = load_sweep_file(path, ["runtime.remote_workers=[tcp://127.0.0.1:5999]", "runtime.transport=tcp",
+                                   f"runtime.key_file={tmp_path / 'key'}", f"output.dir={tmp_path / 'runs'}"])
+    with pytest.raises(ScenarioError, match="serve one run at a time: use --processes 1"):
+        run_sweep(sweep, processes=2, progress=False)

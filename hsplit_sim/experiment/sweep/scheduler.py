@@ -33,6 +33,10 @@ def run_sweep(sweep: Sweep, resume: str | Path | None = None, processes: int | N
     cores = runs_on.cores
     processes = min(processes or max(1, cores // 2), cores)
     threads = max(1, cores // processes)
+    remote = [p.id for p in sweep.points if (p.scenario.get("runtime") or {}).get("remote_workers")]
+    if remote and processes > 1:
+        raise ScenarioError(f"--processes: {processes} points at a time, but point {remote[0]} trains on "
+                            "runtime.remote_workers, which serve one run at a time: use --processes 1")
     sweep_dir = Path(resume) if resume else _new_dir(Path(sweep.output_dir), sweep.name)
     if resume and not sweep_dir.is_dir():
         raise ScenarioError(f"--resume {resume}: no such directory")
