@@ -107,8 +107,11 @@ def test_a_run_on_workers_started_by_hand_equals_one_on_local_workers(workers, t
     local = run_scenario(tiny(tmp_path / "local"), progress=False)
     assert json.loads((hand / "summary.json").read_text())["status"] == "completed"
     first, second = read(hand), read(local)
-    pd.testing.assert_frame_equal(first["rounds"].drop(columns="wall_time_s"),
-                                  second["rounds"].drop(columns="wall_time_s"), check_exact=True)
+    trained = ["train_loss", "eval_loss", "eval_ppl", "agg_error"]
+    pd.testing.assert_frame_equal(first["rounds"].drop(columns=["wall_time_s", *trained]),
+                                  second["rounds"].drop(columns=["wall_time_s", *trained]), check_exact=True)
+    # Training's values to float rounding: once, on a loaded machine, round 1's eval_loss differed in its 7th digit.
+    pd.testing.assert_frame_equal(first["rounds"][trained], second["rounds"][trained], rtol=1e-5)
     pd.testing.assert_frame_equal(first["events"], second["events"], check_exact=True)
     pd.testing.assert_frame_equal(first["clients"], second["clients"], check_exact=True)
     assert a.wait_for("worker a: serving a run as ", seen[0]).startswith(
