@@ -445,8 +445,7 @@ def adapter_bytes(spec: ModelSpec, ranks: Ranks, element_bytes: int = FP32) -> i
 
 def _block_params(spec: ModelSpec) -> int:
     """Parameters of one block: projections plus norms (and GPT-2's biases)."""
-    shapes = [module_shape(spec, m) for m in set(TARGET_MODULES[spec.family].values())]
-    projections = sum(d_in * d_out for d_in, d_out in shapes)
+    projections = projection_params(spec)
     if spec.family == "gpt2":
         biases = 3 * spec.d_model + spec.d_model + spec.d_ff + spec.d_model  # c_attn, c_proj, c_fc, mlp c_proj
         return projections + biases + 2 * 2 * spec.d_model  # two LayerNorms with weight and bias
@@ -487,10 +486,36 @@ def block_saved_values(spec: ModelSpec, seq: int) -> int:
     projections trains: the norms' inputs and statistics, q, k and v (keys and values repeated to every query
     head), the attention probabilities, and the MLP's activation inputs (LLaMA: gate, up and SiLU(gate); GPT-2:
     the four tensors of tanh-GELU). A frozen projection keeps nothing: its input gradient needs only W."""
-    d, q = spec.d_model, spec.n_heads * spec.head_dim
-    if spec.family == "llama":
-        return 2 * (d + 1) + 3 * q + spec.n_heads * seq + 3 * spec.d_ff
-    return 2 * (d + 2) + 3 * q + spec.n_heads * seq + 4 * spec.d_ff
+    q = spec.n_heads * spec.head_dim
+    mlp = 3 * spec.d_ff if spec.family == "llama" else 4 * spec.d_ff
+    return 2 * norm_saved_values(spec) + 3 * q + spec.n_heads * seq + mlp
+
+
+def norm_saved_values(spec: ModelSpec) -> int:
+    """Values per token a norm saves when its input requires grad: the input and its statistics (RMSNorm:
+    1/rms; LayerNorm: mean and 1/std)."""
+    return spec.d_model + (1 if spec.family == "llama" else 2)
+
+
+# Projections whose output autograd already saves when no adapter adds to it (the activation reads it, and
+# LLaMA's product reads up): IWI's output probe keeps these for free.
+SAVED_OUTPUTS = {"llama": {"mlp.gate_proj", "mlp.up_proj"}, "gpt2": {"mlp.c_fc"}}
+
+
+def probe_output_values(spec: ModelSpec, adapted: dict[str, int]) -> int:
+    """Values per token IWI's output probe (abs_sum) adds to a block: the output gradient of every projection,
+    which autograd returns at the end of the backward, and every output the probe keeps that autograd does
+    not already save (an adapter on a SAVED_OUTPUTS projection makes the activation read the sum, so the
+    probe's base output is then extra). `adapted`: the block's modules with an adapter."""
+    outputs = {m: module_shape(spec, m)[1] for m in TARGET_MODULES[spec.family].values()}
+    free = sum(width for m, width in outputs.items() if m in SAVED_OUTPUTS[spec.family] and m not in adapted)
+    return 2 * sum(outputs.values()) - free
+
+
+def projection_params(spec: ModelSpec) -> int:
+    """Weights of one block's projections: the weight gradients IWI's sum_abs probe takes."""
+    shapes = [module_shape(spec, m) for m in set(TARGET_MODULES[spec.family].values())]
+    return sum(d_in * d_out for d_in, d_out in shapes)
 
 
 def trained_input_values(spec: ModelSpec, modules: dict[str, int]) -> int:
@@ -513,6 +538,7 @@ def training_memory_bytes(
     head: bool,
     full_finetune: bool = False,
     element_bytes: int = FP32,
+    probe: str | None = None,
 ) -> int:
     """Estimated peak memory of training a segment: weights, optimiser state and saved activations.
 
@@ -525,6 +551,12 @@ def training_memory_bytes(
     head adds the logits and their gradient, 2 * tokens * vocab_size values. A segment without embeddings is a
     server segment, whose input requires grad. The first trained block counts its whole block_saved_values,
     though some of it may need no saving there (an upper bound: tests/test_costs.py).
+    probe: the step is also IWI's probe (its measure, "abs_sum" or "sum_abs"; training/probe.py). Gradients then
+    flow from the first block's projections on, so every block saves, all but a client's first norm (its
+    input needs no grad); abs_sum adds probe_output_values per block, sum_abs every projection's input and its
+    weight gradient (projection_params). Exact, checked against autograd in tests/test_costs.py: the saved
+    tensors, the kept outputs and the returned gradients counted as if all alive at once (the outputs' and
+    weights' gradients exist only at the backward's end, when most saved tensors are freed: a bound).
     """
     tokens = batch * seq
     weights = _segment_params(spec, start, stop, embeddings, head)
@@ -533,18 +565,28 @@ def training_memory_bytes(
     every_projection = {m: 0 for m in TARGET_MODULES[spec.family].values()}
     # Full fine-tuning of LLaMA's RMSNorm weights keeps both norms' normalised inputs as well.
     norm_inputs = 2 * spec.d_model if full_finetune and spec.family == "llama" else 0
-    saving = (not embeddings) or full_finetune
-    activations = 0
+    if probe not in (None, "abs_sum", "sum_abs"):
+        raise ValueError(f"probe: abs_sum, sum_abs or None, not {probe!r}")
+    saving = (not embeddings) or full_finetune or probe is not None
+    activations = weight_grads = 0
     for layer in range(start, stop):
-        trained = every_projection if full_finetune else {m: r for m, r in ranks.get(layer, {}).items() if r}
+        adapted = {m: r for m, r in ranks.get(layer, {}).items() if r}
+        trained = every_projection if full_finetune else adapted
+        if probe == "sum_abs":
+            trained = {**every_projection, **adapted}
+            weight_grads += projection_params(spec)
         saving = saving or bool(trained)
         if saving:
             activations += tokens * (block_saved_values(spec, seq) + trained_input_values(spec, trained) + norm_inputs)
+        if probe == "abs_sum":
+            activations += tokens * probe_output_values(spec, adapted)
+    if probe is not None and embeddings and not full_finetune and stop > start:
+        activations -= tokens * norm_saved_values(spec)  # the first norm's input is the frozen embeddings'
     if saving and spec.family == "llama" and stop > start:
         activations += 2 * seq * spec.head_dim
     if head:
         activations += 2 * tokens * spec.vocab_size
-    return (frozen + activations) * element_bytes + trainable * 16
+    return (frozen + weight_grads + activations) * element_bytes + trainable * 16
 
 
 def _clip(ranks: Ranks, start: int, stop: int) -> Ranks:

@@ -15,6 +15,7 @@ from peft import get_peft_model
 from hsplit_sim import costs
 from hsplit_sim.costs import ModelSpec
 from hsplit_sim.scenario.models import BUILTIN_MODELS
+from hsplit_sim.training.probe import OutputProbe, WeightProbe
 from hsplit_sim.training.split import SplitLM, lora_config
 from tiny_models import counted, dispatched, plain_model
 
@@ -326,3 +327,84 @@ def test_uniform_ranks_and_shapes():
 def test_costs_do_not_import_torch():
     code = "import sys, hsplit_sim.costs; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+PROBED_RANKS = [
+    ("tiny-gpt2", {}),
+    ("tiny-gpt2", {0: {"attn.c_attn": 4}, 3: {"mlp.c_fc": 8, "attn.c_proj": 2}}),
+    ("tiny-gpt2", {1: {"mlp.c_proj": 4}, 2: {"attn.c_attn": 16}}),  # client block 0 has no adapter
+    ("tiny-gpt2", {1: {"mlp.c_fc": 4, "attn.c_attn": 2}, 3: {"mlp.c_fc": 8}}),  # GELU reads the adapted sum
+    ("tiny-llama", {}),
+    ("tiny-llama", {0: {"self_attn.q_proj": 4, "mlp.down_proj": 8}, 2: {"self_attn.v_proj": 16}}),
+    ("tiny-llama", {1: {"mlp.up_proj": 4}, 3: {"self_attn.k_proj": 8}}),
+    ("tiny-llama", {1: {"mlp.gate_proj": 4, "self_attn.o_proj": 2}, 2: {"mlp.gate_proj": 4, "mlp.up_proj": 8}}),
+]
+
+
+def probed_bytes(lm: SplitLM, spec: ModelSpec, side: str, probe) -> int:
+    """Bytes a probed step holds beside its parameters, each storage once: what autograd saves in the forward,
+    the outputs the probe keeps, and the gradients autograd returns for them (for WeightProbe, the weights'),
+    as if all were alive at once. Every saved tensor is held here, so no storage is freed and reused."""
+    params = {p.untyped_storage().data_ptr() for p in lm.model.parameters()}
+    held, found = [], {}
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        held.append(tensor)
+        if storage.data_ptr() not in params:
+            found[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    torch.manual_seed(1)
+    ids = torch.randint(3, 1000, (BATCH, SEQ))
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    received = torch.randn(BATCH, SEQ, spec.d_model, requires_grad=True)
+    trained = [p for p in lm.model.parameters() if p.requires_grad]
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor), probe:
+        if side == "client":
+            out, inputs = lm.client_forward(ids, mask, SPLIT), []
+        else:
+            out, inputs = lm.blocks_forward(received, mask, SPLIT, spec.n_layers), [received]
+    for output in probe.inputs():
+        count(output)
+    with probe:
+        grads = torch.autograd.grad(out, inputs + trained + probe.inputs(), torch.randn_like(out), allow_unused=True)
+    for grad in grads[len(inputs) + len(trained):]:
+        count(grad)
+    return sum(found.values())
+
+
+@pytest.mark.parametrize("name, ranks", PROBED_RANKS)
+def test_probed_memory_is_what_autograd_and_the_probe_hold(name, ranks):
+    """IWI's probe step, both measures, a client segment (frozen embeddings, adapters from any block or none,
+    as round 0's probe of the base model) and a server segment: training_memory_bytes(probe=...) less weights
+    and adapter state is exactly the saved tensors, kept outputs and returned gradients."""
+    spec = spec_of(name)
+    model = plain_model(name)
+    if ranks:
+        model = get_peft_model(model, lora_config(spec.family, ranks, 2.0), adapter_name="c0")
+    lm = SplitLM(model)
+    for side, (start, stop, embeddings) in [("client", (0, SPLIT, True)), ("server", (SPLIT, spec.n_layers, False))]:
+        beside = (costs.weights_bytes(spec, start, stop, embeddings, False)
+                  + 16 * costs.adapter_params(spec, costs._clip(ranks, start, stop)))
+        for measure, probe in [("abs_sum", OutputProbe), ("sum_abs", WeightProbe)]:
+            modelled = costs.training_memory_bytes(spec, start, stop, BATCH, SEQ, ranks, embeddings, False,
+                                                   probe=measure) - beside
+            assert modelled == probed_bytes(lm, spec, side, probe(lm, start, stop)), (side, measure)
+        # The probe holds more than a plain step.
+        assert (costs.training_memory_bytes(spec, start, stop, BATCH, SEQ, ranks, embeddings, False, probe="abs_sum")
+                > costs.training_memory_bytes(spec, start, stop, BATCH, SEQ, ranks, embeddings, False))
+
+
+def test_probe_output_values_by_hand():
+    llama, gpt2 = spec_of("tiny-llama"), spec_of("tiny-gpt2")  # llama: d 128, kv 64, d_ff 344; gpt2: d_ff 512
+    # Every output's gradient (q 128, k 64, v 64, o 128, gate 344, up 344, down 128: 1200 values), and every
+    # output but gate's and up's (SiLU and its product save those already) kept: 512 more.
+    assert costs.probe_output_values(llama, {}) == 1200 + 512
+    assert costs.probe_output_values(llama, {"mlp.gate_proj": 4}) == 1200 + 512 + 344
+    # GPT-2: c_attn 384, c_proj 128, c_fc 512 (GELU saves it), mlp c_proj 128.
+    assert costs.probe_output_values(gpt2, {}) == 2 * 1152 - 512
+    assert costs.probe_output_values(gpt2, {"mlp.c_fc": 8, "attn.c_attn": 4}) == 2 * 1152
+    assert costs.projection_params(llama) == 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 344
+    with pytest.raises(ValueError, match="probe"):
+        costs.training_memory_bytes(llama, 0, 1, 1, 1, {}, True, False, probe="abs")
