@@ -33,7 +33,9 @@ def spec_of(name: str) -> costs.ModelSpec:
 
 
 def memory(spec, split, ranks) -> int:
-    return costs.training_memory_bytes(spec, 0, split, BATCH, SEQ, ranks, embeddings=True, head=False)
+    """What a client's plan needs with IWI on: the larger of its training step and its probe step (abs_sum)."""
+    return max(costs.training_memory_bytes(spec, 0, split, BATCH, SEQ, ranks, embeddings=True, head=False,
+                                           probe=step) for step in (None, "abs_sum"))
 
 
 def heterogeneous_budgets(name: str) -> list[float]:
@@ -115,6 +117,13 @@ def test_hsplitlora_runs_with_exact_aggregation_and_plans_within_budget(runs, ke
     assert clients.groupby("round").size().to_dict() == {r: n for r in range(ROUNDS + 1)}
     assert (clients["memory_bytes"] <= clients["memory_budget_bytes"]).all()
     assert (clients["adapter_params"] > 0).all() and clients["split_layer"].between(1, spec.n_layers - 1).all()
+    # memory_bytes is the plan's probe step, which holds more than its training step.
+    plans = tables["plans"]
+    for _, row in clients.iterrows():
+        plan = plans[(plans["client"] == row["client"]) & (plans["round"] <= row["round"])].sort_values("round")
+        ranks = ClientPlan.from_row(plan.iloc[-1]).client_ranks
+        assert row["memory_bytes"] == memory(spec, row["split_layer"], ranks) == costs.training_memory_bytes(
+            spec, 0, row["split_layer"], BATCH, SEQ, ranks, embeddings=True, head=False, probe="abs_sum")
 
 
 @pytest.mark.parametrize("key", ["gpt2-het", "llama-het"])
@@ -152,12 +161,16 @@ def test_each_split_is_the_fastest_estimated_one_within_budget(runs, key):
             if memory(spec, split, {}) > c.memory_budget_gb * 1e9:
                 break
             client, server = iwi.split_ranks(spec, importance, block, c.memory_budget_gb * 1e9, Q, BATCH, SEQ,
-                                             split)
+                                             split, probe="abs_sum")
             if client and server:
                 seconds[split] = estimate(c, ClientPlan(split, client, server)).total_s
         row = plans[(plans["round"] <= r) & (plans["client"] == c.index)].sort_values("round").iloc[-1]
         assert row["split"] == min(seconds, key=lambda s: (seconds[s], s)), (r, c.index, seconds)
         in_force = estimate(c, ClientPlan.from_row(row))
+        # The plan holds its probe step, and so round 0's probe of the base model at its split.
+        assert memory(spec, row["split"], ClientPlan.from_row(row).client_ranks) <= c.memory_budget_gb * 1e9
+        assert costs.training_memory_bytes(spec, 0, row["split"], BATCH, SEQ, {}, embeddings=True, head=False,
+                                           probe="abs_sum") <= c.memory_budget_gb * 1e9
         assert row["estimated_iteration_s"] == pytest.approx(in_force.total_s)
         assert row["estimated_server_s"] == pytest.approx(in_force.server_s)
         assert row["estimated_iteration_s"] == pytest.approx(

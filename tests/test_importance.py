@@ -29,8 +29,12 @@ def spec_of(name: str) -> costs.ModelSpec:
     return costs.ModelSpec.from_hf_config(BUILTIN_MODELS[name])
 
 
-def memory(spec, split, ranks):
-    return costs.training_memory_bytes(spec, 0, split, BATCH, SEQ, ranks, embeddings=True, head=False)
+def memory(spec, split, ranks, probe=None):
+    """A client segment's training step or, with IWI's probe (its measure), the larger of that and its probe
+    step."""
+    steps = [None] if probe is None else [None, probe]
+    return max(costs.training_memory_bytes(spec, 0, split, BATCH, SEQ, ranks, embeddings=True, head=False,
+                                           probe=step) for step in steps)
 
 
 def all_modules(spec) -> list[str]:
@@ -111,10 +115,10 @@ def random_importance(spec, seed: int) -> dict[str, float]:
     return {k: rng.random() * rng.random() ** 3 for k in iwi.candidate_weights(spec, 0, spec.n_layers)}
 
 
-def budgets(spec, n: int) -> list[float]:
-    low = memory(spec, 1, {})
+def budgets(spec, n: int, probe=None) -> list[float]:
+    low = memory(spec, 1, {}, probe)
     high = memory(spec, spec.n_layers - 1, costs.uniform_ranks(spec, list(costs.TARGET_MODULES[spec.family]),
-                                                               range(spec.n_layers - 1), max(Q)))
+                                                               range(spec.n_layers - 1), max(Q)), probe)
     return [low + (high - low) * 1.1 * i / n for i in range(n + 1)]
 
 
@@ -127,19 +131,21 @@ def block_budget(spec) -> int:
     return params(spec, costs.uniform_ranks(spec, ["q", "v"], [0], 8))
 
 
-def smallest_adapter_fits(spec, split, budget_bytes, block_params) -> bool:
+def smallest_adapter_fits(spec, split, budget_bytes, block_params, probe=None) -> bool:
     """Whether any one adapter of Q's lowest positive rank fits the client side of a split (brute force)."""
     low = min(r for r in Q if r > 0)
-    return any(memory(spec, split, {layer: {module: low}}) <= budget_bytes
+    return any(memory(spec, split, {layer: {module: low}}, probe) <= budget_bytes
                and params(spec, {layer: {module: low}}) <= block_params * split
                for layer in range(split) for module in all_modules(spec))
 
 
+@pytest.mark.parametrize("probe", [None, "abs_sum", "sum_abs"])
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
-def test_configure_client_picks_the_fastest_feasible_split(name):
+def test_configure_client_picks_the_fastest_feasible_split(name, probe):
     """Against a brute-force search: with an estimate that depends on the split alone, the chosen split is the
     fastest of those where the segment and an adapter on each side fit, the shallowest on ties; the
-    ranks it returns keep every budget (checked with the cost model, not the solver's own accounting)."""
+    ranks it returns keep every budget (checked with the cost model, not the solver's own accounting), with
+    IWI's probe step (either measure) as well as the training step where the plan probes."""
     spec = spec_of(name)
     splits = list(range(1, spec.n_layers))
     block_params = block_budget(spec)
@@ -147,20 +153,21 @@ def test_configure_client_picks_the_fastest_feasible_split(name):
         importance = random_importance(spec, seed)
         rng = random.Random(seed)
         seconds = {s: rng.choice([1.0, 2.0, 3.0]) for s in splits}  # ties are common
-        for budget in budgets(spec, 30):
+        for budget in budgets(spec, 30, probe):
             found = iwi.configure_client(spec, importance, block_params, budget, Q, BATCH, SEQ, splits,
-                                         lambda s, client, server: seconds[s])
+                                         lambda s, client, server: seconds[s], probe=probe)
             # Where the segment fits, the selection there must leave both sides an adapter (the importance
             # order may give the whole parameter budget to one side).
-            feasible = [s for s in splits if smallest_adapter_fits(spec, s, budget, block_params)
-                        and all(iwi.split_ranks(spec, importance, block_params, budget, Q, BATCH, SEQ, s))]
+            feasible = [s for s in splits if smallest_adapter_fits(spec, s, budget, block_params, probe)
+                        and all(iwi.split_ranks(spec, importance, block_params, budget, Q, BATCH, SEQ, s,
+                                                probe=probe))]
             if not feasible:
                 assert found is None
                 continue
             expected = min(feasible, key=lambda s: (seconds[s], s))
             split, client, server = found
             assert split == expected, (seed, budget)
-            assert client and server and memory(spec, split, client) <= budget
+            assert client and server and memory(spec, split, client, probe) <= budget
             assert params(spec, client) <= block_params * split
             assert params(spec, server) <= block_params * (spec.n_layers - split)
             assert all(layer < split for layer in client) and all(layer >= split for layer in server)
@@ -486,8 +493,11 @@ def test_the_probe_before_training_is_the_cost_model(name, ranks):
     assert sum(server_kernels) == predicted.server[1].kernels
 
 
+@pytest.mark.parametrize("probe", [None, "abs_sum", "sum_abs"])
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "smollm2-135m"])
-def test_segment_memory_is_the_cost_model(name):
+def test_segment_memory_is_the_cost_model(name, probe):
+    """SegmentMemory, built adapter by adapter as ARMSC's greedy does, against training_memory_bytes of the
+    training step and, with a probe, of the probe step, the larger standing."""
     spec = costs.ModelSpec.from_hf_config(BUILTIN_MODELS[name])
     rng = random.Random(0)
     for _ in range(50):
@@ -497,8 +507,9 @@ def test_segment_memory_is_the_cost_model(name):
             if rng.random() < 0.3:
                 layer, module = iwi.parse_key(key)
                 ranks.setdefault(layer, {})[module] = rng.choice([1, 4, 16])
-        assert iwi.SegmentMemory(spec, split, 2, 16)(ranks) == costs.training_memory_bytes(
-            spec, 0, split, 2, 16, ranks, embeddings=True, head=False)
+        steps = [costs.training_memory_bytes(spec, 0, split, 2, 16, ranks, embeddings=True, head=False, probe=step)
+                 for step in {None, probe}]
+        assert iwi.SegmentMemory(spec, split, 2, 16, probe=probe)(ranks) == max(steps)
 
 
 def test_a_time_budget_bounds_the_client_compute():

@@ -116,7 +116,9 @@ class HSplitLoRA(SplitProtocol):
     def solve(cls, scenario, spec, client, n_clients: int, importance: dict[str, float],
               splits: list[int]) -> ClientPlan | None:
         """A client's plan by ARMSC: the split of least estimated iteration time among those within its budgets,
-        with IWI's selection of weights and ranks on both sides of it."""
+        with IWI's selection of weights and ranks on both sides of it. With IWI on, every round's first step is
+        also its probe, so the plan must fit the memory of that step too (and then so does round 0's probe at its
+        split: the same step without adapters holds less)."""
         algo = scenario.algorithm
         batch, seq = scenario.training.batch_size, scenario.data.max_length
         within_time = None
@@ -132,7 +134,7 @@ class HSplitLoRA(SplitProtocol):
 
         found = iwi.configure_client(spec, importance, cls.block_adapter_budget(scenario, spec),
                                      client.memory_budget_gb * GB, algo.rank_set, batch, seq, splits, seconds,
-                                     within_time, client.element_bytes)
+                                     within_time, client.element_bytes, algo.importance if algo.iwi else None)
         return None if found is None else ClientPlan(*found)
 
     @staticmethod
@@ -159,12 +161,14 @@ class HSplitLoRA(SplitProtocol):
 
     @classmethod
     def fixed_plan(cls, scenario, spec, clients) -> ClientPlan | None:
-        """Without ARMSC: SplitLoRA's configuration for the weakest client, for everyone."""
-        fitting = fitting_configuration(scenario, spec, clients)
+        """Without ARMSC: SplitLoRA's configuration for the weakest client (and, with IWI on, its probe step),
+        for everyone."""
+        algo = scenario.algorithm
+        fitting = fitting_configuration(scenario, spec, clients, algo.importance if algo.iwi else None)
         if fitting is None:
             return None
         split, rank = fitting
-        targets = scenario.algorithm.targets
+        targets = algo.targets
         return ClientPlan(split, costs.uniform_ranks(spec, targets, range(split), rank),
                           costs.uniform_ranks(spec, targets, range(split, spec.n_layers), rank))
 
@@ -238,6 +242,10 @@ class HSplitLoRA(SplitProtocol):
     @property
     def importance_measure(self) -> str:
         return self.config.importance
+
+    @property
+    def probing(self) -> bool:
+        return self.config.iwi
 
     def server_adapter(self, client: int) -> str:
         return "server" if self.shared else f"s{client}"

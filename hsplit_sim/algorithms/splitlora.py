@@ -26,23 +26,30 @@ from hsplit_sim.scenario.schema import ELEMENT_BYTES, AlgorithmConfig
 GB = 1e9
 
 
-def client_memory(scenario, spec, split: int, rank: int, client) -> int:
-    """What a client needs to train `split` blocks with `rank` on the scenario's targets, in its precision."""
+def client_memory(scenario, spec, split: int, rank: int, client, probe: str | None = None) -> int:
+    """What a client needs to train `split` blocks with `rank` on the scenario's targets, in its precision; with
+    `probe` (IWI's measure, HSplitLoRA without ARMSC), the larger of its training and its probe step."""
     ranks = costs.uniform_ranks(spec, scenario.algorithm.targets, range(split), rank)
-    return costs.training_memory_bytes(spec, 0, split, scenario.training.batch_size, scenario.data.max_length,
-                                       ranks, embeddings=True, head=False, element_bytes=client.element_bytes)
+
+    def step(probed: str | None) -> int:
+        return costs.training_memory_bytes(spec, 0, split, scenario.training.batch_size, scenario.data.max_length,
+                                           ranks, embeddings=True, head=False, element_bytes=client.element_bytes,
+                                           probe=probed)
+
+    return step(None) if probe is None else max(step(None), step(probe))
 
 
-def fits(scenario, spec, split: int, rank: int, client) -> bool:
-    return client_memory(scenario, spec, split, rank, client) <= client.memory_budget_gb * GB
+def fits(scenario, spec, split: int, rank: int, client, probe: str | None = None) -> bool:
+    return client_memory(scenario, spec, split, rank, client, probe) <= client.memory_budget_gb * GB
 
 
-def fitting_configuration(scenario, spec, clients) -> tuple[int, int] | None:
-    """The scenario's (split, rank), shallower first, then lower rank, until every client holds it."""
+def fitting_configuration(scenario, spec, clients, probe: str | None = None) -> tuple[int, int] | None:
+    """The scenario's (split, rank), shallower first, then lower rank, until every client holds it (and its
+    probe step, with `probe`)."""
     rank = scenario.algorithm.rank
     while rank >= 1:
         for split in range(scenario.algorithm.split_layer, 0, -1):
-            if all(fits(scenario, spec, split, rank, c) for c in clients):
+            if all(fits(scenario, spec, split, rank, c, probe) for c in clients):
                 return split, rank
         rank //= 2
     return None

@@ -51,8 +51,9 @@ from hsplit_sim.scenario.schema import Scenario
 # Raised whenever the code trains differently from the same inputs, so that a replay refuses runs trained before:
 # 3 = ARMSC's estimated-time split and adapter budgets, one LoRA scaling for every rank, AdamW kept across
 # aggregation; 4 = HetLoRA's rank self-pruning, HSplitLoRA without NAA keeping one global adapter; 5 = HSplitLoRA's
-# round 1 planned from a probe before training.
-KEY_VERSION = 5
+# round 1 planned from a probe before training; 6 = HSplitLoRA's plans (with IWI on) fitted to their probe step's
+# memory too.
+KEY_VERSION = 6
 
 
 def training_inputs(scenario: Scenario) -> dict:

@@ -22,10 +22,11 @@ class PlanCosts:
     """Work and bytes of one iteration under a plan (with IWI's probe: every projection's output gradient and
     score for the abs_sum measure, the frozen projections' weight gradients for sum_abs; each backward ends
     with the optimiser step over its adapters), the adapter a client uploads (in the client's precision, and as
-    the host's fp32 tensors), and the plan's columns of the clients table."""
+    the host's fp32 tensors), and the plan's columns of the clients table: memory_bytes is the peak the plan
+    needs, its probe step's where it probes (`probed`), else its training step's."""
 
     def __init__(self, spec: costs.ModelSpec, plan: ClientPlan, batch: int, seq: int, element_bytes: int,
-                 weight_decay: float, measure: str = "abs_sum"):
+                 weight_decay: float, measure: str = "abs_sum", probed: bool = False):
         s, n = plan.split, spec.n_layers
 
         def probe(on: bool) -> dict:
@@ -48,10 +49,14 @@ class PlanCosts:
         self.adapter = costs.adapter_bytes(spec, plan.client_ranks, e)
         self.host_adapter = costs.adapter_bytes(spec, plan.client_ranks)
         ranks = [r for layer in plan.client_ranks.values() for r in layer.values()]
+        memory = costs.training_memory_bytes(spec, 0, s, batch, seq, plan.client_ranks, embeddings=True, head=False,
+                                             element_bytes=e)
+        if probed:
+            memory = max(memory, costs.training_memory_bytes(spec, 0, s, batch, seq, plan.client_ranks,
+                                                             embeddings=True, head=False, element_bytes=e,
+                                                             probe=measure))
         self.row = {"split_layer": s, "rank": max(ranks, default=0), "adapted_weights": len(ranks),
-                    "adapter_params": costs.adapter_params(spec, plan.client_ranks),
-                    "memory_bytes": costs.training_memory_bytes(spec, 0, s, batch, seq, plan.client_ranks,
-                                                                embeddings=True, head=False, element_bytes=e)}
+                    "adapter_params": costs.adapter_params(spec, plan.client_ranks), "memory_bytes": memory}
 
 
 def probe_iteration(spec: costs.ModelSpec, split: int, batch: int, seq: int, element_bytes: int,
@@ -100,6 +105,11 @@ class SplitProtocol(Collaborative):
     def importance_measure(self) -> str:
         return "abs_sum"
 
+    @property
+    def probing(self) -> bool:
+        """Whether some steps of every round are also IWI's probe (their memory is then the plan's peak)."""
+        return False
+
     def plan_costs(self, client: int) -> PlanCosts:
         """Costs of the client's current plan, shared by every client with the same plan (looked up again only
         when the client's plan changes: this is on every round's path for every client)."""
@@ -113,7 +123,7 @@ class SplitProtocol(Collaborative):
         shared = self.__dict__.setdefault("_plan_costs", {})
         if key not in shared:
             shared[key] = PlanCosts(self.ctx.spec, plan, self.ctx.batch, self.ctx.seq, e,
-                                    self.ctx.scenario.training.weight_decay, self.importance_measure)
+                                    self.ctx.scenario.training.weight_decay, self.importance_measure, self.probing)
         mine[client] = (plan, shared[key])
         return shared[key]
 
