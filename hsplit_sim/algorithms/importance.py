@@ -138,14 +138,14 @@ def split_ranks(spec: costs.ModelSpec, importance: dict[str, float], block_param
                           within_params(block_params * (spec.n_layers - split), {"params": 0}))
     best = None
     for first in range(split):
-        used = {"params": 0, "kept": 0, "probe kept": 0, "first adapted": split}
+        used = {"params": 0, "kept": 0, "first adapted": split}
         params_fit = within_params(block_params * split, used)
 
         def fits(ranks, layer, module, rank, used=used, params_fit=params_fit):
             first_adapted = min(used["first adapted"], layer)
-            kept, probe_kept = memory.kept_with(ranks.get(layer, {}), module, rank)
-            if memory.of(first_adapted, used["params"] + rank * memory.sizes[module], used["kept"] + kept,
-                         used["probe kept"] + probe_kept) > budget_bytes:
+            kept = memory.kept_with(ranks.get(layer, {}), module, rank)
+            if memory.of(first_adapted, used["params"] + rank * memory.sizes[module],
+                         used["kept"] + kept) > budget_bytes:
                 return False
             if within_time is not None and not within_time(split, {**ranks, layer: {**ranks.get(layer, {}),
                                                                                       module: rank}}):
@@ -154,7 +154,6 @@ def split_ranks(spec: costs.ModelSpec, importance: dict[str, float], block_param
                 return False
             used["first adapted"] = first_adapted
             used["kept"] += kept
-            used["probe kept"] += probe_kept
             return True
 
         client = assign_ranks(candidate_weights(spec, first, split), importance, rank_set, fits)
@@ -167,68 +166,63 @@ def split_ranks(spec: costs.ModelSpec, importance: dict[str, float], block_param
 class SegmentMemory:
     """The memory a client segment's plan needs, as a fast function of its ranks (ARMSC asks it hundreds of
     thousands of times): costs.training_memory_bytes of its training step or, where the plan's steps include
-    IWI's probe (`probe`: its measure), the larger of that and of its probe step.
+    IWI's probe (`probe`: its measure), of its probe step, the larger of the two (every block saves there, and
+    the probe holds more besides; tests/test_importance.py checks it is the larger).
 
     Training step: the bare segment, plus the block activations saved from the first adapted block on, plus 16
     bytes per adapter parameter, plus what adapters make each block keep (inputs and A's outputs:
-    costs.trained_input_values). Probe step: the bare probed segment (every block saves), plus 16 bytes per
-    adapter parameter, plus what adapters add to their blocks there, wherever the first one is."""
+    costs.trained_input_values). Probe step: the bare probed segment, plus 16 bytes per adapter parameter, plus
+    what adapters add to their blocks there, wherever the first one is."""
 
     def __init__(self, spec: costs.ModelSpec, split: int, batch: int, seq: int, element_bytes: int = costs.FP32,
                  probe: str | None = None):
-        self.spec, self.probe = spec, probe
+        self.probe = probe
         self.bare = costs.training_memory_bytes(spec, 0, split, batch, seq, {}, embeddings=True, head=False,
-                                                element_bytes=element_bytes)
-        self.probe_bare = None if probe is None else costs.training_memory_bytes(
-            spec, 0, split, batch, seq, {}, embeddings=True, head=False, element_bytes=element_bytes, probe=probe)
+                                                element_bytes=element_bytes, probe=probe)
         self.token_bytes = batch * seq * element_bytes
-        one = next(iter(costs.TARGET_MODULES[spec.family].values()))
-        one_extra = 16 * costs.adapter_params(spec, {0: {one: 1}}) + self.token_bytes * costs.trained_input_values(
-            spec, {one: 1})
-        self.saved = [costs.training_memory_bytes(spec, 0, split, batch, seq, {first: {one: 1}},
-                                                  embeddings=True, head=False, element_bytes=element_bytes)
-                      - self.bare - one_extra
-                      for first in range(split)]
+        self.saved = [0] * split  # the probe step saves every block, wherever the first adapter is
+        if probe is None:
+            one = next(iter(costs.TARGET_MODULES[spec.family].values()))
+            one_extra = 16 * costs.adapter_params(spec, {0: {one: 1}}) + self.token_bytes * costs.trained_input_values(
+                spec, {one: 1})
+            self.saved = [costs.training_memory_bytes(spec, 0, split, batch, seq, {first: {one: 1}}, embeddings=True,
+                                                      head=False, element_bytes=element_bytes) - self.bare - one_extra
+                          for first in range(split)]
         self.sizes = {m: sum(costs.module_shape(spec, m)) for m in set(costs.TARGET_MODULES[spec.family].values())}
         self.reads = {m: (costs.PROJECTION_INPUTS[spec.family][m], costs.module_shape(spec, m)[0]) for m in self.sizes}
         # abs_sum: an adapter on a projection whose output autograd saves makes the probe keep that output apart.
         self.kept_output = {m: costs.probe_output_values(spec, {m: 1}) - costs.probe_output_values(spec, {})
-                            for m in self.sizes}
+                            if probe == "abs_sum" else 0 for m in self.sizes}
 
-    def of(self, first_adapted: int, params: int, kept: int, probe_kept: int) -> int:
+    def of(self, first_adapted: int, params: int, kept: int) -> int:
         """With adapters from block first_adapted on (the split itself: none) holding `params` parameters and
-        making their blocks keep `kept` values per token in the training step, `probe_kept` in the probe's."""
-        training = self.bare
-        if first_adapted < len(self.saved):
-            training += self.saved[first_adapted] + 16 * params + self.token_bytes * kept
-        if self.probe_bare is None:
-            return training
-        return max(training, self.probe_bare + 16 * params + self.token_bytes * probe_kept)
+        making their blocks keep `kept` values per token."""
+        if first_adapted >= len(self.saved):
+            return self.bare
+        return self.bare + self.saved[first_adapted] + 16 * params + self.token_bytes * kept
 
-    def kept_with(self, layer_ranks: dict[str, int], module: str, rank: int) -> tuple[int, int]:
-        """What giving `module` (not yet in layer_ranks) rank `rank` adds to its block's kept values per token,
-        in the training step and in the probe step: the differences of costs.trained_input_values (and, for
-        abs_sum, probe_output_values), without building them twice on ARMSC's hot path. sum_abs's probe keeps
-        every projection's input already, so there an adapter adds only A's output."""
+    def kept_with(self, layer_ranks: dict[str, int], module: str, rank: int) -> int:
+        """What giving `module` (not yet in layer_ranks) rank `rank` adds to its block's kept values per token:
+        the difference of costs.trained_input_values (and, for abs_sum, of probe_output_values), without
+        building them twice on ARMSC's hot path. sum_abs's probe keeps every projection's input already, so
+        there an adapter adds only A's output."""
+        if self.probe == "sum_abs":
+            return rank
         tensor, width = self.reads[module]
         shared = any(self.reads[m][0] == tensor for m in layer_ranks)
-        kept = rank + (0 if shared else width)
-        if self.probe == "sum_abs":
-            return kept, rank
-        return kept, kept + self.kept_output[module]
+        return rank + (0 if shared else width) + self.kept_output[module]
 
     def __call__(self, ranks: costs.Ranks) -> int:
-        params = kept = probe_kept = 0
+        params = kept = 0
         for modules in ranks.values():
             held = {}
             for module, rank in modules.items():
                 if rank:
-                    added, probe_added = self.kept_with(held, module, rank)
-                    kept, probe_kept = kept + added, probe_kept + probe_added
+                    kept += self.kept_with(held, module, rank)
                     params += rank * self.sizes[module]
                     held[module] = rank
         adapted = [layer for layer, modules in ranks.items() if any(modules.values())]
-        return self.of(min(adapted, default=len(self.saved)), params, kept, probe_kept)
+        return self.of(min(adapted, default=len(self.saved)), params, kept)
 
 
 def client_work(spec: costs.ModelSpec, split: int, batch: int, seq: int, ranks: costs.Ranks,
