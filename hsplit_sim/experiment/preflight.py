@@ -42,9 +42,12 @@ def check_environment(scenario: Scenario) -> None:
         return
     if scenario.model.path is not None:
         _check_checkpoint(Path(scenario.model.path))
-    _check_host_memory(scenario)
+    if runtime.placement == "local":  # Ray actors' workers load the model into their nodes' memory
+        _check_host_memory(scenario)
     _check_data(scenario)
-    if runtime.torch_device.startswith("cuda"):
+    if runtime.placement == "ray":  # and use their nodes' devices
+        _check_ray()
+    elif runtime.torch_device.startswith("cuda"):
         _check_cuda(runtime.torch_device)
     if runtime.transport == "tcp":
         try:
@@ -172,6 +175,13 @@ def _check_columns(path: Path) -> None:
         raise ScenarioError(f"data.dir: cannot read {path} ({e})") from None
     if not {"mr", "ref"} <= set(columns):
         raise ScenarioError(f"data.dir: {path} needs the columns mr and ref")
+
+
+def _check_ray() -> None:
+    try:
+        import ray  # noqa: F401 - the run imports it anyway, to place its workers
+    except ImportError:
+        raise ScenarioError("runtime.placement: 'ray' needs Ray: pip install 'hsplit-sim[ray]'") from None
 
 
 def _check_cuda(device: str) -> None:

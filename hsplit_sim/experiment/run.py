@@ -186,7 +186,8 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
                     scenario.runtime.client_workers, scenario.runtime.transport, scenario.runtime.host,
                     writer.path / "log.txt", scenario.runtime.request_timeout_s,
                     frame_limit(scenario, spec, len(clients)), coordinator_keys(scenario),
-                    remote_workers=scenario.runtime.remote_workers))
+                    remote_workers=scenario.runtime.remote_workers, placement=scenario.runtime.placement,
+                    server_gpus=scenario.runtime.ray_server_gpus))
                 log.info("workers started: %s", pool.pids())
                 partitions = start_workers(pool, scenario, len(clients))
                 backend = RealBackend(scenario, pool.server, pool.client_workers, partitions, stats)

@@ -1,5 +1,5 @@
-"""Starts the server worker and the client workers as local processes (or takes client workers started by hand:
-runtime.remote_workers) and connects to them."""
+"""Starts the server worker and the client workers as local processes or as Ray actors (runtime.placement, with
+ray_actors.py), or takes client workers started by hand (runtime.remote_workers), and connects to them."""
 
 import json
 import os
@@ -23,7 +23,7 @@ SHUTDOWN_GRACE_S = 5
 WILDCARD = "0.0.0.0"  # a bind to every interface, which local workers and the coordinator reach on loopback
 
 
-def _free_tcp_port(host: str) -> int:
+def free_tcp_port(host: str) -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
@@ -55,28 +55,46 @@ def hand_keys(process: subprocess.Popen, keys: Keypair, coordinator: bytes) -> N
         pass
 
 
+def worker_env(torch_threads: int | None) -> dict[str, str]:
+    """What a worker's environment adds to its host's: the coordinator's settings, or these defaults. Workers take
+    turns on the same cores; libgomp's default spin-wait (300,000 iterations) keeps an idle worker's threads busy
+    while another computes. A short spin measured about 30% faster on tiny models."""
+    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+           "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", "10000")}
+    threads = torch_threads or os.environ.get("HSPLIT_SIM_TORCH_THREADS")  # a sweep sets it for its points
+    if threads:
+        env["HSPLIT_SIM_TORCH_THREADS"] = str(threads)
+    return env
+
+
 class WorkerPool:
-    """One server worker and `client_workers` client workers, each its own process; or, with remote_workers, the
-    client workers started by hand at those endpoints."""
+    """One server worker and `client_workers` client workers, each its own process, here or in a Ray actor; or,
+    with remote_workers, the client workers started by hand at those endpoints."""
 
     def __init__(self, client_workers: int, transport: str, host: str, log_path: Path, timeout_s: float,
                  frame_limit: int, keys: Keypair | None = None, torch_threads: int | None = None,
-                 remote_workers: Sequence[str] = ()):
+                 remote_workers: Sequence[str] = (), placement: str = "local", server_gpus: int = 0):
         """frame_limit: the run's largest legitimate frame in bytes (a larger one is refused unread, both ways);
         keys: the coordinator's key pair (runtime.key_file), else one made for this run; remote_workers: tcp
         endpoints of workers started by hand with the same key file (`hsplit-sim worker`), in place of local
-        client workers."""
+        client workers; placement "ray": every worker in a Ray actor (tcp only), the server's asking for
+        server_gpus GPUs."""
         self.context = zmq.Context()
         self._ipc_dir = tempfile.mkdtemp(prefix="hsplit-sim-") if transport == "ipc" else None
         self._log = open(log_path, "ab")
         self._processes: list[subprocess.Popen] = []
+        self._ray = None
+        self._ray_pids: list[int] = []
         self.connections = {}
         self.frame_limit = frame_limit
         self.heartbeats = None
         try:
             self.heartbeats = Heartbeats(self.context, f"ipc://{self._ipc_dir}/heartbeat.sock" if self._ipc_dir
                                          else f"tcp://{host}:*", keys or Keypair.new())
-            self._start(0 if remote_workers else client_workers, host, timeout_s, torch_threads)
+            if placement == "ray":
+                self._place_on_ray(client_workers, timeout_s, torch_threads, server_gpus)
+            else:
+                self._start(0 if remote_workers else client_workers, host, timeout_s, torch_threads)
             for i, endpoint in enumerate(remote_workers):
                 self._connect(f"clients{i}", endpoint, timeout_s)
         except BaseException:  # Ctrl-C while starting: the workers started so far and the socket folder go too
@@ -84,21 +102,33 @@ class WorkerPool:
             raise
 
     def _start(self, client_workers: int, host: str, timeout_s: float, torch_threads: int | None) -> None:
-        # Workers take turns on the same cores; libgomp's default spin-wait (300,000 iterations) keeps an idle
-        # worker's threads busy while another computes. A short spin measured about 30% faster on tiny models.
-        env = dict(os.environ, HF_HUB_OFFLINE=os.environ.get("HF_HUB_OFFLINE", "1"),
-                   GOMP_SPINCOUNT=os.environ.get("GOMP_SPINCOUNT", "10000"))
-        if torch_threads is not None:
-            env["HSPLIT_SIM_TORCH_THREADS"] = str(torch_threads)
+        env = dict(os.environ, **worker_env(torch_threads))
         for name in ["server"] + [f"clients{i}" for i in range(client_workers)]:
             endpoint = (f"ipc://{self._ipc_dir}/{name}.sock" if self._ipc_dir
-                        else f"tcp://{host}:{_free_tcp_port(host)}")
+                        else f"tcp://{host}:{free_tcp_port(host)}")
             process, keys = spawn_worker(name, endpoint, self.heartbeats, self.frame_limit, stdout=self._log,
                                          stderr=subprocess.STDOUT, env=env)
             self._processes.append(process)
             reach = endpoint.replace(f"tcp://{WILDCARD}:", "tcp://127.0.0.1:")
             self.connections[name] = WorkerConnection(self.context, name, reach, process, timeout_s,
                                                       self.heartbeats, keys.public, self.frame_limit)
+
+    def _place_on_ray(self, client_workers: int, timeout_s: float, torch_threads: int | None,
+                      server_gpus: int) -> None:
+        """Each worker in a Ray actor of its own (ray_actors.py), with a key pair of its own as a local worker."""
+        from hsplit_sim.runtime.ray_actors import RayWorkers
+
+        workers = {name: Keypair.new() for name in ["server"] + [f"clients{i}" for i in range(client_workers)]}
+        for name, keys in workers.items():  # admitted before the workers connect, whose clocks start afresh below
+            self.heartbeats.watch(name, None, keys.public)
+        self._ray = RayWorkers()
+        placed = self._ray.start(workers, self.heartbeats.bound, self.heartbeats.keys.public, self.frame_limit,
+                                 worker_env(torch_threads), server_gpus, timeout_s)
+        for name, (endpoint, pid) in placed.items():
+            self.heartbeats.watch(name, None, workers[name].public)
+            self._ray_pids.append(pid)
+            self.connections[name] = WorkerConnection(self.context, name, endpoint, None, timeout_s, self.heartbeats,
+                                                      workers[name].public, self.frame_limit)
 
     def _connect(self, name: str, endpoint: str, timeout_s: float) -> None:
         """A worker started by hand with the key file: its key pair is the coordinator's. Its heartbeats are
@@ -124,7 +154,8 @@ class WorkerPool:
         return [c for name, c in self.connections.items() if name != "server"]
 
     def pids(self) -> list[int]:
-        return [p.pid for p in self._processes]
+        """The workers' process ids, on their nodes for Ray actors."""
+        return [p.pid for p in self._processes] + self._ray_pids
 
     def close(self) -> None:
         """Ask each worker that can still answer to stop, then make sure: nothing outlives the run. A worker whose
@@ -150,6 +181,8 @@ class WorkerPool:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+            if self._ray:
+                self._ray.close(SHUTDOWN_GRACE_S, {c.name for c in self.connections.values() if c.failure} | silent)
             if self.heartbeats:
                 self.heartbeats.close()
             self.context.term()

@@ -285,6 +285,7 @@ def _check(scenario: Scenario) -> None:
     _check_system(scenario)
     _check_precision(scenario)
     _check_remote_workers(scenario)
+    _check_placement(scenario)
     _check_host(scenario)
 
     n_clients = sum(group.count for group in scenario.clients)
@@ -340,6 +341,21 @@ def _check_remote_workers(scenario: Scenario) -> None:
                 raise ScenarioError(f"runtime.host: {runtime.host!r} is a loopback address, where the worker at "
                                     f"{endpoint} cannot send heartbeats; set it to this machine's address or "
                                     "'0.0.0.0'")
+
+
+def _check_placement(scenario: Scenario) -> None:
+    """Ray actors start their own workers, which the coordinator reaches over tcp (ray_actors.py)."""
+    runtime = scenario.runtime
+    if runtime.placement == "local":
+        if runtime.ray_server_gpus:
+            raise ScenarioError("runtime.ray_server_gpus: set for runtime.placement 'ray' only")
+        return
+    if runtime.remote_workers:
+        raise ScenarioError("runtime.placement: 'ray' starts every worker itself; runtime.remote_workers names "
+                            "workers started by hand: use one or the other")
+    if runtime.transport != "tcp":
+        raise ScenarioError(f"runtime.transport: {runtime.transport!r} cannot serve runtime.placement 'ray', whose "
+                            "workers are reached over tcp: set it to tcp")
 
 
 def is_loopback(host: str) -> bool:

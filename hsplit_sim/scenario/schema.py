@@ -301,6 +301,12 @@ class RuntimeSpec(StrictModel):
         description="tcp://HOST:PORT of client workers started by hand (hsplit-sim worker --listen ADDR --key FILE), "
         "in place of the client workers the run would start; the server worker stays local. Needs key_file (a copy "
         "of the workers' --key) and transport tcp on a host they reach")
+    placement: Literal["local", "ray"] = Field(
+        "local", description="where the run starts its workers: local processes, or Ray actors, each starting its "
+        "worker process on its node, on the cluster RAY_ADDRESS names, else a local Ray instance (pip install "
+        "'hsplit-sim[ray]'). Ray needs transport tcp, and a host the nodes reach unless they are all this machine")
+    ray_server_gpus: int = Field(0, ge=0, le=8, description="GPUs the server worker's Ray actor asks for "
+                                 "(placement ray): 1 puts the server on a GPU node")
     torch_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     request_timeout_s: float = Field(600.0, gt=0)
     transport: Literal["ipc", "tcp"] = "ipc"
