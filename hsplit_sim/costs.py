@@ -503,13 +503,22 @@ SAVED_OUTPUTS = {"llama": {"mlp.gate_proj", "mlp.up_proj"}, "gpt2": {"mlp.c_fc"}
 
 
 def probe_output_values(spec: ModelSpec, adapted: dict[str, int]) -> int:
-    """Values per token IWI's output probe (abs_sum) adds to a block: the output gradient of every projection,
-    which autograd returns at the end of the backward, and every output the probe keeps that autograd does
-    not already save (an adapter on a SAVED_OUTPUTS projection makes the activation read the sum, so the
-    probe's base output is then extra). `adapted`: the block's modules with an adapter."""
+    """Values per token IWI's output probe (abs_sum) adds to a block: every output the probe keeps until the
+    backward scores it that autograd does not already save (an adapter on a SAVED_OUTPUTS projection makes the
+    activation read the sum, so the probe's base output is then extra). The output gradients are scored as
+    they arrive and let go (training/probe.py). `adapted`: the block's modules with an adapter."""
     outputs = {m: module_shape(spec, m)[1] for m in TARGET_MODULES[spec.family].values()}
     free = sum(width for m, width in outputs.items() if m in SAVED_OUTPUTS[spec.family] and m not in adapted)
-    return 2 * sum(outputs.values()) - free
+    return sum(outputs.values()) - free
+
+
+def probe_root_values(spec: ModelSpec) -> int:
+    """Values per token of the output gradients autograd returns to IWI's output probe on a client segment:
+    those of the first block's projections that read its attention input, whose input needs no gradient (so
+    their outputs are made to require one and are what autograd is asked for)."""
+    reads = PROJECTION_INPUTS[spec.family]
+    return sum(module_shape(spec, m)[1] for m in set(TARGET_MODULES[spec.family].values())
+               if reads[m] == "attention input")
 
 
 def projection_params(spec: ModelSpec) -> int:
@@ -553,10 +562,11 @@ def training_memory_bytes(
     though some of it may need no saving there (an upper bound: tests/test_costs.py).
     probe: the step is also IWI's probe (its measure, "abs_sum" or "sum_abs"; training/probe.py). Gradients then
     flow from the first block's projections on, so every block saves, all but a client's first norm (its
-    input needs no grad); abs_sum adds probe_output_values per block, sum_abs every projection's input and its
-    weight gradient (projection_params). Exact, checked against autograd in tests/test_costs.py: the saved
-    tensors, the kept outputs and the returned gradients counted as if all alive at once (the outputs' and
-    weights' gradients exist only at the backward's end, when most saved tensors are freed: a bound).
+    input needs no grad); abs_sum adds probe_output_values per block and, on a client segment,
+    probe_root_values, sum_abs every projection's input and its weight gradient (projection_params). Exact,
+    checked against autograd in tests/test_costs.py: the saved tensors, the kept outputs and the returned
+    gradients counted as if all alive at once (the returned gradients exist only at the backward's end, when
+    most saved tensors are freed: a bound).
     """
     tokens = batch * seq
     weights = _segment_params(spec, start, stop, embeddings, head)
@@ -582,6 +592,8 @@ def training_memory_bytes(
             activations += tokens * probe_output_values(spec, adapted)
     if probe is not None and embeddings and not full_finetune and stop > start:
         activations -= tokens * norm_saved_values(spec)  # the first norm's input is the frozen embeddings'
+        if probe == "abs_sum":
+            activations += tokens * probe_root_values(spec)
     if saving and spec.family == "llama" and stop > start:
         activations += 2 * seq * spec.head_dim
     if head:

@@ -365,7 +365,7 @@ def probed_bytes(lm: SplitLM, spec: ModelSpec, side: str, probe) -> int:
             out, inputs = lm.client_forward(ids, mask, SPLIT), []
         else:
             out, inputs = lm.blocks_forward(received, mask, SPLIT, spec.n_layers), [received]
-    for output in probe.inputs():
+    for output in getattr(probe, "outputs", {}).values():  # the output probe's kept outputs (the weights are params)
         count(output)
     with probe:
         grads = torch.autograd.grad(out, inputs + trained + probe.inputs(), torch.randn_like(out), allow_unused=True)
@@ -398,13 +398,15 @@ def test_probed_memory_is_what_autograd_and_the_probe_hold(name, ranks):
 
 def test_probe_output_values_by_hand():
     llama, gpt2 = spec_of("tiny-llama"), spec_of("tiny-gpt2")  # llama: d 128, kv 64, d_ff 344; gpt2: d_ff 512
-    # Every output's gradient (q 128, k 64, v 64, o 128, gate 344, up 344, down 128: 1200 values), and every
-    # output but gate's and up's (SiLU and its product save those already) kept: 512 more.
-    assert costs.probe_output_values(llama, {}) == 1200 + 512
-    assert costs.probe_output_values(llama, {"mlp.gate_proj": 4}) == 1200 + 512 + 344
+    # Every output but gate's and up's (SiLU and its product save those already) kept until scored: q 128, k 64,
+    # v 64, o 128, down 128; the roots autograd returns, on a client: block 0's q, k and v.
+    assert costs.probe_output_values(llama, {}) == 512
+    assert costs.probe_output_values(llama, {"mlp.gate_proj": 4}) == 512 + 344
+    assert costs.probe_root_values(llama) == 256
     # GPT-2: c_attn 384, c_proj 128, c_fc 512 (GELU saves it), mlp c_proj 128.
-    assert costs.probe_output_values(gpt2, {}) == 2 * 1152 - 512
-    assert costs.probe_output_values(gpt2, {"mlp.c_fc": 8, "attn.c_attn": 4}) == 2 * 1152
+    assert costs.probe_output_values(gpt2, {}) == 1152 - 512
+    assert costs.probe_output_values(gpt2, {"mlp.c_fc": 8, "attn.c_attn": 4}) == 1152
+    assert costs.probe_root_values(gpt2) == 384
     assert costs.projection_params(llama) == 2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 344
     with pytest.raises(ValueError, match="probe"):
         costs.training_memory_bytes(llama, 0, 1, 1, 1, {}, True, False, probe="abs")

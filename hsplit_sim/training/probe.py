@@ -5,7 +5,8 @@ For a projection y = W x (+ b), sum_j w_j dL/dw_j = sum over tokens of <dL/dy, W
 is ever formed. sum |w * dL/dw| (sum_abs) has no such form and takes the frozen weights' gradients.
 
 Either probe is used the same way: open it around the forward, ask autograd for the gradients of
-`probe.inputs()` along with the adapter's, and hand those to `probe.scores`.
+`probe.inputs()` along with the adapter's, and hand those to `probe.scores` (the output probe scores each
+projection in a hook as the backward passes it).
 """
 
 import torch
@@ -25,15 +26,19 @@ def candidate_projections(lm, start: int, stop: int) -> dict[str, torch.nn.Modul
 
 
 class OutputProbe:
-    """|sum w * dL/dw| from each projection's output y and its gradient: sum(dL/dy * (y - b)).
+    """|sum w * dL/dw| from each projection's output y and its gradient: sum(dL/dy * (y - b)), scored by a hook
+    when the backward reaches y, which then lets y go: no output gradient outlives its score.
 
     A projection whose input needs no gradient (the frozen first blocks of a client) gives an output that is
-    made to require one, so backward reaches every candidate and no further.
+    made to require one; these roots are what autograd is asked for (inputs()), so backward reaches every
+    candidate and no further.
     """
 
     def __init__(self, lm, start: int, stop: int):
         self.projections = candidate_projections(lm, start, stop)
-        self.outputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}  # kept until scored
+        self.roots: list[torch.Tensor] = []
+        self.found: dict[str, float] = {}
         self.hooks = []
 
     def __enter__(self) -> "OutputProbe":
@@ -45,7 +50,16 @@ class OutputProbe:
     def _keep(self, key: str, output: torch.Tensor) -> None:
         if not output.requires_grad:
             output.requires_grad_(True)
+            self.roots.append(output)
         self.outputs[key] = output
+        output.register_hook(lambda grad, key=key: self._score(key, grad))
+
+    def _score(self, key: str, grad: torch.Tensor) -> None:
+        output = self.outputs.pop(key)
+        bias = self.projections[key].bias
+        with torch.no_grad():
+            product = output if bias is None else output - bias
+            self.found[key] = abs(float(torch.sum(grad * product)))
 
     def __exit__(self, *exc) -> None:
         for hook in self.hooks:
@@ -53,16 +67,12 @@ class OutputProbe:
         self.hooks = []
 
     def inputs(self) -> list[torch.Tensor]:
-        return list(self.outputs.values())
+        return list(self.roots)
 
     def scores(self, grads) -> dict[str, float]:
-        found = {}
-        with torch.no_grad():
-            for (key, output), grad in zip(self.outputs.items(), grads):
-                bias = self.projections[key].bias
-                product = output if bias is None else output - bias
-                found[key] = abs(float(torch.sum(grad * product)))
-        return found
+        """The hooks' scores (the roots' returned gradients were scored by theirs)."""
+        self.roots = []
+        return {key: self.found[key] for key in self.projections}
 
 
 class WeightProbe:
