@@ -52,8 +52,8 @@ from hsplit_sim.scenario.schema import Scenario
 # 3 = ARMSC's estimated-time split and adapter budgets, one LoRA scaling for every rank, AdamW kept across
 # aggregation; 4 = HetLoRA's rank self-pruning, HSplitLoRA without NAA keeping one global adapter; 5 = HSplitLoRA's
 # round 1 planned from a probe before training; 6 = HSplitLoRA's plans (with IWI on) fitted to their probe step's
-# memory too.
-KEY_VERSION = 6
+# memory too; 7 = that memory without the output gradients the probe now scores as they arrive.
+KEY_VERSION = 7
 
 
 def training_inputs(scenario: Scenario) -> dict:
