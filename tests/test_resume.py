@@ -161,7 +161,7 @@ def test_a_worker_state_loads_into_a_fresh_worker_and_trains_on_identically():
     assert json.dumps(again, sort_keys=True) == json.dumps(state, sort_keys=True)
     assert set(again_tensors) == set(tensors)
     assert all(np.array_equal(again_tensors[key], tensors[key]) for key in tensors)
-    assert list(second.peft.peft_config) == ["x", "y", "gone"]
+    assert list(second.adapters) == ["x", "y", "gone"]
 
     for role in (first, second):
         step(role, ["x", "y"], 4)

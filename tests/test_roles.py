@@ -70,7 +70,7 @@ def test_the_tail_penalty_is_the_tail_norm_hetlora_decides_by():
 
 def test_reshape_keeps_the_leading_ranks_and_their_moments():
     role = trained_role()  # adapter "a": rank 4 on block 0's q_proj, one AdamW step taken
-    params = lambda: {n: p for n, p in role.peft.named_parameters() if ".a." in n}  # noqa: E731
+    params = lambda: role.adapters["a"].state()  # noqa: E731
     values = {n: p.detach().clone() for n, p in params().items()}
     moments = {n: {k: v.clone() for k, v in role.optimizers["a"].state[p].items()} for n, p in params().items()}
     role.reshape(None, {"adapter": "a", "ranks": [[0, "self_attn.q_proj", 2]]}, {})
@@ -126,3 +126,88 @@ def test_the_probe_before_training_trains_nothing():
     assert trained.keys() == probed.keys()
     for key, value in probed.items():
         assert value == pytest.approx(trained[key], rel=1e-5, abs=1e-9), key
+
+
+def tiny_role(role="server"):
+    scenario = load_scenario(TINY, ["model.name=tiny-llama", "data.train_examples=16"])
+    return make_role(worker_init_args(scenario, role, 2))
+
+
+def configure(role, name, rank, layer=0):
+    ranks = [[layer, "self_attn.q_proj", rank]]
+    role.configure(None, {"adapter": name, "scaling": 2.0, "ranks": ranks, "lr": 1e-2}, {})
+
+
+def test_adapters_are_what_named_peft_adapters_were():
+    """Every adapter starts as PEFT makes one right after seeding (and leaves torch's random state as PEFT would),
+    and its keys, values and parameter order are PEFT's for the slot it runs in."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    from hsplit_sim.training.split import lora_config
+
+    role, reference = tiny_role(), tiny_role()
+    peft, states = None, []
+    for name, rank, layer in [("a", 4, 0), ("b", 2, 1), ("c", 4, 0)]:
+        configure(role, name, rank, layer)
+        after = torch.get_rng_state()
+        config = lora_config(reference.lm.family, {layer: {"self_attn.q_proj": rank}}, 2.0)
+        torch.manual_seed(reference.seed)
+        if peft is None:
+            peft = get_peft_model(reference.model, config, adapter_name=name)
+        else:
+            peft.add_adapter(name, config)
+        assert torch.equal(after, torch.get_rng_state())
+        expected = get_peft_model_state_dict(peft, adapter_name=name)
+        got = role.get_adapter(None, {"adapter": name}, {})[1]
+        assert list(got) == list(expected) and all(np.array_equal(got[k], expected[k].numpy()) for k in got)
+        states.append(got)
+    assert len(role.peft.peft_config) == 2  # one slot per layout, whatever the number of adapters
+    role.activate("c")
+    adapter = role.adapters["c"]
+    slot = role.slots.layouts[adapter.layout].slots[0][0]
+    lent = [p for n, p in role.peft.named_parameters() if f".{slot}." in n]
+    assert len(lent) == len(adapter.params) and all(p is q for p, q in zip(lent, adapter.params))
+    assert list(get_peft_model_state_dict(role.peft, adapter_name=slot)) == adapter.keys == list(states[2])
+    optimizer = role.optimizers["c"]
+    assert all(p is q for p, q in zip([p for group in optimizer.param_groups for p in group["params"]], lent))
+
+
+def test_adapters_of_one_layout_active_together_each_count():
+    """Two adapters of one layout active at once take two slots, and both contributions count."""
+    role = tiny_role()
+    configure(role, "a", 4)
+    configure(role, "b", 4)
+    rng = np.random.default_rng(1)
+    for name in ("a", "b"):
+        values = {k: rng.normal(size=v.shape).astype(np.float32)
+                  for k, v in role.get_adapter(None, {"adapter": name}, {})[1].items()}
+        role.set_adapter(None, {"adapter": name}, values)
+    state = torch.get_rng_state()
+    both = role.evaluate(None, {"adapters": ["a", "b"], "batch_size": 4}, {})[0]["loss"]
+    assert torch.equal(state, torch.get_rng_state())  # the second slot was made off the record
+    alone = [role.evaluate(None, {"adapters": [name], "batch_size": 4}, {})[0]["loss"] for name in ("a", "b")]
+    assert len(role.peft.peft_config) == 2 and both not in alone
+    # a and b in one adapter of twice the rank: the same sum of B @ A
+    summed = {k: np.concatenate([role.get_adapter(None, {"adapter": n}, {})[1][k] for n in ("a", "b")],
+                                axis=0 if "lora_A" in k else 1) for k in role.adapters["a"].keys}
+    configure(role, "ab", 8)
+    role.set_adapter(None, {"adapter": "ab"}, summed)
+    assert role.evaluate(None, {"adapters": ["ab"], "batch_size": 4}, {})[0]["loss"] == pytest.approx(both, rel=1e-5)
+
+
+@pytest.mark.parametrize("measure", [None, "abs_sum", "sum_abs"])
+def test_a_client_backward_frees_what_its_forward_kept(measure):
+    """A client's forward graph (and a probe's outputs) live until its backward only: memory is bounded by the
+    iterations in flight, not by the clients a worker hosts."""
+    import weakref
+
+    role = tiny_role("clients")
+    role.configure(0, {"adapter": "c0", "scaling": 2.0, "ranks": [[0, "self_attn.q_proj", 4]], "split": 1,
+                       "lr": 1e-2}, {})
+    args = {"adapter": "c0", "probe": measure is not None, "measure": measure or "abs_sum"}
+    hidden = role.forward(0, args, {"batch": np.arange(2)})[1]["hidden"].copy()
+    kept = [weakref.ref(t) for t in [role.pending[0][0], *role.pending[0][1].inputs()] if t.grad_fn is not None]
+    assert kept
+    result = role.backward(0, {"adapter": "c0"}, {"grad": np.ones_like(hidden)})[0]
+    assert bool(result["importance"]) == (measure is not None)
+    assert not role.pending and all(ref() is None for ref in kept)

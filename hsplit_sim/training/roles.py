@@ -1,7 +1,8 @@
 """What a worker process does with its model: the server role and the client role hosting virtual clients.
 
-A worker loads the frozen base weights once. Each virtual client (and each server-side adapter) is a
-named PEFT adapter with its own optimizer, so per-client memory is adapters plus optimizer state only.
+A worker loads the frozen base weights once. Each virtual client (and each server-side adapter) is an
+adapter owning its tensors and optimizer, lent to a PEFT slot of its layout while it runs (training/adapters.py),
+so a client costs its own state in memory and time, however many others the worker hosts.
 Tensors come in and go out as numpy arrays; the wire never carries anything else.
 """
 
@@ -10,9 +11,8 @@ import os
 
 import numpy as np
 import torch
-from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
 
+from hsplit_sim.training.adapters import Adapter, AdapterSlots
 from hsplit_sim.training.data import encode_examples, load_dataset, load_test_set, partition, prompt_text
 from hsplit_sim.training.models import load_model, load_tokenizer
 from hsplit_sim.training.probe import make_probe
@@ -61,7 +61,8 @@ class Role:
         torch.manual_seed(self.seed)
         self.model = load_model(model.get("name"), model.get("path")).to(self.device)
         self.lm = SplitLM(self.model)
-        self.peft = None
+        self.slots = AdapterSlots(self.model, self.seed)
+        self.adapters: dict[str, Adapter] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.optimizer_args: dict[str, dict] = {}
         # what configure was told, by adapter, in the order they were made (reshape repeats it; dump_state)
@@ -69,6 +70,11 @@ class Role:
         self.splits: dict[str, int] = {}
         self.merged: set[str] = set()  # paths of the modules whose base weight a merge changed (dump_state)
         self.full_args: dict | None = None  # full fine-tuning's optimizer args, once set up (dump_state)
+
+    @property
+    def peft(self):
+        """The PEFT model around self.model, once an adapter was configured (None before)."""
+        return self.slots.peft
 
     def _tensors(self, encoded) -> dict[str, torch.Tensor]:
         return {name: torch.from_numpy(getattr(encoded, name)).to(self.device)
@@ -96,13 +102,7 @@ class Role:
         self.adapter_args.pop(name, None)
         self.adapter_args[name] = args
         config = lora_config(self.lm.family, ranks_from_wire(args["ranks"]), args["scaling"])
-        if self.peft is not None and name in self.peft.peft_config:
-            self.peft.delete_adapter(name)
-        torch.manual_seed(self.seed)
-        if self.peft is None:
-            self.peft = get_peft_model(self.model, config, adapter_name=name)
-        else:
-            self.peft.add_adapter(name, config)
+        self.adapters[name] = self.slots.new(config)
         self.splits[name] = args.get("split", self.lm.n_layers)
         self.optimizers.pop(name, None)
         if args.get("lr") is not None:
@@ -118,15 +118,15 @@ class Role:
         fresh adapter's (A from the seed, B zero) with fresh moments.
         """
         name = args["adapter"]
-        old_values = {n: p.detach().clone() for n, p in self.peft.named_parameters() if f".{name}." in n}
+        old_values = self.adapters[name].state()
         old_moments = {}
         if name in self.optimizers:
-            by_param = {p: n for n, p in self.peft.named_parameters() if f".{name}." in n}
-            old_moments = {by_param[p]: state for p, state in self.optimizers[name].state.items() if p in by_param}
+            by_param = {p: n for n, p in old_values.items()}
+            old_moments = {by_param[p]: state for p, state in self.optimizers[name].state.items()}
         self.configure(client, {**self.adapter_args[name], **args}, {})
         optimizer = self.optimizers.get(name)
         with torch.no_grad():
-            for n, p in self.peft.named_parameters():
+            for n, p in self.adapters[name].state().items():
                 if n not in old_values:
                     continue
                 old = old_values[n]
@@ -145,37 +145,36 @@ class Role:
         if not penalty:
             return None
         total = torch.zeros((), device=self.device)
-        for module in self.peft.modules():
-            if isinstance(module, LoraLayer) and name in module.lora_A:
-                a, b = module.lora_A[name].weight, module.lora_B[name].weight
-                start = max(int(penalty["gamma"] * a.shape[0]), penalty["min_rank"])
-                if start < a.shape[0]:
-                    total = total + torch.linalg.norm(b[:, start:]) * torch.linalg.norm(a[start:])
+        params = self.adapters[name].params
+        for a, b in zip(params[0::2], params[1::2]):
+            start = max(int(penalty["gamma"] * a.shape[0]), penalty["min_rank"])
+            if start < a.shape[0]:
+                total = total + torch.linalg.norm(b[:, start:]) * torch.linalg.norm(a[start:])
         return penalty["weight"] * total
 
     def _optimizer(self, name: str) -> torch.optim.Optimizer:
-        params = [p for n, p in self.peft.named_parameters() if f".{name}." in n]
+        params = self.adapters[name].params
         for p in params:
             p.requires_grad_(True)
         args = self.optimizer_args[name]
         return torch.optim.AdamW(params, lr=args["lr"], weight_decay=args.get("weight_decay", 0.0))
 
     def activate(self, *names: str) -> None:
-        self.peft.base_model.set_adapter(list(names))
+        self.slots.activate([self.adapters[name] for name in names])
 
     def get_adapter(self, client, args, tensors):
-        state = get_peft_model_state_dict(self.peft, adapter_name=args["adapter"])
+        state = self.adapters[args["adapter"]].state()
         return {}, {key: value.detach().cpu().numpy() for key, value in state.items()}
 
     def set_adapter(self, client, args, tensors):
         """New values for an adapter. Its optimizer keeps its state (as SplitLoRA's code keeps it across
         aggregation) unless args["restart_optimizer"] says the values start a new local optimisation."""
         name = args["adapter"]
-        expected = set(get_peft_model_state_dict(self.peft, adapter_name=name))
-        if set(tensors) != expected:
-            raise ValueError(f"adapter {name}: tensors {sorted(set(tensors) ^ expected)[:4]} do not match its weights")
-        state = {key: torch.from_numpy(np.array(value)).to(self.device) for key, value in tensors.items()}
-        set_peft_model_state_dict(self.peft, state, adapter_name=name)
+        state = self.adapters[name].state()
+        if set(tensors) != set(state):
+            mismatch = sorted(set(tensors) ^ set(state))[:4]
+            raise ValueError(f"adapter {name}: tensors {mismatch} do not match its weights")
+        self._copy_into(state, tensors)
         if name in self.optimizers and args.get("restart_optimizer"):
             self.optimizers[name] = self._optimizer(name)
         return {}, {}
@@ -212,7 +211,7 @@ class Role:
             out.update({f"rng.cuda.{i}": s.numpy() for i, s in enumerate(torch.cuda.get_rng_state_all())})
         for name in self.adapter_args:
             out.update({f"adapter.{name}.{key}": value.detach().cpu().numpy()
-                        for key, value in get_peft_model_state_dict(self.peft, adapter_name=name).items()})
+                        for key, value in self.adapters[name].state().items()})
         for path in self.merged if args.get("merged_values", True) else ():
             out[f"merged.{path}"] = self.base_weight(path).detach().cpu().numpy()
         if self.full_args is not None:
@@ -233,17 +232,15 @@ class Role:
         for adapter in args["adapters"]:
             self.configure(None, adapter, {})
         for name in stale:
-            self.peft.delete_adapter(name)
-            for held in (self.adapter_args, self.splits, self.optimizers, self.optimizer_args):
+            for held in (self.adapters, self.adapter_args, self.splits, self.optimizers, self.optimizer_args):
                 held.pop(name, None)
         if args["full"] is not None:
             self.setup_full(None, args["full"], {})
         with torch.no_grad():
             for name in self.adapter_args:
                 prefix = f"adapter.{name}."
-                set_peft_model_state_dict(self.peft, {key[len(prefix):]: self._tensor(value)
-                                                      for key, value in tensors.items() if key.startswith(prefix)},
-                                          adapter_name=name)
+                self._copy_into(self.adapters[name].state(), {key[len(prefix):]: value for key, value in tensors.items()
+                                                              if key.startswith(prefix)})
             for path in args["merged"]:
                 self.base_weight(path).copy_(self._tensor(tensors[f"merged.{path}"]))
             self.merged = set(args["merged"])
@@ -266,6 +263,12 @@ class Role:
 
     def _tensor(self, value: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(value)).to(self.device)
+
+    def _copy_into(self, params: dict[str, torch.nn.Parameter], values: dict[str, np.ndarray]) -> None:
+        """Values into an adapter's weights, by key (every weight named once)."""
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(self._tensor(values[key]))
 
     def batch(self, tensors) -> dict[str, torch.Tensor]:
         index = torch.from_numpy(np.array(tensors["batch"])).to(self.device)
