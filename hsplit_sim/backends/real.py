@@ -219,6 +219,7 @@ class _RealSplitWork(SplitWork):
         if self.adapter is not None:  # a training step's loss, not the probe's
             self.backend.stats.losses.append(self.reply.header["result"]["loss"])
         checked_bytes(self.reply, self.costs.host_down, "download of gradients")
+        self.smashed = None  # a client's activations are held here from its forward to the server step only
 
     def backward(self, step, probe) -> None:
         backward = self.backend.timed(self.worker.call(
@@ -227,6 +228,7 @@ class _RealSplitWork(SplitWork):
         if probe:
             self.on_importance(self.client, {**backward.header["result"]["importance"],
                                              **self.reply.header["result"]["importance"]})
+        self.reply = None  # and its activation gradients until its backward
 
 
 class _RealStepWork(StepWork):
