@@ -5,8 +5,9 @@ evaluation before the first round and after every round. The plain loop is one P
 optimiser steps on the same batches: every client owns its adapter tensors and AdamW, put into one LoRA
 adapter for its steps; FedAvg of A and B apart after each round. Each side runs as its own process, one after
 the other, and prints: training time (rounds 1..R with their evaluations, after set-up), whole-process time,
-peak memory of the process tree (RSS summed over the process and its children, polled every 20 ms), and the
-ratios hsplit-sim / plain. The machine's load moves these figures: compare the two sides of one line.
+the CPU seconds of the whole process tree (user + system: less moved by other load than wall time), peak memory
+of the process tree (RSS summed over the process and its children, polled every 20 ms), and the ratios
+hsplit-sim / plain. The machine's load moves these figures: compare the two sides of one line.
 
     python benchmarks/fleet_scaling.py                  # K = 4, 20, 100
     python benchmarks/fleet_scaling.py --large          # and K = 1000 (1 round, 1 step)
@@ -16,6 +17,7 @@ ratios hsplit-sim / plain. The machine's load moves these figures: compare the t
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -122,11 +124,16 @@ def plain_loop(clients: int, rounds: int, steps: int) -> dict:
     return {"training_s": time.monotonic() - started, "losses": losses}
 
 
-def watched(command: list[str]) -> tuple[float, float, str]:
-    """Run command; (whole seconds, peak RSS of its process tree in bytes, stdout)."""
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def watched(command: list[str]) -> tuple[float, float, float, str]:
+    """Run command; (whole seconds, CPU seconds of its process tree, peak RSS of the tree in bytes, stdout)."""
     # OpenMP's spin-waiting as hsplit-sim's workers get it (runtime/launcher.py), on both sides
     env = {"GOMP_SPINCOUNT": "10000", **os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    started = time.monotonic()
+    started, cpu = time.monotonic(), children_cpu_s()
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         root, peak = psutil.Process(proc.pid), 0
@@ -139,12 +146,12 @@ def watched(command: list[str]) -> tuple[float, float, str]:
                 pass  # a process ended between listing and reading: this sample is partial
             peak = max(peak, rss)
             time.sleep(0.02)
-        elapsed = time.monotonic() - started
+        elapsed, cpu = time.monotonic() - started, children_cpu_s() - cpu
         out.seek(0)
         text = out.read()
     if proc.returncode:
         raise SystemExit(f"{command[:3]} failed ({proc.returncode}):\n{text[-3000:]}")
-    return elapsed, peak, text
+    return elapsed, cpu, peak, text
 
 
 def simulated(clients: int, rounds: int, steps: int) -> dict:
@@ -154,16 +161,16 @@ def simulated(clients: int, rounds: int, steps: int) -> dict:
         path = Path(out) / "fleet.json"  # JSON is YAML
         path.write_text(json.dumps(scenario(clients, rounds, steps, out)))
         cli = shutil.which("hsplit-sim", path=str(Path(sys.executable).parent)) or "hsplit-sim"
-        whole, peak, _ = watched([cli, "run", str(path)])
+        whole, cpu, peak, _ = watched([cli, "run", str(path)])
         rounds_table = pd.read_parquet(next(Path(out).glob("fleet-*/rounds.parquet")))
     wall = rounds_table["wall_time_s"]
-    return {"training_s": wall.iloc[-1] - wall.iloc[0], "whole_s": whole, "peak": peak,
+    return {"training_s": wall.iloc[-1] - wall.iloc[0], "whole_s": whole, "cpu_s": cpu, "peak": peak,
             "losses": rounds_table["eval_loss"].tolist()}
 
 
 def plain(clients: int, rounds: int, steps: int) -> dict:
-    whole, peak, text = watched([sys.executable, __file__, "--plain", str(clients), str(rounds), str(steps)])
-    return {**json.loads(text.strip().splitlines()[-1]), "whole_s": whole, "peak": peak}
+    whole, cpu, peak, text = watched([sys.executable, __file__, "--plain", str(clients), str(rounds), str(steps)])
+    return {**json.loads(text.strip().splitlines()[-1]), "whole_s": whole, "cpu_s": cpu, "peak": peak}
 
 
 def main() -> None:
@@ -180,14 +187,15 @@ def main() -> None:
     print(f"FedLoRA, tiny-gpt2, rank {RANK} on c_attn, batch {BATCH}; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start")
     print(f"{'K, R, S':>12} | {'training s: plain / sim / ratio':>31} | {'whole s: plain / sim / ratio':>28} | "
-          f"{'peak MiB: plain / sim / ratio':>30} | same losses")
+          f"{'CPU s: plain / sim / ratio':>28} | {'peak MiB: plain / sim / ratio':>30} | same losses")
     for k, r, s in sizes:
         p = plain(k, r, s)
         h = simulated(k, r, s)
         same = all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(p["losses"], h["losses"]))
         print(f"{f'{k}, {r}, {s}':>12} | {p['training_s']:9.2f} {h['training_s']:9.2f} "
               f"{h['training_s'] / p['training_s']:9.2f}   | {p['whole_s']:8.2f} {h['whole_s']:8.2f} "
-              f"{h['whole_s'] / p['whole_s']:8.2f}   | {p['peak'] / 2**20:8.0f} {h['peak'] / 2**20:8.0f} "
+              f"{h['whole_s'] / p['whole_s']:8.2f}   | {p['cpu_s']:8.2f} {h['cpu_s']:8.2f} "
+              f"{h['cpu_s'] / p['cpu_s']:8.2f}   | {p['peak'] / 2**20:8.0f} {h['peak'] / 2**20:8.0f} "
               f"{h['peak'] / p['peak']:8.2f}   | {same}", flush=True)
 
 
