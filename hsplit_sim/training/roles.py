@@ -390,6 +390,7 @@ class ClientRole(Role):
             param.grad = grad
         if optimizer is not None:
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # as train_step: no gradient kept between steps
         return {"importance": probe.scores(grads[len(params):])}, {}
 
 
@@ -419,6 +420,7 @@ class ServerRole(Role):
             param.grad = grad
         if optimizer is not None:
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)  # as train_step: no gradient kept between steps
         return ({"loss": loss.item(), "importance": probe.scores(grads[1 + len(params):])},
                 {"grad": grads[0].cpu().numpy()})
 
