@@ -283,6 +283,23 @@ class Role:
         # amid a step's activations, fragment the heap (about 1 MiB of RSS per tiny client).
         optimizer.zero_grad(set_to_none=True)
 
+    def _trained(self, name: str | None) -> list[torch.nn.Parameter]:
+        """The adapter's parameters, in its optimizer's order, with it activated; none for IWI's probe before
+        training (name None), which trains nothing."""
+        if name is None:
+            return []
+        self.activate(name)
+        return [p for group in self.optimizers[name].param_groups for p in group["params"]]
+
+    def _step(self, name: str | None, params: list[torch.nn.Parameter], grads) -> None:
+        """A split step's optimizer step, on the gradients autograd gave the parameters _trained returned."""
+        if name is None:
+            return
+        for param, grad in zip(params, grads):
+            param.grad = grad
+        self.optimizers[name].step()
+        self.optimizers[name].zero_grad(set_to_none=True)  # as train_step: no gradient kept between steps
+
     def full_step(self, client, args, tensors):
         """A whole-model step with one adapter (federated clients, CenLoRA) or every weight (FT: adapter null).
         The adapter's tail penalty, if it has one, joins the objective; the loss reported is the model's alone."""
@@ -378,19 +395,11 @@ class ClientRole(Role):
         """Client backward and optimizer step (none without an adapter); after a probe, also the importance of
         the segment's weights."""
         hidden, probe = self.pending.pop(client)
-        optimizer = None
-        if args["adapter"] is not None:
-            self.activate(args["adapter"])  # other clients' forwards froze this client's adapter since
-            optimizer = self.optimizers[args["adapter"]]
-        params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
+        params = self._trained(args["adapter"])  # other clients' forwards froze this client's adapter since
         with probe:
             grads = torch.autograd.grad(hidden, params + probe.inputs(),
                                         grad_outputs=torch.from_numpy(np.array(tensors["grad"])).to(self.device))
-        for param, grad in zip(params, grads):
-            param.grad = grad
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)  # as train_step: no gradient kept between steps
+        self._step(args["adapter"], params, grads[:len(params)])
         return {"importance": probe.scores(grads[len(params):])}, {}
 
 
@@ -406,21 +415,13 @@ class ServerRole(Role):
         hidden = torch.from_numpy(np.array(tensors["hidden"])).to(self.device).requires_grad_(True)
         mask = torch.from_numpy(np.array(tensors["attention_mask"])).to(self.device)
         labels = torch.from_numpy(np.array(tensors["labels"])).to(self.device)
-        optimizer = None
-        if name is not None:  # None: IWI's probe before training, on the base model
-            self.activate(name)  # before the probe: activating an adapter freezes every other weight
-            optimizer = self.optimizers[name]
-        params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
+        params = self._trained(name)  # before the probe: activating an adapter freezes every other weight
         probe = make_probe(self.lm, split, self.lm.n_layers, args)
         with probe, self._adapters_off(name is None):
             loss = self.lm.server_loss(hidden, mask, labels, split)
             # A shared server-side adapter also covers blocks below this client's split: those get no gradient.
             grads = torch.autograd.grad(loss, [hidden] + params + probe.inputs(), allow_unused=True)
-        for param, grad in zip(params, grads[1:]):
-            param.grad = grad
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)  # as train_step: no gradient kept between steps
+        self._step(name, params, grads[1:1 + len(params)])
         return ({"loss": loss.item(), "importance": probe.scores(grads[1 + len(params):])},
                 {"grad": grads[0].cpu().numpy()})
 
