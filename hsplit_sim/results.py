@@ -74,11 +74,24 @@ UTILISATION_COLUMNS = ("kind", "resource", "start_s", "end_s")
 
 
 def time_to_target(rounds: pd.DataFrame, target: float) -> float:
-    """First simulated time at which evaluation perplexity is at or below target; NaN if never (or no target)."""
+    """Simulated time at which evaluation perplexity first reaches target; NaN if never (or no target).
+
+    Between the last evaluation above the target and the first at or below it the time is interpolated linearly
+    in log perplexity (the evaluation loss, which training lowers roughly evenly within a round), so the figure
+    does not jump by whole rounds: a method whose curve crosses the target early in a round is not charged the
+    whole round."""
     if rounds.empty or target is None or math.isnan(target):
         return math.nan
-    reached = rounds[rounds["eval_ppl"] <= target]
-    return float(reached["sim_time_s"].min()) if not reached.empty else math.nan
+    evaluated = rounds.dropna(subset=["eval_ppl"]).sort_values("sim_time_s")
+    times, ppls = evaluated["sim_time_s"].to_numpy(dtype=float), evaluated["eval_ppl"].to_numpy(dtype=float)
+    reached = (ppls <= target).nonzero()[0]
+    if not reached.size:
+        return math.nan
+    i = int(reached[0])
+    if i == 0:
+        return float(times[0])
+    above, below = math.log(ppls[i - 1]), math.log(ppls[i])
+    return float(times[i - 1] + (above - math.log(target)) / (above - below) * (times[i] - times[i - 1]))
 
 
 def utilisation(events: Iterable[pa.Table], resources: pd.DataFrame, sim_time_s: float, accelerators: int = 1,
