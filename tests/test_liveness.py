@@ -22,7 +22,9 @@ from hsplit_sim.errors import RunError, ScenarioError
 from hsplit_sim.experiment.coordinator import identity, reconcile
 from hsplit_sim.experiment.run import project_run, run_scenario
 from hsplit_sim.runtime.connection import WorkerConnection
-from hsplit_sim.runtime.heartbeat import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, Heartbeats
+from hsplit_sim.runtime import heartbeat
+from hsplit_sim.runtime.heartbeat import (FIRST_BEAT_TIMEOUT_S, HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S,
+                                          Heartbeats, SessionBeat)
 from hsplit_sim.runtime.keys import Keypair
 from hsplit_sim.runtime.launcher import hand_keys
 from test_run import alive, cmdline, long_run, scenario
@@ -99,6 +101,46 @@ def test_heartbeats_go_out_before_torch_loads_and_keep_coming_while_it_computes(
     assert len([b for b in beats if b > imported]) >= 3 * 0.5 / HEARTBEAT_INTERVAL_S  # 3 s of matmuls
     gaps = [later - earlier for earlier, later in zip(beats, beats[1:])]
     assert max(gaps) < HEARTBEAT_TIMEOUT_S, gaps
+
+
+def test_a_worker_placed_on_ray_has_longer_for_its_first_beat_only(tmp_path, monkeypatch):
+    """Ray starts an actor and the actor the worker, which on a loaded machine takes more than the heartbeat timeout:
+    such a worker is stale after FIRST_BEAT_TIMEOUT_S without a first beat, and after HEARTBEAT_TIMEOUT_S of
+    silence once it has beaten; a worker watched without the grace is stale after HEARTBEAT_TIMEOUT_S."""
+    clock = [1000.0]
+    monkeypatch.setattr(heartbeat.time, "monotonic", lambda: clock[0])
+
+    def listen(seconds: float) -> set[str]:
+        """The coordinator listening for that long (in steps shorter than a beat, so silence counts); what is
+        stale at its end."""
+        for _ in range(round(seconds / 0.5)):
+            clock[0] += 0.5
+            stale = set(heartbeats.stale())
+        return stale
+
+    context = zmq.Context()
+    heartbeats = Heartbeats(context, f"ipc://{tmp_path}/heartbeat.sock", Keypair.new())
+    placed, by_hand = Keypair.new(), Keypair.new()
+    beat = None
+    try:
+        heartbeats.watch("placed", None, placed.public, first_beat_s=FIRST_BEAT_TIMEOUT_S)
+        heartbeats.watch("by_hand", None, by_hand.public)
+        assert listen(HEARTBEAT_TIMEOUT_S + 0.5) == {"by_hand"}
+        beat = SessionBeat("placed", heartbeats.endpoint, placed, heartbeats.keys.public)
+        deadline = time.time() + BOUND_S
+        while "placed" not in heartbeats._heard and time.time() < deadline:
+            time.sleep(0.1)
+            heartbeats.stale()  # drains, the coordinator's clock standing still
+        beat.stop()
+        assert "placed" in heartbeats._heard
+        assert "placed" not in listen(HEARTBEAT_TIMEOUT_S - 0.5)
+        assert "placed" in listen(1.0)  # well before FIRST_BEAT_TIMEOUT_S after its watch began
+        assert clock[0] - 1000.0 < FIRST_BEAT_TIMEOUT_S
+    finally:
+        if beat is not None:
+            beat.stop()
+        heartbeats.close()
+        context.destroy(linger=0)
 
 
 def test_a_worker_without_heartbeats_fails_a_request_long_before_its_timeout(tmp_path):

@@ -33,6 +33,9 @@ from hsplit_sim.runtime.keys import Gate, Keypair, as_client, as_server
 
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_TIMEOUT_S = 5.0
+# A worker the coordinator had Ray start beats once Ray has started its actor and the actor its process, which
+# on a loaded machine takes longer than HEARTBEAT_TIMEOUT_S; silence counts from its first beat on.
+FIRST_BEAT_TIMEOUT_S = 30.0
 COORDINATOR_TIMEOUT_S = 10.0  # a hand-started worker's session ends after its heartbeat connection is down this long
 MAX_BEAT_BYTES = 1024  # a beat is a worker's name: the PULL socket's ZMQ_MAXMSGSIZE
 
@@ -62,14 +65,19 @@ class Heartbeats:
         self._last: dict[str, float] = {}
         self._processes: dict[str, subprocess.Popen | None] = {}
         self._user_ids: dict[str, str] = {}
+        self._first_beat_s: dict[str, float] = {}
+        self._heard: set[str] = set()  # workers whose first beat has come
         self.where: dict[str, str] = {}  # the endpoints of workers started by hand
         self._drained = time.monotonic()
 
-    def watch(self, name: str, process: subprocess.Popen | None, public: bytes, where: str | None = None) -> None:
+    def watch(self, name: str, process: subprocess.Popen | None, public: bytes, where: str | None = None,
+              first_beat_s: float = HEARTBEAT_TIMEOUT_S) -> None:
         """Expect heartbeats from a worker just started with that public key (the clock starts now, its first beat
-        is due soon). process: None for a worker started by hand, which beats once it has its `init`; where: its
-        endpoint, named in errors."""
+        is due within first_beat_s). process: None for a worker started by hand, which beats once it has its
+        `init`; where: its endpoint, named in errors."""
         self.gate.admit(public)
+        self._first_beat_s[name] = first_beat_s
+        self._heard.discard(name)
         if where is not None:
             self.where[name] = where
         self._user_ids[name] = public.decode()  # the ZAP handler's User-Id of a CurveZMQ client: its Z85 key
@@ -91,8 +99,10 @@ class Heartbeats:
             name = frame.bytes.decode(errors="replace")
             if name in self._last and frame.get("User-Id") == self._user_ids[name]:
                 self._last[name] = now
+                self._heard.add(name)
         stale = [name for name, last in self._last.items()
-                 if now - last > HEARTBEAT_TIMEOUT_S and _running(self._processes[name])]
+                 if now - last > (HEARTBEAT_TIMEOUT_S if name in self._heard else self._first_beat_s[name])
+                 and _running(self._processes[name])]
         self.silent.update(stale)
         return stale
 

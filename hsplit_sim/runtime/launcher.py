@@ -16,7 +16,7 @@ import zmq
 
 from hsplit_sim.runtime import stop
 from hsplit_sim.runtime.connection import WorkerConnection
-from hsplit_sim.runtime.heartbeat import Heartbeats
+from hsplit_sim.runtime.heartbeat import FIRST_BEAT_TIMEOUT_S, Heartbeats
 from hsplit_sim.runtime.keys import Keypair
 
 SHUTDOWN_GRACE_S = 5
@@ -125,7 +125,7 @@ class WorkerPool:
         placed = self._ray.start(workers, self.heartbeats.bound, self.heartbeats.keys.public, self.frame_limit,
                                  worker_env(torch_threads), server_gpus, timeout_s)
         for name, (endpoint, pid) in placed.items():
-            self.heartbeats.watch(name, None, workers[name].public)
+            self.heartbeats.watch(name, None, workers[name].public, first_beat_s=FIRST_BEAT_TIMEOUT_S)
             self._ray_pids.append(pid)
             self.connections[name] = WorkerConnection(self.context, name, endpoint, None, timeout_s, self.heartbeats,
                                                       workers[name].public, self.frame_limit)
