@@ -10,9 +10,7 @@ of the process tree (RSS summed over the process and its children, polled every 
 hsplit-sim / plain. The machine's load moves these figures: compare the two sides of one line.
 
     python benchmarks/fleet_scaling.py                  # K = 4, 20, 100
-    python benchmarks/fleet_scaling.py --large          # and K = 1000 (1 round, 1 step); for now hsplit-sim
-                                                        # stops there at its first checkpoint: a client worker's
-                                                        # dump_state header passes the wire's 1 MiB cap
+    python benchmarks/fleet_scaling.py --large          # and K = 1000 (1 round, 1 step)
     python benchmarks/fleet_scaling.py --clients 100    # one K
 """
 

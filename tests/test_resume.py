@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from golden.cases import BASE, FLEET
 from safetensors import safe_open
@@ -23,7 +24,8 @@ from hsplit_sim.algorithms.plans import ClientPlan
 from hsplit_sim.cli import main
 from hsplit_sim.experiment import checkpoint
 from hsplit_sim.experiment.run import run_scenario, worker_init_args
-from hsplit_sim.runtime.wire import decode, encode
+from hsplit_sim.runtime.wire import (JSON_CHUNK_BYTES, MAX_HEADER_BYTES, PAGE_HEADER_BYTES, decode, encode,
+                                     from_json_arrays, json_arrays, page)
 from hsplit_sim.scenario import load_scenario, scenario_from_dict
 from hsplit_sim.training.roles import make_role
 
@@ -123,9 +125,28 @@ def configure(role, name: str, rank: int, layers=(0, 1)) -> None:
                           "ranks": [[layer, "self_attn.q_proj", rank] for layer in layers]}, {})
 
 
-def over_the_wire(state: dict, tensors: dict) -> tuple[dict, dict]:
-    message = decode([bytes(frame) for frame in encode({"id": 1, "ok": True, "result": state}, tensors)])
-    return message.header["result"], message.tensors
+def dumped(role, merged_values: bool = True) -> tuple[dict, dict, list[list[bytes]]]:
+    """A role's dump_state page by page over the wire, as RealBackend.state asks for it: (its JSON state, its
+    tensors, each page's frames)."""
+    arrays, pages, start = {}, [], 0
+    while start is not None:
+        result, tensors = role.dump_state(None, {"merged_values": merged_values, "start": start}, {})
+        pages.append([bytes(frame) for frame in encode({"id": 1, "ok": True, "result": result}, tensors)])
+        message = decode(pages[-1])
+        arrays.update(message.tensors)
+        start = message.header["result"]["next"]
+    return *from_json_arrays(arrays), pages
+
+
+def loaded(role, state: dict, tensors: dict) -> None:
+    """A dump into a role with load_state page by page over the wire, as RealBackend.restore sends it."""
+    arrays, start = {**json_arrays(state), **tensors}, 0
+    while start is not None:
+        part, following = page(arrays, start)
+        args = {"start": start, "last": following is None}
+        message = decode([bytes(frame) for frame in encode({"op": "load_state", "id": 1, "args": args}, part)])
+        role.load_state(None, message.header["args"], message.tensors)
+        start = following
 
 
 def step(role, names, batch: int) -> None:
@@ -147,17 +168,17 @@ def test_a_worker_state_loads_into_a_fresh_worker_and_trains_on_identically():
     rng = np.random.default_rng(0)
     first.merge(None, {}, {f"{path}.B": rng.standard_normal((128, 2), dtype=np.float32),
                            f"{path}.A": rng.standard_normal((2, 128), dtype=np.float32)})
-    state, tensors = over_the_wire(*first.dump_state(None, {}, {}))
+    state, tensors, _ = dumped(first)
     assert [a["adapter"] for a in state["adapters"]] == ["x", "y", "gone"] and state["merged"] == [path]
-    paths_only = first.dump_state(None, {"merged_values": False}, {})
+    paths_only = dumped(first, merged_values=False)
     assert paths_only[0]["merged"] == [path] and set(tensors) - set(paths_only[1]) == {f"merged.{path}"}
     assert any(key.startswith("optimizer.x.") and key.endswith("exp_avg_sq") for key in tensors)
 
     second = tiny_role()
     configure(second, "other", 8)
     configure(second, "x", 8)
-    second.load_state(None, state, tensors)
-    again, again_tensors = second.dump_state(None, {}, {})
+    loaded(second, state, tensors)
+    again, again_tensors, _ = dumped(second)
     assert json.dumps(again, sort_keys=True) == json.dumps(state, sort_keys=True)
     assert set(again_tensors) == set(tensors)
     assert all(np.array_equal(again_tensors[key], tensors[key]) for key in tensors)
@@ -165,7 +186,7 @@ def test_a_worker_state_loads_into_a_fresh_worker_and_trains_on_identically():
 
     for role in (first, second):
         step(role, ["x", "y"], 4)
-    after = [role.dump_state(None, {}, {})[1] for role in (first, second)]
+    after = [dumped(role)[1] for role in (first, second)]
     assert all(np.array_equal(after[0][key], after[1][key]) for key in after[0])
     losses = [role.evaluate(None, {"adapters": ["x", "y"], "batch_size": 4}, {})[0]["loss"] for role in (first, second)]
     assert losses[0] == losses[1]
@@ -175,14 +196,47 @@ def test_full_fine_tuning_state_loads_into_a_fresh_worker():
     first = tiny_role()
     first.setup_full(None, {"lr": 1e-3}, {})
     first.full_step(None, {}, {"batch": np.arange(2)})
-    state, tensors = over_the_wire(*first.dump_state(None, {}, {}))
+    state, tensors, _ = dumped(first)
     second = tiny_role()
-    second.load_state(None, state, tensors)
+    loaded(second, state, tensors)
     for role in (first, second):
         role.full_step(None, {}, {"batch": np.arange(2) + 2})
     after = [dict(role.model.state_dict()) for role in (first, second)]
     assert all(after[0][key].equal(after[1][key]) for key in after[0])
     assert not all(after[0][key].equal(tiny_role().model.state_dict()[key]) for key in after[0])  # it trained
+
+
+def test_a_state_of_many_adapters_goes_in_pages_of_bounded_headers():
+    """So many adapters that one header could not list their tensors (a thousand tiny clients' worker): every page's
+    header stays within the page budget, every frame within the JSON chunk's, and a fresh worker that loads the
+    pages holds the same adapters, optimizer states and random state."""
+    first = tiny_role()
+    names = [f"c{k}" for k in range(500)]
+    for name in names:
+        configure(first, name, 1, layers=range(4))
+        for param in first.adapters[name].params:  # a step on random gradients: Adam moments, without a batch's cost
+            param.grad = torch.randn_like(param)
+        first.optimizers[name].step()
+    rng = torch.get_rng_state()
+    state, tensors, pages = dumped(first)
+    listed = [len(json.dumps(json.loads(frames[0])["tensors"], separators=(",", ":"))) for frames in pages]
+    assert sum(listed) > MAX_HEADER_BYTES and len(pages) >= 3
+    assert all(entries - 2 <= PAGE_HEADER_BYTES for entries in listed)  # less the list's brackets
+    assert all(len(frame) <= JSON_CHUNK_BYTES for frames in pages for frame in frames[1:])
+
+    second = tiny_role()
+    configure(second, "other", 8)
+    assert not torch.get_rng_state().equal(rng)
+    loaded(second, state, tensors)
+    assert torch.get_rng_state().equal(rng) and list(second.adapters) == names
+    for name in names:
+        values = [role.adapters[name].state() for role in (first, second)]
+        assert all(values[0][key].equal(values[1][key]) for key in values[0])
+        saved = [role.optimizers[name].state_dict() for role in (first, second)]
+        assert json.dumps(saved[0]["param_groups"]) == json.dumps(saved[1]["param_groups"])  # betas: a list after JSON
+        assert saved[0]["state"].keys() == saved[1]["state"].keys() == set(range(8))  # A and B of 4 layers
+        assert all(moment.equal(saved[1]["state"][index][key])
+                   for index, moments in saved[0]["state"].items() for key, moment in moments.items())
 
 
 @pytest.mark.parametrize("algorithm, every, killed_at", [("hsplitlora", 1, 3), ("fedlora", 1, 3), ("fedlora", 2, 4)])

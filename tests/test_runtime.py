@@ -15,7 +15,8 @@ from hsplit_sim.runtime.connection import WorkerConnection
 from hsplit_sim.runtime.heartbeat import Heartbeats
 from hsplit_sim.runtime.keys import Keypair
 from hsplit_sim.runtime.launcher import spawn_worker
-from hsplit_sim.runtime.wire import PROTOCOL_VERSION, ProtocolError, decode, encode
+from hsplit_sim.runtime.wire import (JSON_CHUNK_BYTES, PROTOCOL_VERSION, ProtocolError, decode, encode,
+                                     from_json_arrays, json_arrays, page)
 
 
 def frames_of(header: dict, *buffers: bytes) -> list[bytes]:
@@ -113,6 +114,27 @@ def test_decode_rejects_oversized_header():
     huge = json.dumps({"v": PROTOCOL_VERSION, "op": "x", "id": 1, "pad": "x" * (1 << 20)}).encode()
     with pytest.raises(ProtocolError, match="exceeds"):
         decode([huge])
+
+
+def test_json_goes_as_bounded_chunks_among_other_arrays():
+    value = {"adapters": [{"adapter": f"c{k}", "ranks": [[layer, "q", 8] for layer in range(30)]} for k in range(2000)]}
+    chunks = json_arrays(value)
+    assert len(chunks) >= 3 and all(0 < chunk.nbytes <= JSON_CHUNK_BYTES for chunk in chunks.values())
+    back, rest = from_json_arrays(round_trip({"w": np.ones(2), **chunks, "v": np.zeros(1)}))
+    assert back == value and list(rest) == ["w", "v"]
+
+
+def test_pages_cover_the_arrays_in_order_within_the_budget():
+    arrays = {f"a{k}": np.zeros((k % 3, 2), np.float32) for k in range(100)}
+    named, start = [], 0
+    while start is not None:
+        part, start = page(arrays, start, budget=200)
+        header = json.loads(bytes(encode({"id": 1}, part)[0]))
+        assert len(json.dumps(header["tensors"], separators=(",", ":"))) - 2 <= 200
+        named += list(part)
+    assert named == list(arrays)
+    part, following = page(arrays, 0, budget=1)
+    assert list(part) == ["a0"] and following == 1  # an entry over the budget goes alone
 
 
 # --- a real worker process -----------------------------------------------------------------------

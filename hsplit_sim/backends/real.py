@@ -13,7 +13,7 @@ from hsplit_sim.backends import Backend
 from hsplit_sim.errors import RunError
 from hsplit_sim.results import HOST_TIME_COLUMNS
 from hsplit_sim.runtime.connection import WorkerConnection
-from hsplit_sim.runtime.wire import Message
+from hsplit_sim.runtime.wire import Message, from_json_arrays, json_arrays, page
 from hsplit_sim.sim.fleet import SplitWork, StepWork
 
 log = logging.getLogger("hsplit_sim")
@@ -165,23 +165,41 @@ class RealBackend(Backend):
         return [dict(zip(HOST_TIME_COLUMNS, row)) for row in rows]
 
     def state(self) -> dict[str, tuple[dict, dict]]:
-        """Every worker's dump_state, asked of all of them at once. Every merge goes to every worker (apply), so
-        the base weights merges changed are the same on all: only the server's dump carries their values."""
-        pending = [(worker, worker.send("dump_state", args={"merged_values": worker is self.server}))
-                   for worker in self.workers]
-        replies = [(worker.name, worker.reply("dump_state", request_id)) for worker, request_id in pending]
-        return {name: (reply.header["result"], reply.tensors) for name, reply in replies}
+        """Every worker's dump_state, page by page (each page asked of all the workers that have more at once), as
+        (its JSON state, its tensors). Every merge goes to every worker (apply), so the base weights merges changed
+        are the same on all: only the server's dump carries their values."""
+        arrays = {worker.name: {} for worker in self.workers}
+        starts = {worker.name: 0 for worker in self.workers}  # where each worker's next page starts
+        while starts:
+            pending = [(worker, worker.send("dump_state", args={"merged_values": worker is self.server,
+                                                                "start": starts[worker.name]}))
+                       for worker in self.workers if worker.name in starts]
+            for worker, request_id in pending:
+                reply = worker.reply("dump_state", request_id)
+                arrays[worker.name].update(reply.tensors)
+                starts[worker.name] = reply.header["result"]["next"]
+            starts = {name: start for name, start in starts.items() if start is not None}
+        return {name: from_json_arrays(held) for name, held in arrays.items()}
 
     def restore(self, state) -> None:
+        """Each worker's part of a checkpoint back into it with load_state, page by page as state() took it."""
         if set(state) != {worker.name for worker in self.workers}:
             raise RunError(f"the checkpoint holds workers {sorted(state)}, this run has "
                            f"{sorted(worker.name for worker in self.workers)}")
         merged = {key: value for key, value in state["server"][1].items() if key.startswith("merged.")}
-        pending = [(worker, worker.send("load_state", args=state[worker.name][0],
-                                        tensors={**merged, **state[worker.name][1]}))
-                   for worker in self.workers]
-        for worker, request_id in pending:
-            worker.reply("load_state", request_id)
+        arrays = {name: {**json_arrays(held), **merged, **tensors} for name, (held, tensors) in state.items()}
+        starts = {worker.name: 0 for worker in self.workers}
+        while starts:
+            pending = []
+            for worker in self.workers:
+                if worker.name in starts:
+                    part, following = page(arrays[worker.name], starts[worker.name])
+                    pending.append((worker, worker.send("load_state", tensors=part, args={
+                        "start": starts[worker.name], "last": following is None}), following))
+            for worker, request_id, following in pending:
+                worker.reply("load_state", request_id)
+                starts[worker.name] = following
+            starts = {name: start for name, start in starts.items() if start is not None}
 
     @property
     def workers(self) -> list[WorkerConnection]:

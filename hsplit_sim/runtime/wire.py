@@ -14,6 +14,12 @@ import numpy as np
 PROTOCOL_VERSION = 1
 DTYPES = {"float32", "float64", "float16", "int64", "int32", "uint8", "bool"}
 MAX_HEADER_BYTES = 1 << 20
+# What grows with the run (a worker's state: training/roles.py, dump_state) goes in pages (page) whose headers list
+# tensors for at most PAGE_HEADER_BYTES, well under the cap, its JSON as chunks (json_arrays) of at most
+# JSON_CHUNK_BYTES, well under any run's frame limit.
+PAGE_HEADER_BYTES = MAX_HEADER_BYTES // 2
+JSON_CHUNK_BYTES = 1 << 18
+JSON_PREFIX = "json."
 
 
 class ProtocolError(ValueError):
@@ -93,3 +99,35 @@ def _tensor(spec, frame, seen: dict) -> dict[str, np.ndarray]:
     if buffer.nbytes != expected:
         raise ProtocolError(f"tensor {name!r}: {buffer.nbytes} bytes, shape and dtype need {expected}")
     return {name: np.frombuffer(buffer, dtype=dtype).reshape(shape)}
+
+
+def json_arrays(value) -> dict[str, np.ndarray]:
+    """A JSON value as uint8 arrays "json.<i>" of at most JSON_CHUNK_BYTES each: JSON that grows with what it
+    describes then travels in pages, as tensors do, and no frame outgrows the run's frame limit."""
+    data = np.frombuffer(bytearray(json.dumps(value, separators=(",", ":")).encode()), dtype=np.uint8)
+    return {f"{JSON_PREFIX}{i}": data[start:start + JSON_CHUNK_BYTES]
+            for i, start in enumerate(range(0, len(data), JSON_CHUNK_BYTES))}
+
+
+def from_json_arrays(arrays: dict[str, np.ndarray]) -> tuple[object, dict[str, np.ndarray]]:
+    """(the value json_arrays made, the other arrays) of arrays that hold its chunks among others."""
+    chunks = [arrays[f"{JSON_PREFIX}{i}"] for i in range(sum(name.startswith(JSON_PREFIX) for name in arrays))]
+    rest = {name: array for name, array in arrays.items() if not name.startswith(JSON_PREFIX)}
+    return json.loads(b"".join(chunk.tobytes() for chunk in chunks)), rest
+
+
+def page(arrays: dict, start: int, budget: int = PAGE_HEADER_BYTES) -> tuple[dict, int | None]:
+    """The arrays from position `start` on, in the dict's order, whose header entries fit in `budget` bytes (at
+    least one), and the position of the next page (None after the last): a message of many arrays goes as several
+    whose headers stay bounded. Arrays are anything with a shape (torch tensors too, so that a caller converts only
+    its page's); each entry is counted with the longest dtype name."""
+    names = list(arrays)
+    end, used = start, 0
+    while end < len(names):
+        entry = len(json.dumps({"name": names[end], "dtype": "float64", "shape": list(arrays[names[end]].shape)},
+                               separators=(",", ":"))) + 1  # and its comma
+        if end > start and used + entry > budget:
+            break
+        used += entry
+        end += 1
+    return {name: arrays[name] for name in names[start:end]}, end if end < len(names) else None

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import torch
 
+from hsplit_sim.runtime.wire import from_json_arrays, json_arrays, page
 from hsplit_sim.training.adapters import Adapter, AdapterSlots
 from hsplit_sim.training.data import encode_examples, load_dataset, load_test_set, partition, prompt_text
 from hsplit_sim.training.models import load_model, load_tokenizer
@@ -70,6 +71,7 @@ class Role:
         self.splits: dict[str, int] = {}
         self.merged: set[str] = set()  # paths of the modules whose base weight a merge changed (dump_state)
         self.full_args: dict | None = None  # full fine-tuning's optimizer args, once set up (dump_state)
+        self.loading: dict[str, np.ndarray] = {}  # load_state's pages before the last
 
     @property
     def peft(self):
@@ -199,67 +201,85 @@ class Role:
         return getattr(module, "base_layer", module).weight
 
     def dump_state(self, client, args, tensors):
-        """Everything training changed since init, for a checkpoint (load_state puts it back): each adapter's
-        configuration and values and its optimizer's state, the base weights merges changed (their values, not
-        the merged factors: adding them again would round differently; only their paths with args["merged_values"]
-        false, where another worker's dump holds the same values), every weight under full fine-tuning, and
-        torch's random state. Sent as the wire sends anything: a JSON header and raw buffers."""
+        """One page (wire.page) of everything training changed since init, for a checkpoint (load_state puts it
+        back), from position args["start"] of _state's arrays; the reply's "next" is where the next page starts
+        (None after the last). Pages keep every header bounded however many adapters the worker holds. The arrays
+        are built again for each page, from views of the tensors: the coordinator asks for the pages in a row, with
+        nothing trained in between, so every page sees the same list."""
+        arrays, following = page(self._state(args.get("merged_values", True)), args["start"])
+        return {"next": following}, {key: value.detach().cpu().numpy() for key, value in arrays.items()}
+
+    def _state(self, merged_values: bool) -> dict[str, torch.Tensor]:
+        """Each adapter's configuration and values and its optimizer's state, the base weights merges changed
+        (their values, not the merged factors: adding them again would round differently; only their paths with
+        merged_values false, where another worker's dump holds the same values), every weight under full
+        fine-tuning, and torch's random state, in one ordered dict: its JSON part as wire.json_arrays, then the
+        tensors themselves (no copies)."""
         state = {"adapters": list(self.adapter_args.values()), "merged": sorted(self.merged), "full": self.full_args,
                  "optimizers": {}}
-        out = {"rng.cpu": torch.get_rng_state().numpy()}
+        out = {"rng.cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
-            out.update({f"rng.cuda.{i}": s.numpy() for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            out.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
         for name in self.adapter_args:
-            out.update({f"adapter.{name}.{key}": value.detach().cpu().numpy()
-                        for key, value in self.adapters[name].state().items()})
-        for path in self.merged if args.get("merged_values", True) else ():
-            out[f"merged.{path}"] = self.base_weight(path).detach().cpu().numpy()
+            out.update({f"adapter.{name}.{key}": value for key, value in self.adapters[name].state().items()})
+        for path in state["merged"] if merged_values else ():
+            out[f"merged.{path}"] = self.base_weight(path)
         if self.full_args is not None:
-            out.update({f"full.{key}": value.detach().cpu().numpy() for key, value in self.model.state_dict().items()})
+            out.update({f"full.{key}": value for key, value in self.model.state_dict().items()})
         for name, optimizer in self.optimizers.items():
             saved = optimizer.state_dict()
             state["optimizers"][name] = saved["param_groups"]
             for index, values in saved["state"].items():
-                out.update({f"optimizer.{name}.{index}.{key}": value.detach().cpu().numpy()
-                            for key, value in values.items()})
-        return state, out
+                out.update({f"optimizer.{name}.{index}.{key}": value for key, value in values.items()})
+        return {**{key: torch.from_numpy(chunk) for key, chunk in json_arrays(state).items()}, **out}
 
     def load_state(self, client, args, tensors):
-        """Put back what dump_state gave, over whatever this worker has configured since init: the adapters are
-        made again in their order (configure), then take their values, optimizer states and the changed base
-        weights; adapters the dump does not name are deleted."""
-        stale = set(self.adapter_args) - {adapter["adapter"] for adapter in args["adapters"]}
-        for adapter in args["adapters"]:
+        """One page of what dump_state gave, from position args["start"] (0 starts a load): the pages before the
+        last (args["last"] false) are kept until the last puts everything back (_load)."""
+        if args["start"] == 0:
+            self.loading = {}
+        self.loading.update(tensors)
+        if args["last"]:
+            state, arrays = from_json_arrays(self.loading)
+            self.loading = {}
+            self._load(state, arrays)
+        return {}, {}
+
+    def _load(self, state: dict, tensors: dict[str, np.ndarray]) -> None:
+        """Over whatever this worker has configured since init: the adapters are made again in their order
+        (configure), then take their values, optimizer states and the changed base weights; adapters the dump
+        does not name are deleted."""
+        stale = set(self.adapter_args) - {adapter["adapter"] for adapter in state["adapters"]}
+        for adapter in state["adapters"]:
             self.configure(None, adapter, {})
         for name in stale:
             for held in (self.adapters, self.adapter_args, self.splits, self.optimizers, self.optimizer_args):
                 held.pop(name, None)
-        if args["full"] is not None:
-            self.setup_full(None, args["full"], {})
+        if state["full"] is not None:
+            self.setup_full(None, state["full"], {})
         with torch.no_grad():
             for name in self.adapter_args:
                 prefix = f"adapter.{name}."
                 self._copy_into(self.adapters[name].state(), {key[len(prefix):]: value for key, value in tensors.items()
                                                               if key.startswith(prefix)})
-            for path in args["merged"]:
+            for path in state["merged"]:
                 self.base_weight(path).copy_(self._tensor(tensors[f"merged.{path}"]))
-            self.merged = set(args["merged"])
-            if args["full"] is not None:
+            self.merged = set(state["merged"])
+            if state["full"] is not None:
                 self.model.load_state_dict({key[len("full."):]: self._tensor(value)
                                             for key, value in tensors.items() if key.startswith("full.")})
-        for name, groups in args["optimizers"].items():
+        for name, groups in state["optimizers"].items():
             prefix = f"optimizer.{name}."
-            state: dict[int, dict] = {}
+            saved: dict[int, dict] = {}
             for key, value in tensors.items():
                 if key.startswith(prefix):
                     index, field = key[len(prefix):].split(".", 1)
-                    state.setdefault(int(index), {})[field] = torch.from_numpy(np.array(value))
-            self.optimizers[name].load_state_dict({"state": state, "param_groups": groups})
+                    saved.setdefault(int(index), {})[field] = torch.from_numpy(np.array(value))
+            self.optimizers[name].load_state_dict({"state": saved, "param_groups": groups})
         torch.set_rng_state(torch.from_numpy(np.array(tensors["rng.cpu"])))
         if torch.cuda.is_available():
             torch.cuda.set_rng_state_all([torch.from_numpy(np.array(tensors[f"rng.cuda.{i}"]))
                                           for i in range(torch.cuda.device_count())])
-        return {}, {}
 
     def _tensor(self, value: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(value)).to(self.device)
