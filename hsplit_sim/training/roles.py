@@ -72,6 +72,7 @@ class Role:
         self.merged: set[str] = set()  # paths of the modules whose base weight a merge changed (dump_state)
         self.full_args: dict | None = None  # full fine-tuning's optimizer args, once set up (dump_state)
         self.loading: dict[str, np.ndarray] = {}  # load_state's pages before the last
+        self.dumping: dict[str, torch.Tensor] = {}  # the arrays dump_state is sending page by page
 
     @property
     def peft(self):
@@ -204,9 +205,12 @@ class Role:
         """One page (wire.page) of everything training changed since init, for a checkpoint (load_state puts it
         back), from position args["start"] of _state's arrays; the reply's "next" is where the next page starts
         (None after the last). Pages keep every header bounded however many adapters the worker holds. The arrays
-        are built again for each page, from views of the tensors: the coordinator asks for the pages in a row, with
-        nothing trained in between, so every page sees the same list."""
-        arrays, following = page(self._state(args.get("merged_values", True)), args["start"])
+        (views of the tensors) are gathered once, at the first page, and held until the last."""
+        if args["start"] == 0:
+            self.dumping = self._state(args.get("merged_values", True))
+        arrays, following = page(self.dumping, args["start"])
+        if following is None:
+            self.dumping = {}
         return {"next": following}, {key: value.detach().cpu().numpy() for key, value in arrays.items()}
 
     def _state(self, merged_values: bool) -> dict[str, torch.Tensor]:
