@@ -96,18 +96,22 @@ def checkpoint_round(run_dir: Path) -> int | None:
 
 def test_round_state_survives_the_checkpoint_codec():
     plan = ClientPlan(2, {0: {"q": 4}, 1: {"v": 2}}, {2: {"q": 8}}, False)
+    equal_plan = ClientPlan(2, {0: {"q": 4}, 1: {"v": 2}}, {2: {"q": 8}}, False)
     planned = Planned(7, {"shapes": {(0, "q"): (64, 8, 64)}, "broadcast bytes": {0: 10, 3: 12}}, ((64, 8, 64),))
-    missed = {3: [planned], 1: [planned, planned]}
-    state = {"plans": [plan, plan], "_missed": missed, "importance": {"0.q": float("nan"), "1.v": 0.1 + 0.2},
+    equal_planned = Planned(7, {"shapes": {(0, "q"): (64, 8, 64)}, "broadcast bytes": {0: 10, 3: 12}}, ((64, 8, 64),))
+    missed = {3: [planned], 1: [planned, planned], 2: [equal_planned]}
+    state = {"plans": [plan, plan, equal_plan], "_missed": missed, "importance": {"0.q": float("nan"), "1.v": 0.1 + 0.2},
              "held": [np.int64(2), 3], "rows": [{"round": 1, "__odd": (1, 2)}],
              "global_adapter": {"w.lora_A.weight": np.arange(6, dtype=np.float32).reshape(2, 3) / 7},
              "layouts": {(None, "server"): ({3: {"q": 4}}, 2), (0, "c0"): ({0: {"q": 2}}, 2)}}
     written = json.dumps(checkpoint.encode(state))
-    assert written.count('"__ClientPlan"') == 1 and written.count('"__Planned"') == 1  # each once, then by number
+    # each once, then by number; a frozen plan equal to one written is written as it, a mutable Planned is not
+    assert written.count('"__ClientPlan"') == 1 and written.count('"__Planned"') == 2
     back = checkpoint.decode(json.loads(written))
-    assert back["plans"] == [plan, plan] and isinstance(back["plans"][0], ClientPlan)
-    assert back["plans"][0] is back["plans"][1]
-    assert back["_missed"] == missed and list(back["_missed"]) == [3, 1]
+    assert back["plans"] == [plan, plan, plan] and isinstance(back["plans"][0], ClientPlan)
+    assert back["plans"][0] is back["plans"][1] is back["plans"][2]
+    assert back["_missed"] == missed and list(back["_missed"]) == [3, 1, 2]
+    assert back["_missed"][2][0] is not back["_missed"][3][0]
     assert math.isnan(back["importance"]["0.q"]) and back["importance"]["1.v"] == 0.1 + 0.2
     assert back["held"] == [2, 3] and type(back["held"][0]) is int
     assert back["rows"] == [{"round": 1, "__odd": (1, 2)}] and back["layouts"] == state["layouts"]

@@ -89,3 +89,32 @@ def test_cli_timing_only_flag(tmp_path):
     assert main(["run", str(TINY), "--timing-only", "--set", f"output.dir={tmp_path}"]) == 0
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert json.loads((run_dir / "summary.json").read_text())["timing_only"] is True
+
+
+def test_a_round_writes_only_its_own_rows_of_the_growing_tables(tmp_path, monkeypatch):
+    """Round 30 must cost what round 1 does: the only table rewritten whole each round is the rounds table (a row
+    a round); every other table gets the round's rows as one more part, and the checkpoint carries no table."""
+    from hsplit_sim.experiment import checkpoint
+    from hsplit_sim.experiment.rundir import RunWriter
+
+    rewritten, saved = [], []
+    write_table = RunWriter.write_table
+    monkeypatch.setattr(RunWriter, "write_table", lambda self, name, *a, **k: (
+        rewritten.append(name), write_table(self, name, *a, **k))[1])
+    save = checkpoint.save_checkpoint
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda writer, r, run, workers: (
+        saved.append(len(json.dumps(checkpoint.encode(run["algorithm"])))), save(writer, r, run, workers))[1])
+    rounds = 6
+    run_dir = run(tmp_path, "algorithm.name=hetlora", "runtime.timing_only=true", f"training.rounds={rounds}",
+                  "clients.1.count=3")
+    assert sorted(rewritten) == ["resources"] + ["rounds"] * (rounds + 1)
+    plans = pd.read_parquet(run_dir / "plans.parquet")
+    assert len(plans) == 5 and set(plans["round"]) == {1}  # the plans setup made, written once
+    assert len(set(saved[1:])) == 1  # the algorithm's round state does not grow with the rounds
+    assert not any(run_dir.glob(".*.parts"))
+
+
+def test_a_further_table_without_rows_is_written_empty(tmp_path):
+    run_dir = run(tmp_path, "algorithm.name=hsplitlora", "runtime.timing_only=true", "training.rounds=1")
+    assert pd.read_parquet(run_dir / "importance.parquet").empty  # nothing measured, the table is there
+    assert not pd.read_parquet(run_dir / "plans.parquet").empty

@@ -87,6 +87,7 @@ class Algorithm:
 
     name: str
     family: str  # "split", "federated" or "centralised"
+    further_tables: tuple[str, ...] = ()  # the tables add_rows fills, written even where no row came
     order_sensitive = False  # clients share state updated in simulated-time order (a shared server adapter)
     prepares = False  # work comes before round 1, as round 0 (prepare)
     # Attributes that change from round to round: a checkpoint saves them at each round's end so that a run can
@@ -133,11 +134,13 @@ class Algorithm:
         return {name: self.__dict__[name] for name in self.round_state if name in self.__dict__}
 
     def restore(self, state: dict) -> None:
-        """Round state from a checkpoint, after setup()."""
+        """Round state from a checkpoint, after setup(). The rows setup added are dropped: the checkpointed run
+        wrote them before its checkpoint."""
         unknown = set(state) - set(self.round_state)
         if unknown:
             raise ValueError(f"restore: {self.name} has no round state {sorted(unknown)}")
         self.__dict__.update(state)
+        self.__dict__.pop("_new_rows", None)
 
     def eval_adapters(self) -> list[str]:
         """The server worker's adapters that make up the global model (none: the base weights are it)."""
@@ -146,9 +149,15 @@ class Algorithm:
     def client_rows(self, round_index: int) -> list[dict]:
         raise NotImplementedError
 
-    def tables(self) -> dict[str, list[dict]]:
-        """Further tables of the run directory, by name (plans, HSplitLoRA's importance)."""
-        return {}
+    def add_rows(self, table: str, rows: list[dict]) -> None:
+        """Rows of a further table of the run directory (plans, HSplitLoRA's importance)."""
+        self.__dict__.setdefault("_new_rows", {}).setdefault(table, []).extend(rows)
+
+    def take_rows(self) -> dict[str, list[dict]]:
+        """The further tables' rows added since the last call, by table: the run writes them as one more part
+        each, so a table never has to be held or rewritten whole (a checkpoint follows a take: nothing is
+        pending in it)."""
+        return self.__dict__.pop("_new_rows", {})
 
     def optimizer(self) -> dict:
         """The optimiser every trained adapter gets: one for every method."""

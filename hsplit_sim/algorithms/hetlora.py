@@ -60,8 +60,9 @@ def rank_of(plan: ClientPlan) -> int:
 @register
 class HetLoRA(FederatedProtocol):
     name = "hetlora"
+    further_tables = ("plans",)
     # self-pruning changes ranks and plans from round to round
-    round_state = FederatedProtocol.round_state + ("reference", "ranks", "plans", "plan_table")
+    round_state = FederatedProtocol.round_state + ("reference", "ranks", "plans")
 
     class Config(AlgorithmConfig):
         name: Literal["hetlora"]
@@ -87,8 +88,8 @@ class HetLoRA(FederatedProtocol):
         self.reference: list[float | None] = [0.0 if algo.pruning_reference == "received" else None
                                               for _ in self.ctx.clients]
         self.plans = [self.plan_of(r) for r in self.ranks]
-        self.plan_table = [{**plan.row(1, k), "tail_norm": math.nan, "reference_norm": math.nan}
-                          for k, plan in enumerate(self.plans)]
+        self.add_rows("plans", [{**plan.row(1, k), "tail_norm": math.nan, "reference_norm": math.nan}
+                                for k, plan in enumerate(self.plans)])
 
     def restore(self, state: dict) -> None:
         super().restore(state)
@@ -142,7 +143,7 @@ class HetLoRA(FederatedProtocol):
         backend.reshape(k, self.client_adapter(k), plan.client_ranks)
         self.plans[k], self.ranks[k] = plan, rank_of(plan)
         self.step_work[k] = self.whole_step_work(self.ranks[k])
-        self.plan_table.append({**plan.row(round_index + 1, k), "tail_norm": tail, "reference_norm": reference})
+        self.add_rows("plans", [{**plan.row(round_index + 1, k), "tail_norm": tail, "reference_norm": reference}])
 
     def planned(self, clients) -> Planned:
         spec = self.ctx.spec
@@ -163,6 +164,3 @@ class HetLoRA(FederatedProtocol):
                        measured={"FLOPs": flops, "broadcast bytes": {
                            k: sum(t.nbytes for t in adapter.values()) for k, adapter in per_client.items()}},
                        client_adapters=per_client, server_adapters={"global": global_adapter})
-
-    def tables(self) -> dict[str, list[dict]]:
-        return {"plans": self.plan_table}

@@ -80,7 +80,8 @@ def merged_ranks(rank_maps) -> costs.Ranks:
 @register
 class HSplitLoRA(SplitProtocol):
     name = "hsplitlora"
-    round_state = SplitProtocol.round_state + ("importance", "importance_rows", "held", "shares", "global_adapter",
+    further_tables = ("plans", "importance")
+    round_state = SplitProtocol.round_state + ("importance", "held", "shares", "global_adapter",
                                                "layouts")
 
     class Config(AlgorithmConfig):
@@ -203,7 +204,6 @@ class HSplitLoRA(SplitProtocol):
         self.cost = self.weight_costs(ctx.scenario, ctx.spec)
         self.importance: dict[str, float] | None = None
         self.measured: dict[str, dict[int, float]] = {}
-        self.importance_rows: list[dict] = []
         self.plans = self.initial_plans(ctx.scenario, ctx.spec, ctx.clients)
         self.held = [p.split for p in self.plans]  # blocks 0..held-1 of each client have current weights
         self.shares = [iwi.client_side_share({k: 1.0 for k in self.cost}, p.split) for p in self.plans]
@@ -500,10 +500,12 @@ class HSplitLoRA(SplitProtocol):
         current = {key: float(np.mean([by_client[c] for c in sorted(by_client)]))
                    for key, by_client in self.measured.items()}
         self.importance = iwi.smooth(self.importance, current, round_index, self.ctx.scenario.training.rounds)
+        rows = []
         for key, value in sorted(self.importance.items()):
             layer, module = iwi.parse_key(key)
-            self.importance_rows.append({"round": round_index, "layer": layer, "module": module,
-                                         "measured": current.get(key, float("nan")), "smoothed": value})
+            rows.append({"round": round_index, "layer": layer, "module": module,
+                         "measured": current.get(key, float("nan")), "smoothed": value})
+        self.add_rows("importance", rows)
 
     def next_plans(self, previous: list[ClientPlan]) -> list[ClientPlan]:
         """Re-solve ranks each round; move a split only when the client side's share of importance moved."""
@@ -524,6 +526,3 @@ class HSplitLoRA(SplitProtocol):
     def eval_adapters(self) -> list[str]:
         """NAA merges into the base weights; without it the server evaluates the global adapter."""
         return [] if self.config.naa else ["global"]
-
-    def tables(self) -> dict[str, list[dict]]:
-        return {**super().tables(), "importance": self.importance_rows}

@@ -103,7 +103,8 @@ class SplitLoRA(SplitProtocol):
         self.split, self.rank, active = self.configuration(ctx.scenario, ctx.spec, ctx.clients)
         self.client_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split), self.rank)
         self.server_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split, ctx.spec.n_layers), self.rank)
-        self.plans = [ClientPlan(self.split, self.client_ranks, self.server_ranks, a) for a in active]
+        shared = {a: ClientPlan(self.split, self.client_ranks, self.server_ranks, a) for a in set(active)}
+        self.plans = [shared[a] for a in active]  # one plan object each for active and dropped clients
         self.plan_rows(1)
         server_adapters = ["server"] + ([self.server_adapter(c.index) for c in self.active_clients()]
                                         if self.per_client else [])

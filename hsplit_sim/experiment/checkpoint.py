@@ -30,26 +30,37 @@ from hsplit_sim.errors import ScenarioError
 from hsplit_sim.experiment.coordinator import reconcile
 
 FILE = "checkpoint.safetensors"
-FORMAT = 1
+FORMAT = 2  # 2: the plans and importance tables are parts, no longer round state
 # The tables that grow by one part per round (rundir.py), rewound to the checkpoint's round on resume.
-PART_TABLES = ("events", "clients", "participation", "energy", "host_times")
+PART_TABLES = ("events", "clients", "participation", "energy", "host_times", "plans", "importance")
 # What the round state of an algorithm may hold besides JSON's own types, by tag.
 _CLASSES = {"ClientPlan": ClientPlan, "Planned": Planned}
 
 
 def encode(value):
     """JSON for the values round state holds: tuples, dicts with keys that are not strings, numpy arrays and the
-    dataclasses of _CLASSES become one-key objects tagged "__tuple", "__items", "__array" or "__<class>". An object of _CLASSES held in
-    several places (one plan for many clients, one round's aggregation that many clients missed) is written once,
-    with a number, and then as {"__ref": number}: decode gives back one object there too."""
-    numbers: dict[int, int] = {}
+    dataclasses of _CLASSES become one-key objects tagged "__tuple", "__items", "__array" or "__<class>". An object
+    of _CLASSES held in several places (one plan for many clients, one round's aggregation that many clients missed) is written once,
+    with a number, and then as {"__ref": number}: decode gives back one object there too. So is a frozen one
+    equal to one already written (the plans of ten thousand clients are a few plans): being immutable, it may
+    come back shared."""
+    numbers: dict[int, int] = {}  # by identity
+    equal: dict[tuple, int] = {}  # frozen ones, by value
+    written: list = []  # in the order numbered (held, so that no id is reused while encoding)
 
     def walk(value):
         if type(value) in _CLASSES.values():
             if id(value) in numbers:
                 return {"__ref": numbers[id(value)]}
-            numbers[id(value)] = len(numbers)
-            return {f"__{type(value).__name__}": {"ref": numbers[id(value)], "fields": {
+            key = (type(value), repr(value)) if type(value).__dataclass_params__.frozen else None
+            if key in equal:
+                numbers[id(value)] = equal[key]
+                return {"__ref": equal[key]}
+            number = numbers[id(value)] = len(written)
+            written.append(value)
+            if key is not None:
+                equal[key] = number
+            return {f"__{type(value).__name__}": {"ref": number, "fields": {
                 f.name: walk(getattr(value, f.name)) for f in dataclasses.fields(value)}}}
         if isinstance(value, tuple):
             return {"__tuple": [walk(v) for v in value]}

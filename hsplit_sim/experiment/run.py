@@ -1,6 +1,7 @@
 """`hsplit-sim run`: one scenario, end to end, into a run directory."""
 
 import contextlib
+import gc
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -225,7 +226,7 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
         log.exception("run failed")
         raise
     finally:
-        closing = _close(writer, sim, summary, rounds, started, totals)
+        closing = _close(writer, sim, summary, rounds, started, totals, algorithm.further_tables)
         log.info("run %s: %s", summary["status"], writer.path)
         log.removeHandler(handler)
         handler.close()
@@ -243,15 +244,20 @@ class _RunLog(logging.FileHandler):
 
 
 def _close(writer: RunWriter, sim: Simulation, summary: dict, rounds: list[dict], started: float,
-           totals: "RunTotals") -> WriteError | None:
+           totals: "RunTotals", further_tables: tuple[str, ...]) -> WriteError | None:
     """Combine the parts and write summary.json, whatever ended the run. A write that fails leaves the parts
-    (which analysis reads) and marks the run failed; its error is returned, to be raised once nothing else is."""
+    (which analysis reads) and marks the run failed; its error is returned, to be raised once nothing else is.
+    A further table of the method that got no row (importance, timing-only) is written empty once a round is."""
     error = None
     try:
         writer.append_events(sim.take_events())
         writer.finish_events()
-        for name in ("clients", "participation", "energy", "host_times"):
-            writer.finish_parts(name)
+        for name in checkpoint.PART_TABLES:
+            if name != "events":
+                writer.finish_parts(name)
+        for name in further_tables:
+            if rounds and not (writer.path / f"{name}.parquet").exists():
+                writer.write_table(name, [])
     except WriteError as exc:
         error = exc
         if summary["status"] == "completed":
@@ -312,8 +318,8 @@ class _Checkpoints:
         checkpoint.save_checkpoint(self.writer, round_index, run, self.ctx.backend.state())
 
     def restore(self, run: dict, workers: dict) -> None:
-        """After the algorithm's setup: the checkpoint's state over what setup made, and the tables that are
-        rewritten whole as they stood then."""
+        """After the algorithm's setup: the checkpoint's state over what setup made, and the rounds table as it
+        stood then."""
         fleet = self.ctx.fleet
         fleet.sim.restore(run["simulation"])
         fleet.restore(run["fleet"])
@@ -321,14 +327,12 @@ class _Checkpoints:
         self.ctx.backend.restore(workers)
         if self.rows:
             self.writer.write_rounds(self.rows)
-        for name, table in self.algorithm.tables().items():
-            self.writer.write_table(name, table)
 
 
 def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], started: float, progress: ProgressLine,
             totals: RunTotals, first: int, saver: _Checkpoints):
     """The run as one SimPy process: evaluate, then rounds from `first` (0, or the round after a checkpoint),
-    writing every table after each round (events and clients as one more part each, the small tables rewritten
+    writing every table after each round (the growing ones as one more part each, the rounds table rewritten
     whole), and then the checkpoint."""
     training, fleet, sim = ctx.scenario.training, ctx.fleet, ctx.fleet.sim
     for round_index in range(first, training.rounds + 1):
@@ -362,10 +366,11 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
         writer.write_rounds(rows + [row])
         rows.append(row)  # once on disk: a run that cannot write a round ends without it
         writer.append_events(sim.take_events())
-        for name, table in algorithm.tables().items():
-            writer.write_table(name, table)
+        for name, table in algorithm.take_rows().items():
+            writer.append_rows(name, table)
         log.info("round %d: %s", round_index, rows[-1])
         saver.save(round_index)
+        gc.collect()  # what the round left in cycles (Simulation.run pauses the automatic collector)
         progress.update(round_index, _round_status(row), keep=True)
 
 

@@ -1,9 +1,9 @@
-"""The run directory: every table rewritten atomically after each round, so a crash loses nothing finished.
+"""The run directory: every table on disk after each round, so a crash loses nothing finished.
 
-Events and clients are the exception, being the tables that grow with clients x rounds (x steps): each
-round's rows go to a part file under `.events.parts/` (`.clients.parts/`), written once and never
-rewritten, and `finish_parts` streams the parts into `events.parquet` (`clients.parquet`) at the end of
-the run, whether it completed or failed. A run killed outright leaves its parts, which `analysis.load`
+The tables that grow with the rounds (events, clients, plans...) go one part file per round under
+`.<table>.parts/`, written once and never rewritten, and `finish_parts` streams the parts into
+`<table>.parquet` at the end of the run, whether it completed or failed; the small ones (rounds, resources)
+are rewritten whole and atomically. A run killed outright leaves its parts, which `analysis.load`
 reads when the combined file is missing.
 """
 

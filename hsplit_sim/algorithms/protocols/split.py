@@ -88,8 +88,9 @@ class SplitProtocol(Collaborative):
     """Algorithms set self.plans (one ClientPlan per client) and name the server-side adapter each client uses."""
 
     family = "split"
+    further_tables = ("plans",)
     plans: list[ClientPlan]
-    round_state = Collaborative.round_state + ("plans", "_recorded_plans", "_plan_rows")
+    round_state = Collaborative.round_state + ("plans", "_recorded_plans")
 
     def server_adapter(self, client: int) -> str:
         raise NotImplementedError
@@ -141,11 +142,8 @@ class SplitProtocol(Collaborative):
             e = iteration_estimate(ctx.scenario, c, len(ctx.clients), self.plan_costs(c.index).iteration)
             rows.append({**plan.row(round_index, c.index), **dict(zip(ESTIMATE_COLUMNS, (
                 e.client_s, e.upload_s, e.server_s, e.download_s, e.total_s)))})
-        self.__dict__.setdefault("_plan_rows", []).extend(rows)
+        self.add_rows("plans", rows)
         return rows
-
-    def tables(self) -> dict[str, list[dict]]:
-        return {"plans": self.__dict__.get("_plan_rows", [])}
 
     def adapter_config(self) -> dict:
         return {"scaling": self.config.scaling, "optimizer": self.optimizer()}
