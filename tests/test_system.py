@@ -368,3 +368,34 @@ def test_next_online_time_is_the_first_switch_to_online():
             assert wake > t and model.online(client, wake) and not model.online(client, wake - 1e-9)
             grid = np.linspace(t, wake, 50, endpoint=False)
             assert not any(model.online(client, s) for s in grid)
+
+
+def test_the_simulation_pauses_the_garbage_collector_and_gives_it_back():
+    """Simulation.run pauses Python's cyclic collector while it runs (engine.py says why) and restores the
+    caller's setting however the run ends."""
+    import gc
+
+    from hsplit_sim.sim import Simulation
+
+    seen = []
+
+    def process(sim, fail):
+        seen.append(gc.isenabled())
+        yield sim.env.timeout(1.0)
+        if fail:
+            raise RuntimeError("the run failed")
+
+    assert gc.isenabled()
+    sim = Simulation(1)
+    sim.run(process(sim, False))
+    assert seen == [False] and gc.isenabled()
+    sim = Simulation(1)
+    with pytest.raises(RuntimeError, match="the run failed"):
+        sim.run(process(sim, True))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        Simulation(1).run(process(sim, False))
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()

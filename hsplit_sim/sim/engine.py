@@ -1,5 +1,6 @@
 """SimPy environment plus the one event log every table and plot is derived from."""
 
+import gc
 import heapq
 
 import simpy
@@ -97,5 +98,15 @@ class Simulation:
         return self.env.all_of([self.env.process(p) for p in processes])
 
     def run(self, process) -> None:
-        self.env.process(process)
-        self.env.run()
+        """Run `process` to its end with Python's cyclic garbage collector paused (the process collects at its
+        round ends): the hot loops allocate millions of short-lived tuples and events, and the generational
+        collections they set off cost more than the simulation itself (at 10,000 clients, 3.3 s a round
+        against 1.4 s, growing with every round, as each full collection walked more live rows)."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            self.env.process(process)
+            self.env.run()
+        finally:
+            if enabled:
+                gc.enable()
