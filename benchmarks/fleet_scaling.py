@@ -12,6 +12,7 @@ hsplit-sim / plain. The machine's load moves these figures: compare the two side
     python benchmarks/fleet_scaling.py                  # K = 4, 20, 100
     python benchmarks/fleet_scaling.py --large          # and K = 1000 (1 round, 1 step)
     python benchmarks/fleet_scaling.py --clients 100    # one K
+    python benchmarks/fleet_scaling.py --client-workers 2   # hsplit-sim's clients on two worker processes
 """
 
 import argparse
@@ -34,7 +35,7 @@ LARGE = [(1000, 1, 1)]
 SEED, RANK, ALPHA, BATCH, LR = 0, 8, 16, 4, 1.0e-3
 
 
-def scenario(clients: int, rounds: int, steps: int, output: str) -> dict:
+def scenario(clients: int, rounds: int, steps: int, output: str, client_workers: int = 1) -> dict:
     return {
         "name": f"fleet-{clients}",
         "seed": SEED,
@@ -45,7 +46,7 @@ def scenario(clients: int, rounds: int, steps: int, output: str) -> dict:
         "training": {"rounds": rounds, "local_steps": steps, "batch_size": BATCH, "lr": LR, "eval_every": 1},
         "server": {"device": "rtx-3090", "accelerators": 1},
         "clients": [{"count": clients, "device": "jetson-agx-orin", "link": "wifi-6"}],
-        "runtime": {"client_workers": 1, "torch_device": "cpu"},
+        "runtime": {"client_workers": client_workers, "torch_device": "cpu"},
         "output": {"dir": output},
     }
 
@@ -154,12 +155,12 @@ def watched(command: list[str]) -> tuple[float, float, float, str]:
     return elapsed, cpu, peak, text
 
 
-def simulated(clients: int, rounds: int, steps: int) -> dict:
+def simulated(clients: int, rounds: int, steps: int, client_workers: int) -> dict:
     import pandas as pd
 
     with tempfile.TemporaryDirectory() as out:
         path = Path(out) / "fleet.json"  # JSON is YAML
-        path.write_text(json.dumps(scenario(clients, rounds, steps, out)))
+        path.write_text(json.dumps(scenario(clients, rounds, steps, out, client_workers)))
         cli = shutil.which("hsplit-sim", path=str(Path(sys.executable).parent)) or "hsplit-sim"
         whole, cpu, peak, _ = watched([cli, "run", str(path)])
         rounds_table = pd.read_parquet(next(Path(out).glob("fleet-*/rounds.parquet")))
@@ -177,6 +178,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", action="store_true", help="also K = 1000 (1 round, 1 local step)")
     parser.add_argument("--clients", type=int, nargs="+", help="only these K (of the sizes above)")
+    parser.add_argument("--client-workers", type=int, default=1,
+                        help="hsplit-sim's client worker processes (clients' local steps on different workers run at "
+                        "once); the plain loop is one process either way")
     parser.add_argument("--plain", type=int, nargs=3, help=argparse.SUPPRESS)  # K R S: the plain loop's process
     args = parser.parse_args()
     if args.plain:
@@ -184,13 +188,14 @@ def main() -> None:
         return
     sizes = SIZES + (LARGE if args.large or (args.clients and 1000 in args.clients) else [])
     sizes = [s for s in sizes if not args.clients or s[0] in args.clients]
-    print(f"FedLoRA, tiny-gpt2, rank {RANK} on c_attn, batch {BATCH}; {os.cpu_count()} CPUs, "
+    print(f"FedLoRA, tiny-gpt2, rank {RANK} on c_attn, batch {BATCH}; {args.client_workers} client worker(s); "
+          f"{os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start")
     print(f"{'K, R, S':>12} | {'training s: plain / sim / ratio':>31} | {'whole s: plain / sim / ratio':>28} | "
           f"{'CPU s: plain / sim / ratio':>28} | {'peak MiB: plain / sim / ratio':>30} | same losses")
     for k, r, s in sizes:
         p = plain(k, r, s)
-        h = simulated(k, r, s)
+        h = simulated(k, r, s, args.client_workers)
         same = all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(p["losses"], h["losses"]))
         print(f"{f'{k}, {r}, {s}':>12} | {p['training_s']:9.2f} {h['training_s']:9.2f} "
               f"{h['training_s'] / p['training_s']:9.2f}   | {p['whole_s']:8.2f} {h['whole_s']:8.2f} "

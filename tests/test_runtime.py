@@ -231,3 +231,42 @@ def test_connection_reports_a_failed_request(worker):
         assert connection.call("ping").header["ok"] is True  # the REQ socket is usable again
     finally:
         connection.close()
+
+
+def test_a_deferred_request_is_answered_before_the_next_or_on_settle(worker):
+    """defer returns at once; its reply reaches on_reply before the connection's next request is sent, or at
+    settle; a deferred request that failed raises there, naming the worker and the op."""
+    process, connect, _, _ = worker
+    connection = connect()
+    replies = []
+    try:
+        connection.defer("ping", replies.append)
+        assert replies == []
+        assert connection.call("ping").header["ok"] is True
+        assert [r.header["result"]["pid"] for r in replies] == [process.pid]  # taken before the call's own
+        connection.defer("ping", replies.append)
+        connection.settle()
+        connection.settle()  # nothing outstanding: nothing happens
+        assert len(replies) == 2
+        connection.defer("backward", replies.append, client=0)
+        with pytest.raises(RunError, match="worker t failed on 'backward'.*before init"):
+            connection.settle()
+        assert len(replies) == 2 and connection.call("ping").header["ok"] is True
+        connection.defer("ping", replies.append)
+        assert connection.call("shutdown", timeout_s=20).header["ok"] is True  # the run ends: taken, not used
+        assert len(replies) == 2 and process.wait(10) == 0
+    finally:
+        connection.close()
+
+
+def test_local_client_workers_share_the_cores_unless_threads_are_set(monkeypatch):
+    from hsplit_sim.runtime.launcher import worker_env
+
+    monkeypatch.delenv("HSPLIT_SIM_TORCH_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert "HSPLIT_SIM_TORCH_THREADS" not in worker_env(None)  # one worker computes at a time: torch's default
+    assert worker_env(None, sharing=2)["HSPLIT_SIM_TORCH_THREADS"] == "4"
+    assert worker_env(None, sharing=16)["HSPLIT_SIM_TORCH_THREADS"] == "1"
+    assert worker_env(3, sharing=2)["HSPLIT_SIM_TORCH_THREADS"] == "3"
+    monkeypatch.setenv("HSPLIT_SIM_TORCH_THREADS", "2")  # a sweep's share of the machine
+    assert worker_env(None, sharing=4)["HSPLIT_SIM_TORCH_THREADS"] == "2"

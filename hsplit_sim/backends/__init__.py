@@ -74,6 +74,11 @@ class Backend:
         changed where the trained run changed them."""
         raise NotImplementedError
 
+    def settle(self) -> None:
+        """Wait for the work still running on the workers (a round's last deferred steps), so that the round's
+        losses are all in; nothing where nothing runs for real."""
+        raise NotImplementedError
+
     def round_done(self, round_index: int, events: list[tuple], order_sensitive: bool) -> dict:
         """Columns of the round's row that come from elsewhere (a replay's accuracy); {} otherwise."""
         raise NotImplementedError
@@ -135,6 +140,9 @@ class TimingBackend(Backend):
 
     def plans(self, round_index, proposed, previous) -> list:
         return proposed
+
+    def settle(self) -> None:
+        pass
 
     def round_done(self, round_index, events, order_sensitive) -> dict:
         return {}

@@ -157,6 +157,10 @@ class RealBackend(Backend):
     def plans(self, round_index, proposed, previous) -> list:
         return proposed
 
+    def settle(self) -> None:
+        for worker in self.workers:
+            worker.settle()
+
     def round_done(self, round_index, events, order_sensitive) -> dict:
         return {}
 
@@ -260,8 +264,13 @@ class _RealStepWork(StepWork):
             self.worker, self.indices = backend.worker_of(client), backend.partitions[client]
 
     def step(self, step) -> None:
+        """Deferred (WorkerConnection.defer): only the loss comes back, so clients on other workers train at once."""
         batch = self.backend.batch(self.indices, self.round, self.steps, step)
         kind, client = ("central_step", -1) if self.client is None else ("client_step", self.client)
-        reply = self.backend.timed(self.worker.call("full_step", client=self.client, args={"adapter": self.adapter},
-                                                    tensors={"batch": batch}), self.round, client, kind, step)
-        self.backend.stats.losses.append(reply.header["result"]["loss"])
+
+        def done(reply: Message) -> None:
+            self.backend.timed(reply, self.round, client, kind, step)
+            self.backend.stats.losses.append(reply.header["result"]["loss"])
+
+        self.worker.defer("full_step", done, client=self.client, args={"adapter": self.adapter},
+                          tensors={"batch": batch})

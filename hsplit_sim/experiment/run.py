@@ -341,6 +341,7 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
         started_s = sim.now
         if round_index > 0 or algorithm.prepares:
             yield sim.env.process(algorithm.round(round_index) if round_index > 0 else algorithm.prepare())
+            ctx.backend.settle()
             participation = fleet.take_participation()
             energy = round_energy(round_index, {node.index: node.take_busy() for node in fleet.clients}, ctx.clients,
                                   sim.now - started_s)

@@ -3,6 +3,7 @@ stopped or unreachable one within seconds (heartbeat.py), over CurveZMQ (keys.py
 
 import itertools
 import subprocess
+from collections.abc import Callable
 
 import numpy as np
 import zmq
@@ -37,12 +38,28 @@ class WorkerConnection:
         self.socket.connect(endpoint)
         self._ids = itertools.count(1)
         self.failure: str | None = None
+        self._deferred: tuple[str, int, Callable[[Message], None]] | None = None
 
     def call(self, op: str, client: int | None = None, args: dict | None = None,
              tensors: dict[str, np.ndarray] | None = None, timeout_s: float | None = None) -> Message:
         """Send one request and wait for its reply; any failure ends the run with a RunError."""
         request_id = self.send(op, client, args, tensors)
         return self.reply(op, request_id, timeout_s)
+
+    def defer(self, op: str, on_reply: Callable[[Message], None], client: int | None = None,
+              args: dict | None = None, tensors: dict[str, np.ndarray] | None = None) -> None:
+        """Send a request whose reply only `on_reply` needs and return at once, so that this worker computes while
+        the coordinator goes on to other workers. The reply is taken (and on_reply called) before this
+        connection's next request or by `settle`: the worker does the same work in the same order as with `call`."""
+        request_id = self.send(op, client, args, tensors)
+        self._deferred = (op, request_id, on_reply)
+
+    def settle(self) -> None:
+        """Take the reply of the deferred request, if one is outstanding."""
+        if self._deferred is not None:
+            op, request_id, on_reply = self._deferred
+            self._deferred = None
+            on_reply(self.reply(op, request_id))
 
     def _fail(self, message: str) -> RunError:
         """After a failure the REQ socket is out of step, so every later request repeats the first error."""
@@ -56,6 +73,10 @@ class WorkerConnection:
             raise KeyboardInterrupt
         if self.failure:
             raise RunError(self.failure)
+        if op == "shutdown" and self._deferred is not None:  # the run is ending: the reply is taken, not used,
+            self._deferred = None  # and a worker that takes longer than a heartbeat's silence is killed instead
+            self._receive("shutdown", HEARTBEAT_TIMEOUT_S)
+        self.settle()
         request_id = next(self._ids)
         header = {"op": op, "id": request_id, "client": client, "args": args or {}}
         if self.session is not None:
