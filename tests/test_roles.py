@@ -211,3 +211,16 @@ def test_a_client_backward_frees_what_its_forward_kept(measure):
     result = role.backward(0, {"adapter": "c0"}, {"grad": np.ones_like(hidden)})[0]
     assert bool(result["importance"]) == (measure is not None)
     assert not role.pending and all(ref() is None for ref in kept)
+
+
+def test_forget_frees_the_forward_of_a_client_that_was_stopped():
+    import weakref
+
+    role = tiny_role("clients")
+    role.configure(0, {"adapter": "c0", "scaling": 2.0, "ranks": [[0, "self_attn.q_proj", 4]], "split": 1,
+                       "lr": 1e-2}, {})
+    role.forward(0, {"adapter": "c0", "probe": False, "measure": "abs_sum"}, {"batch": np.arange(2)})
+    kept = weakref.ref(role.pending[0][0])
+    assert role.forget(0, {}, {}) == ({}, {})
+    assert not role.pending and kept() is None
+    assert role.forget(0, {}, {}) == ({}, {})  # nothing in flight: nothing to drop

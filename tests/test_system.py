@@ -399,3 +399,40 @@ def test_the_simulation_pauses_the_garbage_collector_and_gives_it_back():
         assert not gc.isenabled()  # a caller that had it off keeps it off
     finally:
         gc.enable()
+
+
+def test_a_client_stopped_between_forward_and_backward_lets_its_forward_go(tmp_path, monkeypatch):
+    """Every forward a SplitWork does is followed by its backward or, for a client a deadline stops in between,
+    by stop() (which drops what the worker kept for that backward), and nothing comes after a stop."""
+    from hsplit_sim.sim.fleet import SplitWork
+
+    calls: dict[tuple[int, int], list[str]] = {}
+
+    class Recording(SplitWork):
+        def __init__(self, round_index, client):
+            self.log = calls.setdefault((round_index, client), [])
+
+        def forward(self, step, probe):
+            self.log.append("forward")
+
+        def server(self, step, probe):
+            self.log.append("server")
+
+        def backward(self, step, probe):
+            self.log.append("backward")
+
+        def stop(self):
+            self.log.append("stop")
+
+    monkeypatch.setattr(TimingBackend, "split_work", lambda self, round_index, client, *args: Recording(
+        round_index, client))
+    events = run(tmp_path / "free")["events"]
+    upload = events.query("round == 1 and client == 3 and kind == 'upload'").iloc[1]  # its second iteration's
+    calls.clear()
+    run(tmp_path / "deadline", f"system.deadline_s={(upload['start_s'] + upload['end_s']) / 2}")
+    assert calls[(1, 3)] == ["forward", "server", "backward", "forward", "stop"]  # stopped during that upload
+    for log in calls.values():
+        text = " ".join(log)
+        assert text.replace("forward server backward", "").replace("forward server stop", "").replace(
+            "forward stop", "").strip() == "", log
+        assert "stop" not in log[:-1]

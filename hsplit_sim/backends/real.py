@@ -252,6 +252,9 @@ class _RealSplitWork(SplitWork):
                                              **self.reply.header["result"]["importance"]})
         self.reply = None  # and its activation gradients until its backward
 
+    def stop(self) -> None:
+        self.worker.call("forget", client=self.client)
+
 
 class _RealStepWork(StepWork):
     """Whole-model steps: on a client's worker with its adapter, or on the server over the pooled data."""

@@ -53,6 +53,11 @@ class SplitWork:
         """The client's backward pass on the gradient that came back."""
         raise NotImplementedError
 
+    def stop(self) -> None:
+        """The client was stopped (a deadline) after a forward whose backward will not come: what the forward
+        kept for it can go."""
+        raise NotImplementedError
+
 
 class StepWork:
     """What a whole-model training step does besides taking time (real training)."""
@@ -451,17 +456,22 @@ class Fleet:
             probe = step in probes
             if work is not None:
                 work.forward(step, probe)
-            yield from client.compute(round_index, "client_fwd", costs.client_fwd)
-            yield from client.upload(round_index, "upload", costs.up)
-            now = env.now
-            seconds = self.server.seconds(costs.server[probe])
-            acquired = book(now, seconds)
-            self.sim.record(round_index, k, "server_queue", SERVER, now, acquired)
-            self.sim.record(round_index, k, "server_step", SERVER, acquired, acquired + seconds,
-                            flops=costs.server[probe].flops)
-            if work is not None:
-                work.server(step, probe)
-            yield env.timeout(acquired + seconds - now)
+            try:
+                yield from client.compute(round_index, "client_fwd", costs.client_fwd)
+                yield from client.upload(round_index, "upload", costs.up)
+                now = env.now
+                seconds = self.server.seconds(costs.server[probe])
+                acquired = book(now, seconds)
+                self.sim.record(round_index, k, "server_queue", SERVER, now, acquired)
+                self.sim.record(round_index, k, "server_step", SERVER, acquired, acquired + seconds,
+                                flops=costs.server[probe].flops)
+                if work is not None:
+                    work.server(step, probe)
+                yield env.timeout(acquired + seconds - now)
+            except simpy.Interrupt:
+                if work is not None:
+                    work.stop()
+                raise
             if work is not None:
                 work.backward(step, probe)
             yield from client.download(round_index, "download", costs.down)

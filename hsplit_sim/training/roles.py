@@ -395,7 +395,8 @@ class ClientRole(Role):
         self.pending: dict[int, tuple[torch.Tensor, dict]] = {}
 
     def ops(self):
-        return dict(super().ops(), forward=self.forward, backward=self.backward, full_step=self.full_step)
+        return dict(super().ops(), forward=self.forward, backward=self.backward, forget=self.forget,
+                    full_step=self.full_step)
 
     def forward(self, client, args, tensors):
         """Client forward on the batch's indices; what a real client would upload comes back.
@@ -414,6 +415,12 @@ class ClientRole(Role):
         self.pending[client] = (hidden, probe)
         return {}, {"hidden": hidden.detach().cpu().numpy(), "labels": batch["labels"].cpu().numpy(),
                     "attention_mask": batch["attention_mask"].cpu().numpy()}
+
+    def forget(self, client, args, tensors):
+        """The client was stopped before the backward of its last forward: that forward's graph goes now, not at
+        the client's next forward (a round's deadline may stop many clients)."""
+        self.pending.pop(client, None)
+        return {}, {}
 
     def backward(self, client, args, tensors):
         """Client backward and optimizer step (none without an adapter); after a probe, also the importance of
