@@ -371,7 +371,10 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
             writer.append_rows(name, table)
         log.info("round %d: %s", round_index, rows[-1])
         saver.save(round_index)
-        gc.collect()  # what the round left in cycles (Simulation.run pauses the automatic collector)
+        # What the round left in cycles (Simulation.run pauses the automatic collector): the youngest generation
+        # only, which holds what the run made since the last collection; a full one would walk every object of
+        # the process (0.5 s a round where torch is imported, as in a notebook or benchmarks/overhead.py).
+        gc.collect(0)
         progress.update(round_index, _round_status(row), keep=True)
 
 
