@@ -100,7 +100,8 @@ def test_round_state_survives_the_checkpoint_codec():
     planned = Planned(7, {"shapes": {(0, "q"): (64, 8, 64)}, "broadcast bytes": {0: 10, 3: 12}}, ((64, 8, 64),))
     equal_planned = Planned(7, {"shapes": {(0, "q"): (64, 8, 64)}, "broadcast bytes": {0: 10, 3: 12}}, ((64, 8, 64),))
     missed = {3: [planned], 1: [planned, planned], 2: [equal_planned]}
-    state = {"plans": [plan, plan, equal_plan], "_missed": missed, "importance": {"0.q": float("nan"), "1.v": 0.1 + 0.2},
+    state = {"plans": [plan, plan, equal_plan], "_missed": missed,
+             "importance": {"0.q": float("nan"), "1.v": 0.1 + 0.2},
              "held": [np.int64(2), 3], "rows": [{"round": 1, "__odd": (1, 2)}],
              "global_adapter": {"w.lora_A.weight": np.arange(6, dtype=np.float32).reshape(2, 3) / 7},
              "layouts": {(None, "server"): ({3: {"q": 4}}, 2), (0, "c0"): ({0: {"q": 2}}, 2)}}

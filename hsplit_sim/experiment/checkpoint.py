@@ -40,10 +40,10 @@ _CLASSES = {"ClientPlan": ClientPlan, "Planned": Planned}
 def encode(value):
     """JSON for the values round state holds: tuples, dicts with keys that are not strings, numpy arrays and the
     dataclasses of _CLASSES become one-key objects tagged "__tuple", "__items", "__array" or "__<class>". An object
-    of _CLASSES held in several places (one plan for many clients, one round's aggregation that many clients missed) is written once,
-    with a number, and then as {"__ref": number}: decode gives back one object there too. So is a frozen one
-    equal to one already written (the plans of ten thousand clients are a few plans): being immutable, it may
-    come back shared."""
+    of _CLASSES held in several places (one plan for many clients, one round's aggregation that many clients
+    missed) is written once, with a number, and then as {"__ref": number}: decode gives back one object there too.
+    So is a frozen one equal to one already written (the plans of ten thousand clients are a few plans): being
+    immutable, it may come back shared."""
     numbers: dict[int, int] = {}  # by identity
     equal: dict[tuple, int] = {}  # frozen ones, by value
     written: list = []  # in the order numbered (held, so that no id is reused while encoding)

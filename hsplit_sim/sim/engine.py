@@ -98,10 +98,10 @@ class Simulation:
         return self.env.all_of([self.env.process(p) for p in processes])
 
     def run(self, process) -> None:
-        """Run `process` to its end with Python's cyclic garbage collector paused (the process collects the young
-        generation at its round ends): the hot loops allocate millions of short-lived tuples and events, and the generational
-        collections they set off cost more than the simulation itself (at 10,000 clients, 3.3 s a round
-        against 1.4 s, growing with every round, as each full collection walked more live rows)."""
+        """Run `process` to its end with Python's cyclic garbage collector paused (the process collects the
+        young generation at its round ends): the hot loops allocate millions of short-lived tuples and events,
+        and the generational collections they set off cost more than the simulation itself (at 10,000 clients,
+        3.3 s a round against 1.4 s, growing with every round, as each full collection walked more live rows)."""
         enabled = gc.isenabled()
         gc.disable()
         try:
