@@ -1,11 +1,13 @@
 """Overhead of the simulator: the same SplitLoRA training work through `hsplit-sim run` and as a plain loop.
 
-Both sides use one model, one data partition, the same batches, steps, optimiser and FedAvg rounds, and
-evaluate at the same points. Printed: the wall time of the training rounds on each side (after model
-loading and the first evaluation) and their ratio; start-up times are printed beside them.
+Both sides use one model, one data partition, the same batches, steps, LoRA scaling, optimiser (kept across
+aggregation, as SplitLoRA's is) and FedAvg rounds, take the clients' turns on the shared server-side adapter in
+the order the simulator's server steps happened, and evaluate at the same points: their evaluation losses agree
+to float rounding. Printed per model: the wall time of the training rounds on each side (after model loading and
+the first evaluation) and their ratio; start-up times are printed beside them.
 
+    python benchmarks/overhead.py                      # tiny-gpt2 and smollm2-135m
     python benchmarks/overhead.py --model tiny-gpt2
-    python benchmarks/overhead.py --model smollm2-135m
 """
 
 import argparse
@@ -34,8 +36,9 @@ from hsplit_sim.training.split import SplitLM, lora_config
 SCENARIO = Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.yaml"
 
 
-def plain_loop(scenario) -> tuple[float, float, list[float]]:
-    """SplitLoRA in one process, no simulator: (start-up seconds, training seconds, eval losses)."""
+def plain_loop(scenario, turns: dict[int, list[int]]) -> tuple[float, float, list[float]]:
+    """SplitLoRA in one process, no simulator, the clients' server steps of each round in the order `turns`
+    gives: (start-up seconds, training seconds, eval losses)."""
     started = time.monotonic()
     data, algo, training = scenario.data, scenario.algorithm, scenario.training
     n_clients = sum(group.count for group in scenario.clients)
@@ -53,7 +56,7 @@ def plain_loop(scenario) -> tuple[float, float, list[float]]:
 
     def adapter(name, span):
         torch.manual_seed(scenario.seed)
-        config = lora_config(family, costs.uniform_ranks(spec, algo.targets, span, algo.rank), algo.alpha)
+        config = lora_config(family, costs.uniform_ranks(spec, algo.targets, span, algo.rank), algo.scaling)
         if not hasattr(adapter, "peft"):
             adapter.peft = get_peft_model(model, config, adapter_name=name)
         else:
@@ -89,56 +92,62 @@ def plain_loop(scenario) -> tuple[float, float, list[float]]:
     started = time.monotonic()
     weights = data_weights([len(p) for p in parts])
     for r in range(1, training.rounds + 1):
-        for k in range(n_clients):
-            for step in range(training.local_steps):
-                idx = torch.from_numpy(batch_indices(parts[k], training.batch_size,
-                                                     (r - 1) * training.local_steps + step, scenario.seed))
-                b = {key: v[idx] for key, v in train_t.items()}
-                peft.base_model.set_adapter([f"c{k}", "server"])
-                hidden = lm.client_forward(b["input_ids"], b["attention_mask"], split)
-                loss = lm.server_loss(hidden, b["attention_mask"], b["labels"], split)
-                server_opt.zero_grad(set_to_none=True)
-                client_opts[k].zero_grad(set_to_none=True)
-                loss.backward()
-                server_opt.step()
-                client_opts[k].step()
+        steps_done = [0] * n_clients
+        for k in turns[r]:
+            step, steps_done[k] = steps_done[k], steps_done[k] + 1
+            idx = torch.from_numpy(batch_indices(parts[k], training.batch_size,
+                                                 (r - 1) * training.local_steps + step, scenario.seed))
+            b = {key: v[idx] for key, v in train_t.items()}
+            peft.base_model.set_adapter([f"c{k}", "server"])
+            hidden = lm.client_forward(b["input_ids"], b["attention_mask"], split)
+            loss = lm.server_loss(hidden, b["attention_mask"], b["labels"], split)
+            server_opt.zero_grad(set_to_none=True)
+            client_opts[k].zero_grad(set_to_none=True)
+            loss.backward()
+            server_opt.step()
+            client_opts[k].step()
         states = [{n: t.numpy() for n, t in get_peft_model_state_dict(peft, adapter_name=f"c{k}").items()}
                   for k in range(n_clients)]
         merged = {n: torch.from_numpy(t) for n, t in fedavg(states, weights).items()}
         for name in [f"c{k}" for k in range(n_clients)] + ["global_client"]:
             set_peft_model_state_dict(peft, merged, adapter_name=name)
-        client_opts = {k: optimizer(f"c{k}") for k in range(n_clients)}
         if r % training.eval_every == 0 or r == training.rounds:
             losses.append(evaluate())
     return setup, time.monotonic() - started, losses
 
 
-def simulated(scenario) -> tuple[float, float, list[float]]:
+def simulated(scenario) -> tuple[float, float, list[float], dict[int, list[int]]]:
+    """(start-up seconds, training seconds, eval losses, each round's clients in the order of their server
+    steps in simulated time)."""
     started = time.monotonic()
     run_dir = run_scenario(scenario, progress=False)
     total = time.monotonic() - started
     rounds = pd.read_parquet(run_dir / "rounds.parquet")
     training = rounds["wall_time_s"].iloc[-1] - rounds["wall_time_s"].iloc[0]
-    return total - training, training, rounds["eval_loss"].dropna().tolist()
+    steps = pd.read_parquet(run_dir / "events.parquet").query("kind == 'server_step'")
+    turns = {int(r): group.sort_values("start_s", kind="stable")["client"].tolist()
+             for r, group in steps.groupby("round")}
+    return total - training, training, rounds["eval_loss"].dropna().tolist(), turns
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", nargs="+", default=["tiny-gpt2", "smollm2-135m"])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as out:
-        scenario = load_scenario(SCENARIO, [f"model.name={args.model}", f"output.dir={out}"] + args.overrides)
-        sim_setup, sim_train, sim_losses = simulated(scenario)
-    plain_setup, plain_train, plain_losses = plain_loop(scenario)
-    steps = scenario.training.rounds * scenario.training.local_steps * sum(g.count for g in scenario.clients)
-    print(f"model {args.model}: {steps} training steps, torch threads {torch.get_num_threads()}")
-    print(f"hsplit-sim  training {sim_train:8.2f} s   (start-up {sim_setup:6.2f} s)")
-    print(f"plain loop  training {plain_train:8.2f} s   (start-up {plain_setup:6.2f} s)")
-    print(f"ratio       {sim_train / plain_train:.3f}")
-    print(f"eval losses hsplit-sim {np.round(sim_losses, 4).tolist()}")
-    print(f"eval losses plain loop {np.round(plain_losses, 4).tolist()}")
-    sys.stdout.flush()
+    for model in args.model:
+        with tempfile.TemporaryDirectory() as out:
+            scenario = load_scenario(SCENARIO, [f"model.name={model}", f"output.dir={out}"] + args.overrides)
+            sim_setup, sim_train, sim_losses, turns = simulated(scenario)
+        plain_setup, plain_train, plain_losses = plain_loop(scenario, turns)
+        steps = sum(len(clients) for clients in turns.values())
+        print(f"model {model}: {steps} training steps, torch threads {torch.get_num_threads()}")
+        print(f"hsplit-sim  training {sim_train:8.2f} s   (start-up {sim_setup:6.2f} s)")
+        print(f"plain loop  training {plain_train:8.2f} s   (start-up {plain_setup:6.2f} s)")
+        print(f"ratio       {sim_train / plain_train:.3f}")
+        print(f"eval losses hsplit-sim {np.round(sim_losses, 4).tolist()}")
+        print(f"eval losses plain loop {np.round(plain_losses, 4).tolist()}")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
