@@ -118,3 +118,34 @@ def test_a_further_table_without_rows_is_written_empty(tmp_path):
     run_dir = run(tmp_path, "algorithm.name=hsplitlora", "runtime.timing_only=true", "training.rounds=1")
     assert pd.read_parquet(run_dir / "importance.parquet").empty  # nothing measured, the table is there
     assert not pd.read_parquet(run_dir / "plans.parquet").empty
+
+
+@pytest.mark.parametrize("algorithm", ["splitlora", "hsplitlora"])
+def test_split_iterations_on_the_clockwork_give_simpys_tables(tmp_path, monkeypatch, algorithm):
+    """A round's fast split iterations run on a Clockwork (sim/engine.py); run as SimPy processes instead (a
+    wrapper makes them unknown to the fleet's fast path), every table is the same, to the bit and in order."""
+    from hsplit_sim.sim import engine
+    from hsplit_sim.sim.fleet import Fleet
+
+    overrides = [f"algorithm.name={algorithm}", "clients.0.count=6", "clients.1.count=3", "server.accelerators=2",
+                 "training.rounds=3", "training.local_steps=3", "runtime.timing_only=true"]
+    rounds_on_clockwork = []
+    clockwork_run = engine.Clockwork.run
+    monkeypatch.setattr(engine.Clockwork, "run", lambda self, processes: rounds_on_clockwork.append(1) or
+                        clockwork_run(self, processes))
+    clockwork = run(tmp_path / "clockwork", *overrides)
+    assert len(rounds_on_clockwork) == 3
+
+    split_iterations = Fleet.split_iterations
+
+    def as_simpy_processes(self, *args):
+        yield from split_iterations(self, *args)
+
+    monkeypatch.setattr(Fleet, "split_iterations", as_simpy_processes)
+    simpy_run = run(tmp_path / "simpy", *overrides)
+    assert len(rounds_on_clockwork) == 3
+    for table in ("events", "participation", "energy", "clients", "plans"):
+        pd.testing.assert_frame_equal(pd.read_parquet(clockwork / f"{table}.parquet"),
+                                      pd.read_parquet(simpy_run / f"{table}.parquet"), check_exact=True)
+    rounds = [pd.read_parquet(d / "rounds.parquet").drop(columns="wall_time_s") for d in (clockwork, simpy_run)]
+    pd.testing.assert_frame_equal(*rounds, check_exact=True)

@@ -23,6 +23,7 @@ import yaml
 from hsplit_sim.algorithms.plans import ClientPlan
 from hsplit_sim.backends import TimingBackend
 from hsplit_sim.errors import RunError, ScenarioError
+from hsplit_sim.sim.engine import expanded
 
 ACCURACY_COLUMNS = ("train_loss", "eval_loss", "eval_ppl", "agg_error")
 COPIED_TABLES = ("generations", "importance")  # what training wrote besides the rounds' accuracy
@@ -102,7 +103,7 @@ class ReplayBackend(TimingBackend):
         return self._order.get(round_index, [])
 
     def check_order(self, round_index: int, events: list[tuple]) -> None:
-        mine = [e[1] for e in events if e[0] == round_index and e[2] == "server_queue"]
+        mine = [e[1] for e in expanded(events) if e[0] == round_index and e[2] == "server_queue"]
         theirs = self.server_order(round_index)
         if mine != theirs:
             first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))

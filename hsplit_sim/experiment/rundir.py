@@ -8,11 +8,13 @@ reads when the combined file is missing.
 """
 
 import functools
+import itertools
 import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,6 +23,7 @@ import yaml
 
 from hsplit_sim.errors import RunError, ScenarioError
 from hsplit_sim.results import EVENT_COLUMNS
+from hsplit_sim.sim.engine import SPLIT_KINDS
 
 # The contract names the columns; their types are the writer's: a column added there without a type here fails
 # on import, not in a run.
@@ -32,11 +35,65 @@ EVENT_SCHEMA = pa.schema([(column, EVENT_TYPES[column]) for column in EVENT_COLU
 EVENT_ROW = pa.struct(list(EVENT_SCHEMA))
 
 
-def events_table(rows: list[tuple]) -> pa.Table:
-    """Event rows (tuples in EVENT_COLUMNS order) as an Arrow table of the fixed event schema. Arrow reads the
-    tuples as structs and splits them into columns itself, about five times faster than transposing them in
-    Python (a thousand clients make 60,000 events a round)."""
-    return pa.Table.from_arrays(pa.array(rows, type=EVENT_ROW).flatten(), schema=EVENT_SCHEMA)
+def events_table(events: list[tuple]) -> pa.Table:
+    """Event rows and compact split-iteration records (sim/engine.py: Simulation) as an Arrow table of the fixed
+    event schema, in their order, a record giving its six rows. Arrow reads the rows as structs and splits them
+    into columns itself, about five times faster than transposing them in Python; the records, most of a
+    timing-only run's events (ten thousand clients make 100,000 a round), are expanded by numpy."""
+    is_record = np.fromiter(map(len, events), np.int64, len(events)) != len(EVENT_COLUMNS)
+    rows = pa.Table.from_arrays(pa.array(list(itertools.compress(events, ~is_record)), type=EVENT_ROW).flatten(),
+                                schema=EVENT_SCHEMA)
+    if not is_record.any():
+        return rows
+    records = list(itertools.compress(events, is_record))
+    widths = np.where(is_record, len(SPLIT_KINDS), 1)
+    first = np.cumsum(widths) - widths  # where each row or record's rows start
+    at_rows, at_records = first[~is_record], first[is_record]
+    total = int(widths.sum())
+
+    shapes: dict = {}  # IterationShape -> its number, in the order first met
+    shape_of = np.fromiter((shapes.setdefault(record[0], len(shapes)) for record in records), np.int64,
+                           len(records))
+    values = np.array(records, dtype=object)
+    probe = values[:, 2].astype(bool)
+    # the record's instants: start, forward end (start + the forward's seconds), arrival, step start, step end,
+    # download end, backward end; activity j lasts from instant j to instant j + 1
+    fwd_s = np.array([shape.fwd_s for shape in shapes])
+    start = values[:, 3].astype(np.float64)
+    instants = [start, start + fwd_s[shape_of], *(values[:, i].astype(np.float64) for i in range(4, 9))]
+    nbytes = np.array([shape.nbytes for shape in shapes], dtype=np.int64)
+    flops = np.array([[shape.flops[p] for shape in shapes] for p in (False, True)])
+    clients = np.array([shape.client for shape in shapes], dtype=np.int64)
+
+    kind = pc.dictionary_encode(rows["kind"]).combine_chunks()
+    resource = pc.dictionary_encode(rows["resource"]).combine_chunks()
+    kinds = kind.dictionary.to_pylist() + list(SPLIT_KINDS)
+    names = {name: i for i, name in enumerate(resource.dictionary.to_pylist())}
+    shape_resources = np.array([[names.setdefault(name, len(names)) for name in shape.resources] for shape in shapes],
+                               dtype=np.int32)
+    columns = {"round": np.empty(total, np.int64), "client": np.empty(total, np.int64),
+               "kind": np.empty(total, np.int32), "resource": np.empty(total, np.int32),
+               "start_s": np.empty(total), "end_s": np.empty(total), "bytes": np.empty(total, np.int64),
+               "flops": np.empty(total)}
+    for name in ("round", "client", "start_s", "end_s", "bytes", "flops"):
+        columns[name][at_rows] = rows[name].to_numpy()
+    columns["kind"][at_rows] = kind.indices.to_numpy(zero_copy_only=False)
+    columns["resource"][at_rows] = resource.indices.to_numpy(zero_copy_only=False)
+    rounds = values[:, 1].astype(np.int64)
+    for j in range(len(SPLIT_KINDS)):
+        at = at_records + j
+        columns["round"][at] = rounds
+        columns["client"][at] = clients[shape_of]
+        columns["kind"][at] = len(kind.dictionary) + j
+        columns["resource"][at] = shape_resources[shape_of, j]
+        columns["start_s"][at] = instants[j]
+        columns["end_s"][at] = instants[j + 1]
+        columns["bytes"][at] = nbytes[shape_of, j]
+        columns["flops"][at] = flops[probe.astype(np.int64), shape_of, j]
+    strings = {"kind": kinds, "resource": list(names)}
+    return pa.Table.from_arrays(
+        [pa.DictionaryArray.from_arrays(columns[c], pa.array(strings[c], pa.string())).cast(pa.string())
+         if c in strings else pa.array(columns[c]) for c in EVENT_COLUMNS], schema=EVENT_SCHEMA)
 
 
 class WriteError(RunError):

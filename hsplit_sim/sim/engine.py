@@ -2,8 +2,46 @@
 
 import gc
 import heapq
+import math
+from dataclasses import dataclass
 
 import simpy
+
+# The activities of one split iteration, in the order it does them and its events are listed.
+SPLIT_KINDS = ("client_fwd", "upload", "server_queue", "server_step", "download", "client_bwd")
+
+
+@dataclass(frozen=True, eq=False)
+class IterationShape:
+    """What every split iteration of one client under one set of costs has in common: its resources, bytes and
+    FLOPs per activity of SPLIT_KINDS (FLOPs as (plain, probing) pairs of those tuples) and its forward's
+    seconds. A compact record names its shape instead of repeating all of this six times."""
+
+    client: int
+    resources: tuple[str, ...]
+    nbytes: tuple[int, ...]
+    flops: tuple[tuple[float, ...], tuple[float, ...]]
+    fwd_s: float
+
+
+def expanded(events: list[tuple]):
+    """Event rows (EVENT_COLUMNS tuples) of a list that may hold compact split-iteration records (Simulation),
+    in order: a record gives its six rows."""
+    for event in events:
+        if len(event) == 8:
+            yield event
+            continue
+        shape, r, probe, start, arrived, acquired, served, downloaded, end = event
+        k, flops = shape.client, shape.flops[probe]
+        times = (start, start + shape.fwd_s, arrived, acquired, served, downloaded, end)
+        for i, kind in enumerate(SPLIT_KINDS):
+            yield r, k, kind, shape.resources[i], times[i], times[i + 1], shape.nbytes[i], flops[i]
+
+
+def rows_in(events: list[tuple]) -> int:
+    """How many event rows a list of rows and compact records stands for."""
+    records = len(events) - list(map(len, events)).count(8)
+    return len(events) + (len(SPLIT_KINDS) - 1) * records
 
 
 class ServerQueue:
@@ -27,12 +65,64 @@ class ServerQueue:
         return start
 
 
+class Clockwork:
+    """Runs processes that only wait (generators that yield delays in seconds) in exactly the order SimPy would
+    run them as processes started together, for a fraction of SimPy's cost per wait: a heap of (wake-up time,
+    order of scheduling), which is SimPy's own order for timeouts, and processes started in the order given,
+    as SimPy starts processes in the order they were made. The fleet runs a round's split iterations on it
+    when nothing else can happen while they run (Fleet.participate); `now` is its clock meanwhile."""
+
+    def __init__(self, now: float):
+        self.now = now
+
+    def run(self, processes: list) -> list[float]:
+        """Run the processes to their ends; returns when each ended, in their order."""
+        ends = [self.now] * len(processes)
+        waiting, order = [], 0
+        for i, process in enumerate(processes):
+            for delay in process:  # its first wait, or it ended at once
+                waiting.append((self.now + delay, order, i, process))
+                order += 1
+                break
+        heapq.heapify(waiting)
+        pop, push = heapq.heappop, heapq.heappush
+        while waiting:
+            at, _, i, process = pop(waiting)
+            self.now = at
+            try:
+                delay = process.send(None)
+            except StopIteration:
+                ends[i] = at
+                continue
+            push(waiting, (at + delay, order, i, process))  # SimPy's wake-up time: its clock plus the delay
+            order += 1
+        return ends
+
+
+def delay_to(now: float, t: float) -> float:
+    """The delay that brings SimPy's clock from `now` to `t` to the bit (its wake-up is now + delay, and
+    t - now may round so that it misses)."""
+    delay = t - now
+    for _ in range(8):
+        if now + delay < t:
+            delay = math.nextafter(delay, math.inf)
+        elif now + delay > t:
+            delay = math.nextafter(delay, -math.inf)
+        else:
+            return delay
+    raise ArithmeticError(f"no delay brings the clock from {now!r} to {t!r}")
+
+
 class Simulation:
     """Holds simulated activities and records each as an event row.
 
     `events` holds the rows (tuples in results.EVENT_COLUMNS order) not yet written to the run directory:
     the run writes them after every round and clears the list (in place, so hot loops may keep `events.append`
-    bound), so memory does not grow with the length of a run. `n_events` counts every row ever recorded.
+    bound), so memory does not grow with the length of a run. `n_events` counts every row ever recorded. A
+    split iteration on the fleet's fast path is one compact record instead of six rows: (IterationShape,
+    round, probing, start, arrival at the server, server step start, its end, download end, backward end),
+    nine items where a row has eight; `expanded` gives its rows, and the run directory expands whole rounds of
+    them in Arrow (a timing-only run records millions).
     """
 
     def __init__(self, accelerators: int, start_s: float = 0.0):
@@ -47,7 +137,7 @@ class Simulation:
 
     @property
     def n_events(self) -> int:
-        return self.flushed + len(self.events)
+        return self.flushed + rows_in(self.events)
 
     def state(self) -> dict:
         """The clock at a round's end, for a checkpoint. Nothing else waits then: every process of the round has
@@ -60,13 +150,13 @@ class Simulation:
         if self.env.now != state["now"] or len(self.server.free_at) != len(state["server_free_at"]):
             raise ValueError("restore: the simulation's clock or server queue does not match the state's")
         self.server.free_at = list(state["server_free_at"])
-        self.flushed = state["events"] - len(self.events)
+        self.flushed = state["events"] - rows_in(self.events)
 
     def take_events(self) -> list[tuple]:
-        """The rows recorded since the last call; the list is emptied in place."""
+        """The rows and compact records recorded since the last call; the list is emptied in place."""
         rows = self.events[:]
         self.events.clear()
-        self.flushed += len(rows)
+        self.flushed += rows_in(rows)
         return rows
 
     def record(self, round_index: int, client: int, kind: str, resource: str, start: float, end: float,

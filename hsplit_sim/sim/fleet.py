@@ -15,7 +15,7 @@ import simpy
 from hsplit_sim.costs import Work
 from hsplit_sim.errors import RunError
 from hsplit_sim.sim.effects import SystemEffects
-from hsplit_sim.sim.engine import ServerQueue, Simulation
+from hsplit_sim.sim.engine import Clockwork, IterationShape, ServerQueue, Simulation, delay_to
 from hsplit_sim.sim.medium import Medium
 from hsplit_sim.sim.timemodel import compute_seconds, transfer_seconds
 
@@ -226,14 +226,16 @@ class ServerNode:
 class _SplitTiming:
     """One client's split iteration under one IterationCosts, as durations, computed once."""
 
-    __slots__ = ("costs", "factors", "fwd_s", "fwd_up_s", "server_s", "down_s", "down_bwd_s", "busy", "flops")
+    __slots__ = ("costs", "factors", "fwd_s", "fwd_up_s", "server_s", "down_s", "down_bwd_s", "busy", "shape")
 
     def __init__(self, client: ClientNode, server: ServerNode, costs: IterationCosts):
         self.costs, self.factors = costs, (client.compute_factor, client.bandwidth_factor)
-        # FLOPs for the events: client forward, server (plain, probing), client backward (plain, probing)
-        self.flops = (costs.client_fwd.flops, tuple(w.flops for w in costs.server),
-                      tuple(w.flops for w in costs.client_bwd))
         self.fwd_s = client.compute_seconds(costs.client_fwd)
+        self.shape = IterationShape(
+            client.index, (client.device, client.up, SERVER, SERVER, client.down, client.device),
+            (0, costs.up, 0, 0, costs.down, 0),
+            tuple((costs.client_fwd.flops, 0.0, 0.0, costs.server[p].flops, 0.0, costs.client_bwd[p].flops)
+                  for p in (False, True)), self.fwd_s)
         self.fwd_up_s = self.fwd_s + client.up_seconds(costs.up)
         self.server_s = tuple(server.seconds(f) for f in costs.server)
         self.down_s = client.down_seconds(costs.down)
@@ -258,6 +260,8 @@ class Fleet:
         self.bytes_down = 0
         self.participation: list[dict] = []  # rows not yet written, as events
         self._split_timing: dict[int, _SplitTiming] = {}
+        self._fast: set = set()  # the generators of _split_fast made for the round being set up
+        self._clockwork: Clockwork | None = None  # while a round's split iterations run on one
 
     def state(self) -> dict:
         """What the fleet carries from round to round, for a checkpoint (everything else is fixed by the scenario
@@ -337,11 +341,27 @@ class Fleet:
         # Where nothing can drop or stop a client, its work is the process itself (one frame less on the hot path)
         # and ending means reporting.
         certain = not effects.cuts_rounds_short and effects.system.dropout == 0
+        self._fast.clear()
+        works = {k: client_round(self.clients[k], steps, True) if certain
+                 else self._client(round_index, self.clients[k], steps, client_round) for k in selected}
+        if certain and selected and all(works[k] in self._fast for k in selected):
+            # Nothing but these iterations can happen until the last ends: they run on a Clockwork, in SimPy's
+            # order, and the clock moves on to the last end.
+            self._clockwork = Clockwork(env.now)
+            try:
+                ends = self._clockwork.run([works[k] for k in selected])
+            finally:
+                self._clockwork = None
+                self._fast.clear()
+            rows += [{"round": round_index, "client": k, "outcome": "reported", "end_s": end}
+                     for k, end in zip(selected, ends)]
+            yield env.timeout(delay_to(env.now, max(ends)))
+            self.participation += sorted(rows, key=lambda row: row["client"])
+            return Participation(selected, list(selected))
+        self._fast.clear()
         processes = {}
         for k in selected:
-            node = self.clients[k]
-            work = client_round(node, steps, True) if certain else self._client(round_index, node, steps, client_round)
-            processes[k] = env.process(work)
+            processes[k] = env.process(works[k])
             processes[k].callbacks.append(lambda process, k=k: finished(k, process))
         if not selected:
             closed.succeed()
@@ -377,73 +397,73 @@ class Fleet:
         """A client's local split iterations: forward, upload, queue for an accelerator, server step, download,
         backward; then, if `report` bytes are given, the upload of its update. `probes` holds the steps that
         measure importance; `work` is None where nothing happens besides time (timing-only runs). Returns the
-        generator of the client's SimPy process (no frame of its own on the hot path)."""
-        run = self._split_fast if client.simple else self._split_stepwise
-        return run(round_index, client, costs, steps, probes, work, report)
+        generator of the client's process (no frame of its own on the hot path), which runs on SimPy or, on the
+        fast path, on the round's Clockwork (participate)."""
+        if not client.simple:
+            return self._split_stepwise(round_index, client, costs, steps, probes, work, report)
+        iterations = self._split_fast(round_index, client, costs, steps, probes, work, report)
+        self._fast.add(iterations)
+        return iterations
 
     def _split_fast(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
                     probes: frozenset[int], work: SplitWork | None, report: int):
-        """The hot path (timing-only runs make millions of these events), with one SimPy event per iteration:
-        the server is booked on arrival, so one timeout covers the server queue and step, the download, the
-        client backward and the next iteration's forward and upload. A client's device and links are its
-        own here, so joining its activities changes no timing. The server callback runs in the order of the
+        """The hot path (timing-only runs make millions of these events), with one wait per iteration: the
+        server is booked on arrival, so one wait covers the server queue and step, the download, the client
+        backward and the next iteration's forward and upload. It waits on the round's Clockwork where
+        `participate` runs one (yielding delays), else on SimPy (yielding timeouts): it sees which when it
+        starts. A client's device and links are its own here, so joining its activities changes no timing. The server callback runs in the order of the
         server steps; forward and backward, which touch only the client's own state, run when the client's
-        process does, which may be before their simulated start, as nothing else can observe them."""
+        process does, which may be before their simulated start, as nothing else can observe them. Each
+        iteration is recorded as one compact record (engine.Simulation) when the client reaches the server."""
         sim = self.sim
         k = client.index
         timing = self._split_timing.get(k)
         if (timing is None or timing.costs is not costs
                 or timing.factors != (client.compute_factor, client.bandwidth_factor)):
             timing = self._split_timing[k] = _SplitTiming(client, self.server, costs)
-        env, append, book = sim.env, sim.events.append, sim.server.book
-        timeout = env.timeout
-        r, device, up_res, down_res = round_index, client.device, client.up, client.down
-        fwd_flops, server_flops, bwd_flops = timing.flops
-        fwd_s, fwd_up_s, up_bytes, down_bytes = timing.fwd_s, timing.fwd_up_s, costs.up, costs.down
-        server_s, down_s, down_bwd_s = timing.server_s, timing.down_s, timing.down_bwd_s
+        append, book = sim.events.append, sim.server.book
+        clock = self._clockwork or sim.env
+        timeout = sim.env.timeout if clock is sim.env else float
+        r, shape = round_index, timing.shape
+        fwd_up_s, server_s, down_s, down_bwd_s = timing.fwd_up_s, timing.server_s, timing.down_s, timing.down_bwd_s
         probe = 0 in probes
         if work is not None:
             work.forward(0, probe)
-        start = env.now
+        start = clock.now
         yield timeout(fwd_up_s)
         last = steps - 1
         for step in range(steps):
-            now = env.now
-            middle = start + fwd_s
-            append((r, k, "client_fwd", device, start, middle, 0, fwd_flops))
-            append((r, k, "upload", up_res, middle, now, up_bytes, 0.0))
+            now = clock.now
             seconds = server_s[probe]
             acquired = book(now, seconds)
-            append((r, k, "server_queue", SERVER, now, acquired, 0, 0.0))
             if work is not None:
                 work.server(step, probe)
-            served = acquired + seconds
-            append((r, k, "server_step", SERVER, acquired, served, 0, server_flops[probe]))
-            if work is not None:
                 work.backward(step, probe)
+            served = acquired + seconds
             downloaded = served + down_s
-            append((r, k, "download", down_res, served, downloaded, down_bytes, 0.0))
-            if step == last:
-                yield timeout((acquired - now) + seconds + down_bwd_s[probe])
-                append((r, k, "client_bwd", device, downloaded, env.now, 0, bwd_flops[probe]))
+            if step == last:  # SimPy's clock will read now + delay, to the bit
+                delay = (acquired - now) + seconds + down_bwd_s[probe]
+                append((shape, r, probe, start, now, acquired, served, downloaded, now + delay))
+                yield timeout(delay)
                 break
-            start = served + down_bwd_s[probe]
-            append((r, k, "client_bwd", device, downloaded, start, 0, bwd_flops[probe]))
+            end = served + down_bwd_s[probe]
+            append((shape, r, probe, start, now, acquired, served, downloaded, end))
+            start = end
             probe = step + 1 in probes
             if work is not None:
                 work.forward(step + 1, probe)
             yield timeout((start - now) + fwd_up_s)
-        self.bytes_up += steps * up_bytes
-        self.bytes_down += steps * down_bytes
+        self.bytes_up += steps * costs.up
+        self.bytes_down += steps * costs.down
         probing = len(probes)  # the probing steps, all below `steps`
         for state, (plain, probed) in enumerate(zip(*timing.busy)):
             client.busy[state] += (steps - probing) * plain + probing * probed
         if report:
-            start, seconds = env.now, client.up_seconds(report)
+            start, seconds = clock.now, client.up_seconds(report)
             yield timeout(seconds)
-            append((r, k, "adapter_upload", up_res, start, env.now, report, 0.0))
+            append((r, k, "adapter_upload", client.up, start, clock.now, report, 0.0))
             self.bytes_up += report
-            client.busy[1] += env.now - start
+            client.busy[1] += clock.now - start
 
     def _split_stepwise(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
                         probes: frozenset[int], work: SplitWork | None, report: int):
