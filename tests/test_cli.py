@@ -209,6 +209,30 @@ def test_a_failed_write_is_recorded_in_the_summary_where_it_can_be(capsys, monke
     assert (run_dir / "events.parquet").is_file()  # the parts were still combined
 
 
+def test_a_combined_table_that_cannot_be_appended_ends_the_run_in_one_line_keeping_its_parts(capsys, monkeypatch,
+                                                                                             tmp_path):
+    """The combined tables are appended on a background thread (rundir.RunWriter): a disk that fails there ends
+    the run as any failed write does, and the per-round parts stay for analysis."""
+    import errno
+
+    from analysis.load import load_run
+    from hsplit_sim.experiment.rundir import RunWriter
+
+    def full(self, name, number, table):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunWriter, "_combine", full)
+    timing = ["--timing-only", "--set", "training.rounds=3", "--set", f"output.dir={tmp_path}"]
+    assert main(["run", "tiny", *timing]) == 1
+    assert_run_ends_in_one_error_line(capsys, "cannot write", "No space left on device", "keeps rounds 0..")
+    (run_dir,) = tmp_path.iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "No space left on device" in summary["error"]
+    assert not (run_dir / "events.parquet").exists() and (run_dir / ".events.parts").is_dir()
+    run = load_run(run_dir)
+    assert set(run.events["round"]) == set(run.rounds["round"])  # every round written has its events
+
+
 def _checkpoint(folder: Path, weights: bool = True, **config) -> Path:
     """A checkpoint directory: config.json (a small GPT-2 unless overridden), optionally weight and tokenizer files."""
     folder.mkdir()

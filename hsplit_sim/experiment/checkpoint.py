@@ -48,8 +48,12 @@ def encode(value):
     equal: dict[tuple, int] = {}  # frozen ones, by value
     written: list = []  # in the order numbered (held, so that no id is reused while encoding)
 
+    classes = tuple(_CLASSES.values())
+
     def walk(value):
-        if type(value) in _CLASSES.values():
+        if value is None or type(value) in (bool, int, float, str):  # most of what a state holds, first
+            return value
+        if type(value) in classes:
             if id(value) in numbers:
                 return {"__ref": numbers[id(value)]}
             key = (type(value), repr(value)) if type(value).__dataclass_params__.frozen else None
@@ -75,7 +79,7 @@ def encode(value):
                                 "data": base64.b64encode(np.ascontiguousarray(value).tobytes()).decode()}}
         if isinstance(value, np.generic):
             return value.item()
-        if value is None or isinstance(value, (bool, int, float, str)):
+        if isinstance(value, (bool, int, float, str)):  # their subclasses
             return value
         raise TypeError(f"checkpoint: cannot save a {type(value).__name__}")
 

@@ -262,6 +262,7 @@ def _close(writer: RunWriter, sim: Simulation, summary: dict, rounds: list[dict]
         error = exc
         if summary["status"] == "completed":
             summary.update(status="failed", error=str(exc))
+    writer.close()
     summary["events"] = sim.n_events
     summary["simpy_events"] = _simpy_events(sim)
     _finish(summary, rounds, started, totals)

@@ -1,16 +1,20 @@
 """The run directory: every table on disk after each round, so a crash loses nothing finished.
 
 The tables that grow with the rounds (events, clients, plans...) go one part file per round under
-`.<table>.parts/`, written once and never rewritten, and `finish_parts` streams the parts into
-`<table>.parquet` at the end of the run, whether it completed or failed; the small ones (rounds, resources)
-are rewritten whole and atomically. A run killed outright leaves its parts, which `analysis.load`
-reads when the combined file is missing.
+`.<table>.parts/`, written once and never rewritten; a background thread appends the same rows to
+`.<table>.parquet.partial` while the simulation goes on (parquet releases the interpreter's lock), and
+`finish_parts` closes it and renames it to `<table>.parquet` at the end of the run, whether it completed or
+failed; the small ones (rounds, resources) are rewritten whole and atomically. A run killed outright leaves its
+parts, which `analysis.load` reads when the combined file is missing.
 """
 
+import collections
 import functools
 import itertools
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -112,9 +116,18 @@ def _written(method):
 
 
 class RunWriter:
+    # Appends to combined files queued at most (about two rounds' worth): the simulation waits beyond that, so a
+    # slow disk cannot make the queue hold many rounds of tables in memory.
+    QUEUED = 16
+
     def __init__(self, path: Path):
         self.path = path
         self.parts: dict[str, int] = {}
+        self._combined: dict[str, pq.ParquetWriter] = {}  # the combined file of each part table, open
+        self._thread: ThreadPoolExecutor | None = None
+        self._queued: collections.deque = collections.deque()
+        self._failure: WriteError | None = None  # the first append that failed: the rest are skipped
+        self._lock = threading.Lock()
 
     @classmethod
     def create(cls, root: str, name: str) -> "RunWriter":
@@ -171,6 +184,45 @@ class RunWriter:
         if rows:
             self._append_part(name, pa.table({column: [row[column] for row in rows] for column in rows[0]}))
 
+    def _in_background(self, name: str, write) -> None:
+        """`write()` on the writer thread after everything queued before it; an OSError there becomes this
+        writer's failure (a WriteError naming `name`), raised by the next call that queues or waits, and what
+        was queued after it is not written."""
+        self._raise_failure()
+
+        def guarded():
+            if self._failure is not None:
+                return
+            try:
+                write()
+            except OSError as e:
+                with self._lock:
+                    self._failure = self._failure or WriteError(
+                        f"cannot write {name} in {self.path}: {e.strerror or e}")
+
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="run-writer")
+        while self._queued and (self._queued[0].done() or len(self._queued) >= self.QUEUED):
+            self._queued.popleft().result()
+        self._queued.append(self._thread.submit(guarded))
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    def wait(self) -> None:
+        """Until every background append is done; raises the first that failed."""
+        while self._queued:
+            self._queued.popleft().result()
+        self._raise_failure()
+
+    def close(self) -> None:
+        """Waits for the background appends (a failure stays for `wait` to raise) and ends the writer thread."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+        self._queued.clear()
+
     @_written
     def _append_part(self, name: str, table: pa.Table) -> None:
         parts = self.path / f".{name}.parts"
@@ -179,19 +231,37 @@ class RunWriter:
         self.parts[name] = number + 1
         pq.write_table(table, parts / f".{number:06d}.partial")
         os.replace(parts / f".{number:06d}.partial", parts / f"{number:06d}.parquet")
+        self._in_background(name, lambda: self._combine(name, number, table))
+
+    def _combine(self, name: str, number: int, table: pa.Table) -> None:
+        """On the writer thread: part `number`'s rows appended to the table's combined file (opened at the first
+        part this process writes, with the parts a resumed run kept before it)."""
+        combined = self._combined.get(name)
+        if combined is None:
+            schema = table.schema.remove_metadata()
+            combined = self._combined[name] = pq.ParquetWriter(self.path / f".{name}.parquet.partial", schema)
+            for file in sorted((self.path / f".{name}.parts").glob("[0-9]*.parquet"))[:number]:
+                combined.write_table(pq.read_table(file).replace_schema_metadata().cast(schema))
+        combined.write_table(table.replace_schema_metadata().cast(combined.schema))
 
     @_written
     def finish_parts(self, name: str, schema: pa.Schema | None = None) -> None:
-        """Stream a table's parts, in order, into <name>.parquet (a row group each) and remove them."""
+        """<name>.parquet from a table's parts, in order (a row group each), and the parts removed: the combined
+        file this process appended to, else (a run resumed that wrote none) the parts read again."""
+        self.wait()
         parts = self.path / f".{name}.parts"
-        files = sorted(parts.glob("[0-9]*.parquet")) if parts.is_dir() else []
-        if schema is None and not files:
-            return
-        schema = schema or pq.read_schema(files[0]).remove_metadata()
         partial = self.path / f".{name}.parquet.partial"
-        with pq.ParquetWriter(partial, schema) as out:
-            for file in files:
-                out.write_table(pq.read_table(file).replace_schema_metadata().cast(schema))
+        combined = self._combined.pop(name, None)
+        if combined is not None:
+            combined.close()
+        else:
+            files = sorted(parts.glob("[0-9]*.parquet")) if parts.is_dir() else []
+            if schema is None and not files:
+                return
+            schema = schema or pq.read_schema(files[0]).remove_metadata()
+            with pq.ParquetWriter(partial, schema) as out:
+                for file in files:
+                    out.write_table(pq.read_table(file).replace_schema_metadata().cast(schema))
         os.replace(partial, self.path / f"{name}.parquet")
         if parts.is_dir():
             for file in parts.iterdir():
