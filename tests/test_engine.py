@@ -58,23 +58,23 @@ SHAPES = [IterationShape(k, (f"client{k}", f"client{k}.up", "server", "server", 
 ROW = st.tuples(st.integers(0, 3), st.integers(-1, 3), st.sampled_from(["eval", "aggregate", "adapter_upload"]),
                 st.sampled_from(["server", "client1.up", "client9"]), st.floats(0, 5), st.floats(0, 5),
                 st.integers(0, 10 ** 9), st.floats(0, 1e12))
-RECORD = st.builds(lambda shape, r, probe, times: (shape, r, probe, *sorted(times)), st.sampled_from(SHAPES),
+RECORD = st.builds(lambda shape, r, probe, times: (shape, r, probe, *sorted(times)), st.integers(0, len(SHAPES) - 1),
                    st.integers(0, 3), st.booleans(), st.lists(st.floats(0, 5), min_size=6, max_size=6))
 
 
 @settings(max_examples=100, deadline=None)
 @given(events=st.lists(ROW | RECORD, max_size=40))
 def test_a_round_of_rows_and_records_becomes_the_table_of_their_rows_in_order(events):
-    rows = list(expanded(events))
+    rows = list(expanded(events, SHAPES))
     assert len(rows) == rows_in(events)
     expected = pa.Table.from_arrays(pa.array(rows, type=EVENT_ROW).flatten(), schema=EVENT_SCHEMA)
-    assert events_table(events).equals(expected)
+    assert events_table(events, SHAPES).equals(expected)
 
 
 def test_a_record_stands_for_its_six_activities():
     shape = SHAPES[1]
-    (r, k, kind, resource, start, end, nbytes, flops), *rest = expanded([(shape, 2, True, 1.0, 2.0, 3.0, 4.0, 5.0,
-                                                                          6.0)])
+    (r, k, kind, resource, start, end, nbytes, flops), *rest = expanded([(1, 2, True, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)],
+                                                                         SHAPES)
     assert (r, k, kind, resource, start, end, nbytes, flops) == (2, 1, "client_fwd", "client1", 1.0, 1.0 + shape.fwd_s,
                                                                    0, 2.5)
     assert [row[2] for row in rest] == list(SPLIT_KINDS[1:])
@@ -83,8 +83,12 @@ def test_a_record_stands_for_its_six_activities():
     assert [row[6] for row in rest] == [101, 0, 0, 51, 0] and [row[7] for row in rest] == [0.0, 0.0, 2.5, 0.0, 3.5]
 
 
-def test_the_simulation_counts_a_record_as_six_events():
+def test_the_simulation_counts_a_record_as_six_events_and_numbers_shapes_until_they_are_taken():
     sim = Simulation(1)
     sim.record(0, -1, "eval", "server", 0.0, 0.0)
-    sim.events.append((SHAPES[0], 1, False, 0.0, 1.0, 1.0, 2.0, 3.0, 4.0))
-    assert sim.n_events == 7 and rows_in(sim.take_events()) == 7 and sim.n_events == 7 and not sim.events
+    assert [sim.shape_number(SHAPES[2]), sim.shape_number(SHAPES[0]), sim.shape_number(SHAPES[2])] == [0, 1, 0]
+    sim.events.append((1, 1, False, 0.0, 1.0, 1.0, 2.0, 3.0, 4.0))
+    assert [row[1] for row in sim.rows()] == [-1] + [0] * 6  # the record's shape, SHAPES[0]
+    events, shapes = sim.take_events()
+    assert sim.n_events == 7 and rows_in(events) == 7 and shapes == [SHAPES[2], SHAPES[0]] and not sim.events
+    assert sim.shape_number(SHAPES[0]) == 0  # numbered afresh

@@ -103,6 +103,9 @@ class SplitLoRA(SplitProtocol):
         self.split, self.rank, active = self.configuration(ctx.scenario, ctx.spec, ctx.clients)
         self.client_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split), self.rank)
         self.server_ranks = costs.uniform_ranks(ctx.spec, targets, range(self.split, ctx.spec.n_layers), self.rank)
+        # what every broadcast carries, by the receiving client's element bytes (asked for every client, every round)
+        self.broadcast_bytes = {e: costs.adapter_bytes(ctx.spec, self.client_ranks, e)
+                                for e in {c.element_bytes for c in ctx.clients}}
         shared = {a: ClientPlan(self.split, self.client_ranks, self.server_ranks, a) for a in set(active)}
         self.plans = [shared[a] for a in active]  # one plan object each for active and dropped clients
         self.plan_rows(1)
@@ -161,8 +164,8 @@ class SplitLoRA(SplitProtocol):
                        client_adapters={k: merged for k in contributions.active}, server_adapters=server_adapters)
 
     def deliver(self, round_index: int, client, planned: Planned):
-        nbytes = costs.adapter_bytes(self.ctx.spec, self.client_ranks, client.element_bytes)
-        yield from self.ctx.fleet.clients[client.index].download(round_index, "broadcast", nbytes)
+        yield from self.ctx.fleet.clients[client.index].download(round_index, "broadcast",
+                                                                 self.broadcast_bytes[client.element_bytes])
 
     def eval_adapters(self) -> list[str]:
         return ["global_client", "server"]

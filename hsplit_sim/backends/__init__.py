@@ -3,6 +3,8 @@
 methods whatever the backend, so no algorithm asks which one it has.
 """
 
+from collections.abc import Iterable
+
 from hsplit_sim.sim.fleet import SplitWork, StepWork
 
 
@@ -79,8 +81,9 @@ class Backend:
         losses are all in; nothing where nothing runs for real."""
         raise NotImplementedError
 
-    def round_done(self, round_index: int, events: list[tuple], order_sensitive: bool) -> dict:
-        """Columns of the round's row that come from elsewhere (a replay's accuracy); {} otherwise."""
+    def round_done(self, round_index: int, events: Iterable[tuple], order_sensitive: bool) -> dict:
+        """Columns of the round's row that come from elsewhere (a replay's accuracy); {} otherwise. `events`
+        are the event rows not yet written (Simulation.rows: read them once)."""
         raise NotImplementedError
 
     def take_host_times(self) -> list[dict]:

@@ -15,6 +15,7 @@ difference stops the replay (ReplayMismatch).
 """
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +24,6 @@ import yaml
 from hsplit_sim.algorithms.plans import ClientPlan
 from hsplit_sim.backends import TimingBackend
 from hsplit_sim.errors import RunError, ScenarioError
-from hsplit_sim.sim.engine import expanded
 
 ACCURACY_COLUMNS = ("train_loss", "eval_loss", "eval_ppl", "agg_error")
 COPIED_TABLES = ("generations", "importance")  # what training wrote besides the rounds' accuracy
@@ -87,7 +87,7 @@ class ReplayBackend(TimingBackend):
             plans[int(row["client"])] = ClientPlan.from_row(row)
         return plans
 
-    def round_done(self, round_index: int, events: list[tuple], order_sensitive: bool) -> dict:
+    def round_done(self, round_index: int, events: Iterable[tuple], order_sensitive: bool) -> dict:
         if order_sensitive:
             self.check_order(round_index, events)
         if round_index not in self.rounds:
@@ -102,8 +102,8 @@ class ReplayBackend(TimingBackend):
             self._order = {int(r): group["client"].tolist() for r, group in queue.groupby("round", sort=False)}
         return self._order.get(round_index, [])
 
-    def check_order(self, round_index: int, events: list[tuple]) -> None:
-        mine = [e[1] for e in expanded(events) if e[0] == round_index and e[2] == "server_queue"]
+    def check_order(self, round_index: int, events: Iterable[tuple]) -> None:
+        mine = [e[1] for e in events if e[0] == round_index and e[2] == "server_queue"]
         theirs = self.server_order(round_index)
         if mine != theirs:
             first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))

@@ -250,7 +250,7 @@ def _close(writer: RunWriter, sim: Simulation, summary: dict, rounds: list[dict]
     A further table of the method that got no row (importance, timing-only) is written empty once a round is."""
     error = None
     try:
-        writer.append_events(sim.take_events())
+        writer.append_events(*sim.take_events())
         writer.finish_events()
         for name in checkpoint.PART_TABLES:
             if name != "events":
@@ -362,12 +362,12 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
                "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss), "bytes_up": fleet.bytes_up,
                "bytes_down": fleet.bytes_down, "agg_error": ctx.stats.agg_error,
                "algorithm": algorithm.name}
-        row.update(ctx.backend.round_done(round_index, sim.events, algorithm.order_sensitive))
+        row.update(ctx.backend.round_done(round_index, sim.rows(), algorithm.order_sensitive))
         writer.append_rows("clients", clients)
         writer.append_rows("host_times", ctx.backend.take_host_times())
         writer.write_rounds(rows + [row])
         rows.append(row)  # once on disk: a run that cannot write a round ends without it
-        writer.append_events(sim.take_events())
+        writer.append_events(*sim.take_events())
         for name, table in algorithm.take_rows().items():
             writer.append_rows(name, table)
         log.info("round %d: %s", round_index, rows[-1])

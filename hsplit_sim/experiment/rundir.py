@@ -27,7 +27,7 @@ import yaml
 
 from hsplit_sim.errors import RunError, ScenarioError
 from hsplit_sim.results import EVENT_COLUMNS
-from hsplit_sim.sim.engine import SPLIT_KINDS
+from hsplit_sim.sim.engine import SPLIT_KINDS, IterationShape
 
 # The contract names the columns; their types are the writer's: a column added there without a type here fails
 # on import, not in a run.
@@ -39,32 +39,35 @@ EVENT_SCHEMA = pa.schema([(column, EVENT_TYPES[column]) for column in EVENT_COLU
 EVENT_ROW = pa.struct(list(EVENT_SCHEMA))
 
 
-def events_table(events: list[tuple]) -> pa.Table:
-    """Event rows and compact split-iteration records (sim/engine.py: Simulation) as an Arrow table of the fixed
-    event schema, in their order, a record giving its six rows. Arrow reads the rows as structs and splits them
-    into columns itself, about five times faster than transposing them in Python; the records, most of a
-    timing-only run's events (ten thousand clients make 100,000 a round), are expanded by numpy."""
+# A compact split-iteration record (sim/engine.py: Simulation): its shape's number, round, probing, and these
+# instants (the forward's end, between start and arrival, is start plus the shape's forward seconds).
+INSTANTS = ("start", "arrived", "acquired", "served", "downloaded", "end")
+RECORD = pa.struct([("shape", pa.int64()), ("round", pa.int64()), ("probe", pa.bool_()),
+                    *((name, pa.float64()) for name in INSTANTS)])
+
+
+def events_table(events: list[tuple], shapes: list[IterationShape]) -> pa.Table:
+    """Event rows and compact split-iteration records, whose shapes `shapes` numbers (sim/engine.py:
+    Simulation), as an Arrow table of the fixed event schema, in their order, a record giving its six rows.
+    Arrow reads the tuples as structs and splits them into columns itself, about five times faster than
+    transposing them in Python; numpy expands the records, most of a timing-only run's events (ten thousand
+    clients make 100,000 a round)."""
     is_record = np.fromiter(map(len, events), np.int64, len(events)) != len(EVENT_COLUMNS)
     rows = pa.Table.from_arrays(pa.array(list(itertools.compress(events, ~is_record)), type=EVENT_ROW).flatten(),
                                 schema=EVENT_SCHEMA)
     if not is_record.any():
         return rows
-    records = list(itertools.compress(events, is_record))
+    records = {field.name: column.to_numpy(zero_copy_only=False) for field, column in zip(
+        RECORD, pa.array(list(itertools.compress(events, is_record)), type=RECORD).flatten())}
     widths = np.where(is_record, len(SPLIT_KINDS), 1)
     first = np.cumsum(widths) - widths  # where each row or record's rows start
     at_rows, at_records = first[~is_record], first[is_record]
     total = int(widths.sum())
 
-    shapes: dict = {}  # IterationShape -> its number, in the order first met
-    shape_of = np.fromiter((shapes.setdefault(record[0], len(shapes)) for record in records), np.int64,
-                           len(records))
-    values = np.array(records, dtype=object)
-    probe = values[:, 2].astype(bool)
-    # the record's instants: start, forward end (start + the forward's seconds), arrival, step start, step end,
-    # download end, backward end; activity j lasts from instant j to instant j + 1
+    shape_of, probe, start = records["shape"], records["probe"].astype(np.int64), records["start"]
+    # activity j of a record lasts from instant j to instant j + 1
     fwd_s = np.array([shape.fwd_s for shape in shapes])
-    start = values[:, 3].astype(np.float64)
-    instants = [start, start + fwd_s[shape_of], *(values[:, i].astype(np.float64) for i in range(4, 9))]
+    instants = [start, start + fwd_s[shape_of], *(records[name] for name in INSTANTS[1:])]
     nbytes = np.array([shape.nbytes for shape in shapes], dtype=np.int64)
     flops = np.array([[shape.flops[p] for shape in shapes] for p in (False, True)])
     clients = np.array([shape.client for shape in shapes], dtype=np.int64)
@@ -83,17 +86,16 @@ def events_table(events: list[tuple]) -> pa.Table:
         columns[name][at_rows] = rows[name].to_numpy()
     columns["kind"][at_rows] = kind.indices.to_numpy(zero_copy_only=False)
     columns["resource"][at_rows] = resource.indices.to_numpy(zero_copy_only=False)
-    rounds = values[:, 1].astype(np.int64)
     for j in range(len(SPLIT_KINDS)):
         at = at_records + j
-        columns["round"][at] = rounds
+        columns["round"][at] = records["round"]
         columns["client"][at] = clients[shape_of]
         columns["kind"][at] = len(kind.dictionary) + j
         columns["resource"][at] = shape_resources[shape_of, j]
         columns["start_s"][at] = instants[j]
         columns["end_s"][at] = instants[j + 1]
         columns["bytes"][at] = nbytes[shape_of, j]
-        columns["flops"][at] = flops[probe.astype(np.int64), shape_of, j]
+        columns["flops"][at] = flops[probe, shape_of, j]
     strings = {"kind": kinds, "resource": list(names)}
     return pa.Table.from_arrays(
         [pa.DictionaryArray.from_arrays(columns[c], pa.array(strings[c], pa.string())).cast(pa.string())
@@ -173,10 +175,11 @@ class RunWriter:
     def write_rounds(self, rows: list[dict]) -> None:
         self.write_table("rounds", rows, csv=True)
 
-    def append_events(self, rows: list[tuple]) -> None:
-        """One more part of the events table (a round's rows); nothing is rewritten."""
+    def append_events(self, rows: list[tuple], shapes: list[IterationShape]) -> None:
+        """One more part of the events table (a round's rows and compact records, Simulation.take_events);
+        nothing is rewritten."""
         if rows:
-            self._append_part("events", events_table(rows))
+            self._append_part("events", events_table(rows, shapes))
 
     def append_rows(self, name: str, rows: list[dict]) -> None:
         """One more part of a table that grows every round (clients, participation, energy). Built column by

@@ -24,14 +24,15 @@ class IterationShape:
     fwd_s: float
 
 
-def expanded(events: list[tuple]):
+def expanded(events: list[tuple], shapes: list[IterationShape]):
     """Event rows (EVENT_COLUMNS tuples) of a list that may hold compact split-iteration records (Simulation),
-    in order: a record gives its six rows."""
+    in order: a record gives its six rows. `shapes` are the shapes its records name by number."""
     for event in events:
         if len(event) == 8:
             yield event
             continue
-        shape, r, probe, start, arrived, acquired, served, downloaded, end = event
+        number, r, probe, start, arrived, acquired, served, downloaded, end = event
+        shape = shapes[number]
         k, flops = shape.client, shape.flops[probe]
         times = (start, start + shape.fwd_s, arrived, acquired, served, downloaded, end)
         for i, kind in enumerate(SPLIT_KINDS):
@@ -119,10 +120,12 @@ class Simulation:
     `events` holds the rows (tuples in results.EVENT_COLUMNS order) not yet written to the run directory:
     the run writes them after every round and clears the list (in place, so hot loops may keep `events.append`
     bound), so memory does not grow with the length of a run. `n_events` counts every row ever recorded. A
-    split iteration on the fleet's fast path is one compact record instead of six rows: (IterationShape,
-    round, probing, start, arrival at the server, server step start, its end, download end, backward end),
-    nine items where a row has eight; `expanded` gives its rows, and the run directory expands whole rounds of
-    them in Arrow (a timing-only run records millions).
+    split iteration on the fleet's fast path is one compact record instead of six rows: (the number of its
+    IterationShape, round, probing, start, arrival at the server, server step start, its end, download end,
+    backward end), nine plain values where a row has eight; shapes are numbered (`shape_number`) afresh
+    after every `take_events`, which hands them over with the records. `rows` gives the rows of what is not
+    taken yet, and the run directory expands whole rounds of records in numpy (a timing-only run records
+    millions).
     """
 
     def __init__(self, accelerators: int, start_s: float = 0.0):
@@ -130,6 +133,7 @@ class Simulation:
         self.server = ServerQueue(accelerators)
         self.events: list[tuple] = []
         self.flushed = 0
+        self._shapes: dict[IterationShape, int] = {}  # the numbers records not yet taken use
 
     @property
     def now(self) -> float:
@@ -152,12 +156,25 @@ class Simulation:
         self.server.free_at = list(state["server_free_at"])
         self.flushed = state["events"] - rows_in(self.events)
 
-    def take_events(self) -> list[tuple]:
-        """The rows and compact records recorded since the last call; the list is emptied in place."""
-        rows = self.events[:]
+    def take_events(self) -> tuple[list[tuple], list[IterationShape]]:
+        """The rows and compact records recorded since the last call, and the shapes those records number; the
+        list is emptied in place."""
+        rows, shapes = self.events[:], list(self._shapes)
         self.events.clear()
+        self._shapes = {}
         self.flushed += rows_in(rows)
-        return rows
+        return rows, shapes
+
+    def shape_number(self, shape: IterationShape) -> int:
+        """The number compact records use for `shape` until the next take_events."""
+        number = self._shapes.get(shape)
+        if number is None:
+            number = self._shapes[shape] = len(self._shapes)
+        return number
+
+    def rows(self):
+        """The event rows recorded and not yet taken, records expanded (engine.expanded)."""
+        return expanded(self.events, list(self._shapes))
 
     def record(self, round_index: int, client: int, kind: str, resource: str, start: float, end: float,
                nbytes: int = 0, flops: float = 0.0) -> None:

@@ -424,7 +424,7 @@ class Fleet:
         append, book = sim.events.append, sim.server.book
         clock = self._clockwork or sim.env
         timeout = sim.env.timeout if clock is sim.env else float
-        r, shape = round_index, timing.shape
+        r, shape = round_index, sim.shape_number(timing.shape)
         fwd_up_s, server_s, down_s, down_bwd_s = timing.fwd_up_s, timing.server_s, timing.down_s, timing.down_bwd_s
         probe = 0 in probes
         if work is not None:
