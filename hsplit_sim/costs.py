@@ -309,6 +309,13 @@ def _block(spec: ModelSpec, layer: int, batch: int, seq: int, ranks: Ranks, x_gr
     return h_grad or down
 
 
+def probe_flags(measure: str | None) -> dict[str, bool]:
+    """segment_work's flags for a step that is also IWI's probe with `measure` (none: a plain step)."""
+    if measure not in (None, "abs_sum", "sum_abs"):
+        raise ValueError(f"probe: abs_sum, sum_abs or None, not {measure!r}")
+    return {} if measure is None else {"output_grads": True} if measure == "abs_sum" else {"weight_grads": True}
+
+
 def segment_work(
     spec: ModelSpec, start: int, stop: int, batch: int, seq: int, ranks: Ranks, head: bool,
     input_requires_grad: bool, full_finetune: bool = False, weight_grads: bool = False, output_grads: bool = False,

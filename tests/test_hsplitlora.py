@@ -17,8 +17,10 @@ from hsplit_sim.algorithms.aggregation import exact_update, factors_update, rela
 from hsplit_sim.algorithms.hsplitlora import HSplitLoRA, server_pieces
 from hsplit_sim.algorithms.plans import ClientPlan, ranks_key
 from hsplit_sim.algorithms.protocols.split import PlanCosts, iteration_estimate, probe_iteration
+from hsplit_sim.errors import ScenarioError
 from hsplit_sim.experiment.run import run_scenario
 from hsplit_sim.scenario import expanded_clients, model_hf_config, resolve_device, scenario_from_dict
+from hsplit_sim.scenario.catalog import DeviceSpec
 from hsplit_sim.scenario.models import BUILTIN_MODELS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -309,6 +311,61 @@ def test_the_probe_before_training_is_charged_as_it_runs(runs, key):
     assert np.isnan(rounds["train_loss"][0]) and rounds["sim_time_s"][0] == events[events["round"] == 0]["end_s"].max()
     assert events[events["round"] == 1]["start_s"].min() >= rounds["sim_time_s"][0]
     assert (tables["participation"].query("round == 0")["outcome"] == "reported").all()
+
+
+@pytest.mark.parametrize("key", ["gpt2-het", "no-iwi"])
+def test_a_rounds_adapter_upload_carries_the_scores_its_first_step_measured(runs, key):
+    """With IWI on, every round's first step is also the probe: its client-side scores (one fp32 value per
+    client-side projection) go up with the client's adapter at the round's end; without IWI nothing is scored."""
+    sc, tables = runs(key)
+    spec = costs.ModelSpec.from_hf_config(model_hf_config(sc))
+    plans = plans_by_round(sc, tables)
+    uploads = tables["events"].query("kind == 'adapter_upload'")
+    assert len(uploads) == ROUNDS * len(expanded_clients(sc))
+    for r, k, nbytes in zip(uploads["round"], uploads["client"], uploads["bytes"]):
+        plan = plans[r, k]
+        adapter = PlanCosts(spec, plan, BATCH, SEQ, 4, 0.0).adapter
+        scores = 4 * len(iwi.candidate_weights(spec, 0, plan.split)) if sc.algorithm.iwi else 0
+        assert nbytes == adapter + scores
+
+
+def test_the_time_budget_bounds_the_probe_step_too():
+    """time_budget_s bounds a client's longest iteration: with IWI on, every round's first, which also probes.
+    A budget between a split's training step and its probe step rules that split out with IWI on only."""
+    spec = spec_of("tiny-gpt2")
+    raw = base("tiny-gpt2", None)
+    sc = scenario_from_dict(raw)
+    (client, _) = expanded_clients(sc)
+    plain, probing = (iwi.client_work(spec, spec.n_layers - 1, BATCH, SEQ, {}, 0.0, probe)
+                      for probe in (None, "abs_sum"))
+    assert probing.flops > plain.flops
+    deepest = spec.n_layers - 1
+    budget = (seconds(plain, client.device) + seconds(probing, client.device)) / 2
+    for iwi_on in (True, False):
+        sc = scenario_from_dict(base("tiny-gpt2", None), [f"algorithm.time_budget_s={budget!r}",
+                                                          f"algorithm.iwi={str(iwi_on).lower()}"])
+        uniform = {key: 1.0 for key in iwi.candidate_weights(spec, 0, spec.n_layers)}
+        plan = HSplitLoRA.solve(sc, spec, client, 2, uniform, [deepest])
+        assert (plan is None) == iwi_on
+
+
+def test_the_servers_memory_check_counts_its_probe_step():
+    """The server holds the whole model with every projection at max(Q); with IWI on its step is also the
+    probe, which holds more: a server between the two fits only without IWI."""
+    spec = spec_of("tiny-gpt2")
+    everything = {layer: {m: max(Q) for m in set(costs.TARGET_MODULES[spec.family].values())}
+                  for layer in range(spec.n_layers)}
+    plain, probing = (costs.training_memory_bytes(spec, 0, spec.n_layers, BATCH, SEQ, everything, embeddings=True,
+                                                  head=True, probe=probe) for probe in (None, "abs_sum"))
+    assert probing > plain
+    server = DeviceSpec(tflops=10.0, efficiency=0.5, memory_gb=(plain + probing) / 2 / 1e9)
+    for iwi_on in (True, False):
+        sc = scenario_from_dict(base("tiny-gpt2", None), [f"algorithm.iwi={str(iwi_on).lower()}"])
+        if iwi_on:
+            with pytest.raises(ScenarioError, match="at most"):
+                HSplitLoRA.check_memory(sc, spec, expanded_clients(sc), server)
+        else:
+            assert HSplitLoRA.check_memory(sc, spec, expanded_clients(sc), server) == 1
 
 
 def test_without_armsc_there_is_no_probe_before_training(runs):

@@ -125,7 +125,9 @@ class HSplitLoRA(SplitProtocol):
         within_time = None
         if algo.time_budget_s is not None:
             def within_time(split: int, ranks: costs.Ranks) -> bool:
-                work = iwi.client_work(spec, split, batch, seq, ranks, scenario.training.weight_decay)
+                """Its longest iteration: with IWI on, every round's first, which is also the probe."""
+                work = iwi.client_work(spec, split, batch, seq, ranks, scenario.training.weight_decay,
+                                       algo.importance if algo.iwi else None)
                 return client_seconds(work, client) <= algo.time_budget_s
 
         def seconds(split: int, client_ranks: costs.Ranks, server_ranks: costs.Ranks) -> float:
@@ -194,9 +196,11 @@ class HSplitLoRA(SplitProtocol):
         everything = {layer: {m: max(scenario.algorithm.rank_set) for m in modules}
                       for layer, modules in costs.uniform_ranks(spec, list(costs.TARGET_MODULES[spec.family]),
                                                                 range(spec.n_layers), 1).items()}
-        need = costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
-                                           scenario.data.max_length, everything, embeddings=True, head=True,
-                                           element_bytes=ELEMENT_BYTES[server_precision(scenario)])
+        probes = [None, scenario.algorithm.importance] if scenario.algorithm.iwi else [None]
+        need = max(costs.training_memory_bytes(spec, 0, spec.n_layers, scenario.training.batch_size,
+                                               scenario.data.max_length, everything, embeddings=True, head=True,
+                                               element_bytes=ELEMENT_BYTES[server_precision(scenario)], probe=probe)
+                   for probe in probes)  # with IWI on, every round's first step is also the probe
         return server_placement(need, scenario, server_device, " at most")
 
     def setup(self) -> None:
@@ -302,7 +306,17 @@ class HSplitLoRA(SplitProtocol):
         if steps:
             yield from ctx.fleet.split_iterations(0, node, iteration, 1, frozenset({0}), work, 0)
         if report:
-            yield from node.upload(0, "importance_upload", 4 * len(iwi.candidate_weights(ctx.spec, 0, split)))
+            yield from node.upload(0, "importance_upload", self.score_bytes(split))
+
+    def score_bytes(self, split: int) -> int:
+        """The scores of a client side cut at `split`, as they go up: one fp32 value per projection."""
+        return 4 * len(iwi.candidate_weights(self.ctx.spec, 0, split))
+
+    def adapter_bytes(self, client: int) -> int:
+        """What a client uploads at a round's end: its adapters and, with IWI on, the scores its first step
+        measured, which go up with them (round 0's go up on their own: probe)."""
+        scores = self.score_bytes(self.plans[client].split) if self.config.iwi else 0
+        return super().adapter_bytes(client) + scores
 
     def record_importance(self, client: int, scores: dict[str, float]) -> None:
         """Kept per client and averaged in client order, so importance (and the plans) cannot depend on the

@@ -226,7 +226,8 @@ class SegmentMemory:
 
 
 def client_work(spec: costs.ModelSpec, split: int, batch: int, seq: int, ranks: costs.Ranks,
-                weight_decay: float = 0.0) -> costs.Work:
-    """A client's compute in one local iteration: forward, backward and optimiser step of its segment."""
-    forward, backward = costs.segment_work(spec, 0, split, batch, seq, ranks, False, False)
+                weight_decay: float = 0.0, probe: str | None = None) -> costs.Work:
+    """A client's compute in one local iteration: forward, backward and optimiser step of its segment; with
+    `probe` (IWI's measure), of the iteration that is also the probe."""
+    forward, backward = costs.segment_work(spec, 0, split, batch, seq, ranks, False, False, **costs.probe_flags(probe))
     return forward + backward + costs.optimizer_work(spec, ranks, weight_decay)

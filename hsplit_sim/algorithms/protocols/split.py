@@ -28,14 +28,10 @@ class PlanCosts:
     def __init__(self, spec: costs.ModelSpec, plan: ClientPlan, batch: int, seq: int, element_bytes: int,
                  weight_decay: float, measure: str = "abs_sum", probed: bool = False):
         s, n = plan.split, spec.n_layers
-
-        def probe(on: bool) -> dict:
-            return {"output_grads": on} if measure == "abs_sum" else {"weight_grads": on}
-
-        client = [costs.segment_work(spec, 0, s, batch, seq, plan.client_ranks, False, False, **probe(on))
-                  for on in (False, True)]
-        server = [costs.segment_work(spec, s, n, batch, seq, plan.server_ranks, True, True, **probe(on))
-                  for on in (False, True)]
+        client = [costs.segment_work(spec, 0, s, batch, seq, plan.client_ranks, False, False, **costs.probe_flags(m))
+                  for m in (None, measure)]
+        server = [costs.segment_work(spec, s, n, batch, seq, plan.server_ranks, True, True, **costs.probe_flags(m))
+                  for m in (None, measure)]
         client_step = costs.optimizer_work(spec, plan.client_ranks, weight_decay)
         server_step = costs.optimizer_work(spec, plan.server_ranks, weight_decay)
         client_fwd = client[0][0]
@@ -63,9 +59,9 @@ def probe_iteration(spec: costs.ModelSpec, split: int, batch: int, seq: int, ele
                     measure: str = "abs_sum") -> IterationCosts:
     """IWI's probe before round 1: one iteration of the base model cut at `split` (no adapter yet, no optimiser
     step) that measures every projection's importance, on both sides of the cut (`probing` is always on)."""
-    flag = {"output_grads": True} if measure == "abs_sum" else {"weight_grads": True}
-    client_fwd, client_bwd = costs.segment_work(spec, 0, split, batch, seq, {}, False, False, **flag)
-    server_fwd, server_bwd = costs.segment_work(spec, split, spec.n_layers, batch, seq, {}, True, True, **flag)
+    flags = costs.probe_flags(measure)
+    client_fwd, client_bwd = costs.segment_work(spec, 0, split, batch, seq, {}, False, False, **flags)
+    server_fwd, server_bwd = costs.segment_work(spec, split, spec.n_layers, batch, seq, {}, True, True, **flags)
     server = server_fwd + server_bwd
     return IterationCosts(client_fwd, (client_bwd, client_bwd), (server, server),
                           costs.smashed_bytes(spec, batch, seq, element_bytes),
