@@ -147,6 +147,13 @@ def test_inline_device_and_link():
         (["training.lr=.inf"], "training.lr: Input should be a finite number"),
         (["clients.0.device={tflops: .nan, efficiency: 1, memory_gb: 1}"], "clients.0.device.tflops: "),
         (["clients.1.link={up_mbps: 20, down_mbps: 100, latency_ms: .inf}"], "clients.1.link.latency_ms: "),
+        # positive and finite, but durations of no meaning (1e-300 Mbit/s gives 1e306 s)
+        (["clients.1.link={up_mbps: 1.0e-300, down_mbps: 100, latency_ms: 1}"],
+         "clients.1.link.up_mbps: Input should be greater than or equal to 0.0001"),
+        (["clients.1.link={up_mbps: 20, down_mbps: 100, latency_ms: 1.0e+300}"], "clients.1.link.latency_ms: "),
+        (["clients.0.device={tflops: 1.0e-300, efficiency: 0.5, memory_gb: 1}"], "clients.0.device.tflops: "),
+        (["clients.0.device={tflops: 1, efficiency: 1.0e-300, memory_gb: 1}"], "clients.0.device.efficiency: "),
+        (["system.media=[{name: ap, up_mbps: 1.0e-300, down_mbps: 1}]"], "system.media.0.up_mbps: "),
         (["clients.0.link={up_mbps: 1, up_mbps: 2, down_mbps: 1, latency_ms: 1}"],
          "--set clients.0.link: value is not valid YAML (YAML syntax error at line 1, column 14: key 'up_mbps' "
          "appears twice"),

@@ -125,6 +125,22 @@ def runs_of(sweep_dir: Path) -> dict[str, list[str]]:
     return {p.name: sorted(d.name for d in p.iterdir() if d.is_dir()) for p in (sweep_dir / "points").iterdir()}
 
 
+def test_resume_refuses_a_directory_this_sweep_did_not_write(tmp_path):
+    """A folder without the sweep's sweep.resolved.yaml, or with another sweep's, is not adopted (#13)."""
+    sweep = load_sweep_file(sweep_file(tmp_path, grid={"training.rounds": [1]}))
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(ScenarioError, match="not a sweep directory"):
+        run_sweep(sweep, resume=stranger, progress=False)
+    (stranger / "sweep.resolved.yaml").write_text(yaml.safe_dump({"name": "another"}))
+    with pytest.raises(ScenarioError, match="a directory of sweep 'another'"):
+        run_sweep(sweep, resume=stranger, progress=False)
+    assert sorted(p.name for p in stranger.iterdir()) == ["notes.txt", "sweep.resolved.yaml"]  # nothing written
+    with pytest.raises(ScenarioError, match="no such directory"):
+        run_sweep(sweep, resume=tmp_path / "missing", progress=False)
+
+
 def test_real_sweep_records_failure_resumes_and_reports(tmp_path):
     """2 algorithms x 2 memory budgets on tiny-gpt2: split LoRA cannot fit the tiny budget, so it fails alone."""
     path = sweep_file(tmp_path, grid={"algorithm.name": ["splitlora", "cenlora"],

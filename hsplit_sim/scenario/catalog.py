@@ -23,18 +23,28 @@ class PowerSpec(StrictModel):
     idle: float = Field(gt=0)
 
 
+# Floors and caps where a value, though positive and finite, would give durations of no meaning (a link at
+# 1e-300 Mbit/s takes 1e306 s): a rate below LoRaWAN's slowest (0.3 kbit/s) or a device slower than a
+# microcontroller is an input error, not a scenario.
+MIN_MBPS = 1e-4  # 100 bit/s
+MAX_LATENCY_MS = 1e5  # 100 s one way
+MIN_TFLOPS = 1e-6  # 1 MFLOP/s
+MIN_EFFICIENCY = 1e-3  # the lower end of hsplit-sim calibrate's search
+
+
 class DeviceSpec(StrictModel):
     """A compute device; scenarios may give one inline instead of naming a built-in one."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True)
 
     name: str = "custom"
-    tflops: float = Field(gt=0, description="peak FP32 TFLOPS")
-    tflops_fp16: float | None = Field(None, gt=0, description="peak FP16 TFLOPS (tensor cores where the device has "
-                                      "them, FP32 accumulation); none: no FP16 arithmetic")
-    tflops_bf16: float | None = Field(None, gt=0, description="peak BF16 TFLOPS; none: no BF16 arithmetic")
-    memory_bandwidth_gbps: float | None = Field(None, gt=0, description="peak memory bandwidth, GB/s")
-    efficiency: float = Field(gt=0, le=1, description="fraction of peak reached by LoRA fine-tuning matmuls")
+    tflops: float = Field(ge=MIN_TFLOPS, description="peak FP32 TFLOPS")
+    tflops_fp16: float | None = Field(None, ge=MIN_TFLOPS, description="peak FP16 TFLOPS (tensor cores where the "
+                                      "device has them, FP32 accumulation); none: no FP16 arithmetic")
+    tflops_bf16: float | None = Field(None, ge=MIN_TFLOPS, description="peak BF16 TFLOPS; none: no BF16 arithmetic")
+    memory_bandwidth_gbps: float | None = Field(None, ge=MIN_TFLOPS, description="peak memory bandwidth, GB/s")
+    efficiency: float = Field(ge=MIN_EFFICIENCY, le=1, description="fraction of peak reached by LoRA fine-tuning "
+                              "matmuls")
     launch_overhead_us: float | None = Field(None, ge=0, description="microseconds each kernel (one eager PyTorch "
                                              "operation) adds; none: not charged")
     memory_gb: float = Field(gt=0)
@@ -52,9 +62,9 @@ class LinkSpec(StrictModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True, frozen=True)
 
     name: str = "custom"
-    up_mbps: float = Field(gt=0)
-    down_mbps: float = Field(gt=0)
-    latency_ms: float = Field(ge=0)
+    up_mbps: float = Field(ge=MIN_MBPS)
+    down_mbps: float = Field(ge=MIN_MBPS)
+    latency_ms: float = Field(ge=0, le=MAX_LATENCY_MS)
     source: str = "given in the scenario"
 
 

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from hsplit_sim.scenario.catalog import (
+    MIN_MBPS,
     DeviceSpec,
     LinkSpec,
     resolve_device,
@@ -260,8 +261,8 @@ class Medium(StrictModel):
     (processor sharing), each also capped by its own link's rate."""
 
     name: str
-    up_mbps: float = Field(gt=0)
-    down_mbps: float = Field(gt=0)
+    up_mbps: float = Field(ge=MIN_MBPS)
+    down_mbps: float = Field(ge=MIN_MBPS)
 
 
 class SystemSpec(StrictModel):

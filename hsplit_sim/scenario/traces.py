@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from hsplit_sim.errors import ScenarioError
+from hsplit_sim.scenario.catalog import MIN_MBPS
 
 
 def _rows(path: str, columns: tuple[str, ...], field: str) -> list[dict[str, float]]:
@@ -57,7 +58,7 @@ def bandwidth_steps(path: str, n_clients: int) -> dict[int, list[tuple[float, fl
         client = int(row["client"])
         if client >= n_clients:
             raise ScenarioError(f"system.bandwidth_trace: client {client} does not exist ({n_clients} clients)")
-        if row["up_mbps"] <= 0 or row["down_mbps"] <= 0:
-            raise ScenarioError(f"system.bandwidth_trace: client {client}: rates must be positive")
+        if not (row["up_mbps"] >= MIN_MBPS and row["down_mbps"] >= MIN_MBPS):
+            raise ScenarioError(f"system.bandwidth_trace: client {client}: rates must be at least {MIN_MBPS:g} Mbit/s")
         steps.setdefault(client, []).append((row["time_s"], row["up_mbps"], row["down_mbps"]))
     return {client: sorted(rows) for client, rows in steps.items()}

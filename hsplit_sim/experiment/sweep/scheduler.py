@@ -38,11 +38,25 @@ def run_sweep(sweep: Sweep, resume: str | Path | None = None, processes: int | N
         raise ScenarioError(f"--processes: {processes} points at a time, but point {remote[0]} trains on "
                             "runtime.remote_workers, which serve one run at a time: use --processes 1")
     sweep_dir = Path(resume) if resume else _new_dir(Path(sweep.output_dir), sweep.name)
-    if resume and not sweep_dir.is_dir():
-        raise ScenarioError(f"--resume {resume}: no such directory")
+    if resume:
+        _check_resumable(sweep_dir, sweep.name)
     sweep_dir = sweep_dir.resolve()
     _Runner(sweep, sweep_dir, runs_on, processes, threads, progress, reuse).run()
     return sweep_dir
+
+
+def _check_resumable(sweep_dir: Path, name: str) -> None:
+    """A --resume directory must be one this sweep wrote (its sweep.resolved.yaml names it): another folder
+    would be filled with point runs and a table it never held."""
+    if not sweep_dir.is_dir():
+        raise ScenarioError(f"--resume {sweep_dir}: no such directory")
+    try:
+        written = yaml.safe_load((sweep_dir / "sweep.resolved.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise ScenarioError(f"--resume {sweep_dir}: not a sweep directory (no readable sweep.resolved.yaml)") from None
+    if not isinstance(written, dict) or written.get("name") != name:
+        found = written.get("name") if isinstance(written, dict) else None
+        raise ScenarioError(f"--resume {sweep_dir}: a directory of sweep {found!r}, not of {name!r}")
 
 
 def resumable_attempt(point_dir: Path) -> Path | None:
