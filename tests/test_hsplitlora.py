@@ -368,6 +368,29 @@ def test_the_servers_memory_check_counts_its_probe_step():
             assert HSplitLoRA.check_memory(sc, spec, expanded_clients(sc), server) == 1
 
 
+def busy_at_once(steps: pd.DataFrame) -> int:
+    """The most server steps running at one instant."""
+    edges = sorted([(t, 1) for t in steps["start_s"]] + [(t, -1) for t in steps["end_s"]], key=lambda e: (e[0], e[1]))
+    running = most = 0
+    for _, change in edges:
+        running += change
+        most = max(most, running)
+    return most
+
+
+def test_the_probes_before_training_use_every_accelerator_while_training_steps_take_turns(tmp_path):
+    """Round 0's probes run the base model, no adapter: they share no server-side state, so they need not wait
+    for one another as steps on the shared server-side adapter do."""
+    raw = base("tiny-gpt2", None)
+    raw["clients"] = [{"count": 4, "device": "jetson-agx-orin", "link": "wifi-6"}]
+    raw["server"]["accelerators"] = 2
+    sc = scenario_from_dict(raw, [f"output.dir={tmp_path}", "runtime.timing_only=true", "training.rounds=1"])
+    events = pd.read_parquet(run_scenario(sc, progress=False) / "events.parquet")
+    steps = events[events["kind"] == "server_step"]
+    assert busy_at_once(steps[steps["round"] == 0]) == 2
+    assert busy_at_once(steps[steps["round"] == 1]) == 1
+
+
 def test_without_armsc_there_is_no_probe_before_training(runs):
     _, tables = runs("no-armsc")
     events = tables["events"]

@@ -273,8 +273,9 @@ class HSplitLoRA(SplitProtocol):
         from it over all splits, as in round 1 of the paper."""
         ctx = self.ctx
         self.start_round(0)
-        taking_part = yield ctx.fleet.sim.env.process(ctx.fleet.participate(
-            0, self.active_clients(), 1, lambda node, steps, report: self.probe(node.index, steps, report)))
+        with ctx.fleet.independent_server_steps():  # no adapter yet: the probes share no server-side state
+            taking_part = yield ctx.fleet.sim.env.process(ctx.fleet.participate(
+                0, self.active_clients(), 1, lambda node, steps, report: self.probe(node.index, steps, report)))
         reported = set(taking_part.reported)  # a client stopped before its scores arrived counts for nothing
         self.measured = {key: kept for key, by_client in self.measured.items()
                          if (kept := {c: v for c, v in by_client.items() if c in reported})}

@@ -8,6 +8,7 @@ callbacks the protocols pass in (`SplitWork`, `StepWork`; None where only time p
 simulated protocol where it happens, so real operations on shared state follow simulated order.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import simpy
@@ -262,6 +263,7 @@ class Fleet:
         self._split_timing: dict[int, _SplitTiming] = {}
         self._fast: set = set()  # the generators of _split_fast made for the round being set up
         self._clockwork: Clockwork | None = None  # while a round's split iterations run on one
+        self._copies: int | None = None  # copies of the server, where server_steps_in_turn left one queue
 
     def state(self) -> dict:
         """What the fleet carries from round to round, for a checkpoint (everything else is fixed by the scenario
@@ -390,7 +392,24 @@ class Fleet:
     def server_steps_in_turn(self) -> None:
         """Clients share one server-side state that every step updates (a shared server-side adapter): server
         steps run one at a time, whatever the accelerators; the others stay idle."""
+        self._copies = len(self.sim.server.free_at)
         self.sim.server = ServerQueue(1)
+
+    @contextlib.contextmanager
+    def independent_server_steps(self):
+        """Server steps that share no state (HSplitLoRA's probes of the base model before round 1) use every copy
+        of the server even where training steps take turns; the turns start again once all of them are done."""
+        if self._copies is None:
+            yield
+            return
+        turns = self.sim.server
+        every = self.sim.server = ServerQueue(self._copies)
+        every.free_at = [max(turns.free_at)] * self._copies
+        try:
+            yield
+        finally:
+            turns.free_at = [max(every.free_at)]
+            self.sim.server = turns
 
     def split_iterations(self, round_index: int, client: ClientNode, costs: IterationCosts, steps: int,
                          probes: frozenset[int], work: SplitWork | None, report: int):
