@@ -13,7 +13,6 @@ import functools
 import itertools
 import json
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -128,8 +127,7 @@ class RunWriter:
         self._combined: dict[str, pq.ParquetWriter] = {}  # the combined file of each part table, open
         self._thread: ThreadPoolExecutor | None = None
         self._queued: collections.deque = collections.deque()
-        self._failure: WriteError | None = None  # the first append that failed: the rest are skipped
-        self._lock = threading.Lock()
+        self._failure: WriteError | None = None  # the first append that failed (the writer thread sets it)
 
     @classmethod
     def create(cls, root: str, name: str) -> "RunWriter":
@@ -199,9 +197,7 @@ class RunWriter:
             try:
                 write()
             except OSError as e:
-                with self._lock:
-                    self._failure = self._failure or WriteError(
-                        f"cannot write {name} in {self.path}: {e.strerror or e}")
+                self._failure = WriteError(f"cannot write {name} in {self.path}: {e.strerror or e}")
 
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="run-writer")

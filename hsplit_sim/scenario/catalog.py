@@ -29,6 +29,7 @@ class PowerSpec(StrictModel):
 MIN_MBPS = 1e-4  # 100 bit/s
 MAX_LATENCY_MS = 1e5  # 100 s one way
 MIN_TFLOPS = 1e-6  # 1 MFLOP/s
+MIN_MEMORY_GBPS = 1e-6  # 1 kB/s
 MIN_EFFICIENCY = 1e-3  # the lower end of hsplit-sim calibrate's search
 
 
@@ -42,7 +43,7 @@ class DeviceSpec(StrictModel):
     tflops_fp16: float | None = Field(None, ge=MIN_TFLOPS, description="peak FP16 TFLOPS (tensor cores where the "
                                       "device has them, FP32 accumulation); none: no FP16 arithmetic")
     tflops_bf16: float | None = Field(None, ge=MIN_TFLOPS, description="peak BF16 TFLOPS; none: no BF16 arithmetic")
-    memory_bandwidth_gbps: float | None = Field(None, ge=MIN_TFLOPS, description="peak memory bandwidth, GB/s")
+    memory_bandwidth_gbps: float | None = Field(None, ge=MIN_MEMORY_GBPS, description="peak memory bandwidth, GB/s")
     efficiency: float = Field(ge=MIN_EFFICIENCY, le=1, description="fraction of peak reached by LoRA fine-tuning "
                               "matmuls")
     launch_overhead_us: float | None = Field(None, ge=0, description="microseconds each kernel (one eager PyTorch "

@@ -430,10 +430,11 @@ class Fleet:
         server is booked on arrival, so one wait covers the server queue and step, the download, the client
         backward and the next iteration's forward and upload. It waits on the round's Clockwork where
         `participate` runs one (yielding delays), else on SimPy (yielding timeouts): it sees which when it
-        starts. A client's device and links are its own here, so joining its activities changes no timing. The server callback runs in the order of the
-        server steps; forward and backward, which touch only the client's own state, run when the client's
-        process does, which may be before their simulated start, as nothing else can observe them. Each
-        iteration is recorded as one compact record (engine.Simulation) when the client reaches the server."""
+        starts. A client's device and links are its own here, so joining its activities changes no timing. The
+        server callback runs in the order of the server steps; forward and backward, which touch only the
+        client's own state, run when the client's process does, which may be before their simulated start, as
+        nothing else can observe them. Each iteration is recorded as one compact record (engine.Simulation)
+        when the client reaches the server."""
         sim = self.sim
         k = client.index
         timing = self._split_timing.get(k)
