@@ -1,13 +1,16 @@
 """The simulation's clock and event log: the Clockwork runs waits in SimPy's order, a clock moves to an instant to
 the bit, and compact split-iteration records expand to the rows they stand for."""
 
+import math
+
 import pyarrow as pa
+import pytest
 import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hsplit_sim.experiment.rundir import EVENT_ROW, EVENT_SCHEMA, events_table
-from hsplit_sim.sim.engine import SPLIT_KINDS, Clockwork, IterationShape, Simulation, delay_to, expanded, rows_in
+from hsplit_sim.sim.engine import SPLIT_KINDS, Clockwork, Environment, IterationShape, Simulation, expanded, rows_in
 
 # Delays with many ties (equal wake-up times are where the order of scheduling decides) and zero waits.
 DELAYS = st.lists(st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.3, 1.0, 1e-9, 7.5]) | st.floats(0, 10), max_size=6),
@@ -39,16 +42,34 @@ def test_the_clockwork_runs_processes_in_simpys_order_and_ends_them_when_simpy_d
 
 
 @given(now=st.floats(0, 1e6), ahead=st.floats(0, 1e6))
-def test_delay_to_brings_simpys_clock_to_the_instant_exactly(now, ahead):
+def test_the_clock_moves_to_the_instant_exactly_and_goes_on_from_there(now, ahead):
     t = now + ahead
-    env = simpy.Environment(initial_time=now)
-    env.run(env.timeout(delay_to(now, t)))
+    env, fired = Environment(initial_time=now), []
+    env.advance_to(t)
+    env.timeout(0).callbacks.append(lambda _: fired.append(env.now))
+    env.run()
+    assert env.now == t and fired == [t]
+
+
+def test_the_clock_reaches_an_instant_no_timeout_can():
+    """now + delay rounds: from 0.8370777361826442 no delay lands on 2.9015489586493897 (the sum of the two
+    always rounds to an even last bit), which a run met; advance_to lands there."""
+    now, t = 0.8370777361826442, 2.9015489586493897
+    delay = t - now
+    assert all(now + d != t for d in (math.nextafter(delay, -math.inf), delay, math.nextafter(delay, math.inf)))
+    env = Environment(initial_time=now)
+    env.advance_to(t)
     assert env.now == t
 
 
-def test_delay_to_corrects_a_difference_that_rounds():
-    now, t = 1 + 2 ** -52, 4.0  # t - now is not a double: now + (t - now) misses by rounding in general
-    assert now + delay_to(now, t) == t
+def test_the_clock_does_not_pass_over_a_scheduled_event_or_go_back():
+    env = Environment(initial_time=1.0)
+    env.timeout(0.5)
+    with pytest.raises(RuntimeError, match="events scheduled"):
+        env.advance_to(2.0)
+    env.run()
+    with pytest.raises(RuntimeError):
+        env.advance_to(1.0)
 
 
 SHAPES = [IterationShape(k, (f"client{k}", f"client{k}.up", "server", "server", f"client{k}.down", f"client{k}"),

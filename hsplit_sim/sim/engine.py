@@ -100,18 +100,17 @@ class Clockwork:
         return ends
 
 
-def delay_to(now: float, t: float) -> float:
-    """The delay that brings SimPy's clock from `now` to `t` to the bit (its wake-up is now + delay, and
-    t - now may round so that it misses)."""
-    delay = t - now
-    for _ in range(8):
-        if now + delay < t:
-            delay = math.nextafter(delay, math.inf)
-        elif now + delay > t:
-            delay = math.nextafter(delay, -math.inf)
-        else:
-            return delay
-    raise ArithmeticError(f"no delay brings the clock from {now!r} to {t!r}")
+class Environment(simpy.Environment):
+    """SimPy's environment, whose clock the Clockwork can move: a timeout cannot always land on a given instant
+    (now + delay rounds, and for some pairs no delay gives the instant exactly), and SimPy has no public way
+    to set its clock."""
+
+    def advance_to(self, t: float) -> None:
+        """The clock at `t` exactly, as a timeout ending then would leave it; only while nothing is scheduled,
+        so no event can be passed over."""
+        if t < self._now or self.peek() != math.inf:
+            raise RuntimeError(f"the clock cannot move from {self._now!r} to {t!r} with events scheduled")
+        self._now = t
 
 
 class Simulation:
@@ -129,7 +128,7 @@ class Simulation:
     """
 
     def __init__(self, accelerators: int, start_s: float = 0.0):
-        self.env = simpy.Environment(initial_time=start_s)
+        self.env = Environment(initial_time=start_s)
         self.server = ServerQueue(accelerators)
         self.events: list[tuple] = []
         self.flushed = 0

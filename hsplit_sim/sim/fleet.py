@@ -9,6 +9,7 @@ simulated protocol where it happens, so real operations on shared state follow s
 """
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import simpy
@@ -16,7 +17,7 @@ import simpy
 from hsplit_sim.costs import Work
 from hsplit_sim.errors import RunError
 from hsplit_sim.sim.effects import SystemEffects
-from hsplit_sim.sim.engine import Clockwork, IterationShape, ServerQueue, Simulation, delay_to
+from hsplit_sim.sim.engine import Clockwork, IterationShape, ServerQueue, Simulation
 from hsplit_sim.sim.medium import Medium
 from hsplit_sim.sim.timemodel import compute_seconds, transfer_seconds
 
@@ -346,9 +347,9 @@ class Fleet:
         self._fast.clear()
         works = {k: client_round(self.clients[k], steps, True) if certain
                  else self._client(round_index, self.clients[k], steps, client_round) for k in selected}
-        if certain and selected and all(works[k] in self._fast for k in selected):
-            # Nothing but these iterations can happen until the last ends: they run on a Clockwork, in SimPy's
-            # order, and the clock moves on to the last end.
+        if certain and selected and env.peek() == math.inf and all(works[k] in self._fast for k in selected):
+            # Nothing but these iterations can happen until the last ends (SimPy holds no event): they run on a
+            # Clockwork, in SimPy's order, and SimPy's clock then moves to the last end.
             self._clockwork = Clockwork(env.now)
             try:
                 ends = self._clockwork.run([works[k] for k in selected])
@@ -357,7 +358,7 @@ class Fleet:
                 self._fast.clear()
             rows += [{"round": round_index, "client": k, "outcome": "reported", "end_s": end}
                      for k, end in zip(selected, ends)]
-            yield env.timeout(delay_to(env.now, max(ends)))
+            env.advance_to(max(ends))
             self.participation += sorted(rows, key=lambda row: row["client"])
             return Participation(selected, list(selected))
         self._fast.clear()
