@@ -224,3 +224,31 @@ def test_forget_frees_the_forward_of_a_client_that_was_stopped():
     assert role.forget(0, {}, {}) == ({}, {})
     assert not role.pending and kept() is None
     assert role.forget(0, {}, {}) == ({}, {})  # nothing in flight: nothing to drop
+
+
+def test_a_backward_that_carries_the_next_forward_does_what_the_two_requests_did():
+    """One request an iteration (backward with args.forward) leaves the client's adapter, optimiser and kept
+    graph as a backward then a forward do, and uploads the same activations."""
+    def client_after_two_iterations(combined: bool):
+        role = tiny_role("clients")
+        role.configure(0, {"adapter": "c0", "scaling": 2.0, "ranks": [[0, "self_attn.q_proj", 4]], "split": 1,
+                           "lr": 1e-2}, {})
+        forward = {"adapter": "c0", "probe": False, "measure": "abs_sum"}
+        hidden = role.forward(0, forward, {"batch": np.arange(2)})[1]["hidden"]
+        grad = {"grad": np.linspace(-1, 1, hidden.size, dtype=np.float32).reshape(hidden.shape)}
+        if combined:
+            result, upload = role.backward(0, {"adapter": "c0", "forward": forward}, {**grad, "batch": np.arange(2, 4)})
+            assert result["forward_s"] > 0
+        else:
+            assert role.backward(0, {"adapter": "c0"}, grad)[1] == {}
+            upload = role.forward(0, forward, {"batch": np.arange(2, 4)})[1]
+        return role, upload
+
+    (apart, apart_upload), (together, together_upload) = (client_after_two_iterations(c) for c in (False, True))
+    assert apart_upload.keys() == together_upload.keys() == {"hidden", "labels", "attention_mask"}
+    assert all(np.array_equal(apart_upload[k], together_upload[k]) for k in apart_upload)
+    assert set(apart.pending) == set(together.pending) == {0}
+    adapters = [role.get_adapter(0, {"adapter": "c0"}, {})[1] for role in (apart, together)]
+    assert all(np.array_equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    assert all(torch.equal(a, b) for a, b in zip(*(
+        [state["exp_avg"] for state in role.optimizers["c0"].state.values()] for role in (apart, together))))

@@ -146,6 +146,32 @@ def test_tables_are_the_same_whatever_the_workers(tmp_path, monkeypatch, algorit
     pd.testing.assert_frame_equal(one["clients"], two["clients"], check_exact=True)
 
 
+@pytest.mark.parametrize("algorithm", ["splitlora", "hsplitlora"])
+def test_overlapping_a_split_iterations_two_sides_changes_no_table(tmp_path, monkeypatch, algorithm):
+    """Where the server and client workers have cores of their own, the server steps one client while the client
+    worker computes another's backward and next forward (backends/real.py: _RealSplitWork): each worker does the
+    same requests in the same order, so the tables are those of one request at a time."""
+    from hsplit_sim.backends.real import RealBackend
+    from hsplit_sim.runtime import launcher
+
+    monkeypatch.setenv("HSPLIT_SIM_TORCH_THREADS", "1")
+    runs, overlaps = [], []
+    made = RealBackend.__init__
+    monkeypatch.setattr(RealBackend, "__init__", lambda self, *args, **kwargs: (
+        overlaps.append(kwargs["overlap_split"]), made(self, *args, **kwargs))[1])
+    for fits in (True, False):
+        monkeypatch.setattr(launcher, "_threads_fit", lambda workers, threads, fits=fits: fits)
+        runs.append(read(run_scenario(scenario(tmp_path / str(fits), f"algorithm.name={algorithm}"),
+                                      progress=False)))
+    overlapped, one_at_a_time = runs
+    assert overlaps == [True, False]
+    assert overlapped["rounds"]["train_loss"].iloc[1:].notna().all()
+    pd.testing.assert_frame_equal(overlapped["rounds"].drop(columns="wall_time_s"),
+                                  one_at_a_time["rounds"].drop(columns="wall_time_s"), check_exact=True)
+    for table in ("events", "clients"):
+        pd.testing.assert_frame_equal(overlapped[table], one_at_a_time[table], check_exact=True)
+
+
 def expected_costs(overrides: tuple[str, ...]):
     """Per-kind FLOPs and bytes recomputed from the cost model and the scenario."""
     sc = scenario(Path("unused"), *overrides)

@@ -270,3 +270,16 @@ def test_local_client_workers_share_the_cores_unless_threads_are_set(monkeypatch
     assert worker_env(3, sharing=2)["HSPLIT_SIM_TORCH_THREADS"] == "3"
     monkeypatch.setenv("HSPLIT_SIM_TORCH_THREADS", "2")  # a sweep's share of the machine
     assert worker_env(None, sharing=4)["HSPLIT_SIM_TORCH_THREADS"] == "2"
+
+
+def test_a_split_iterations_two_sides_overlap_only_on_cores_of_their_own(monkeypatch):
+    """Overlapping the server step with a client worker's backward measured slower on SmolLM2-135M when both
+    took every core: local workers overlap only when their torch threads fit the machine's cores."""
+    from hsplit_sim.runtime.launcher import _threads_fit
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.delenv("HSPLIT_SIM_TORCH_THREADS", raising=False)
+    assert not _threads_fit(1, None)  # unset: torch takes every core in each worker
+    assert _threads_fit(1, 2) and _threads_fit(3, 1) and not _threads_fit(2, 2)
+    monkeypatch.setenv("HSPLIT_SIM_TORCH_THREADS", "2")  # as a sweep sets it for its points
+    assert _threads_fit(1, None) and not _threads_fit(2, None)

@@ -47,16 +47,25 @@ def checked_bytes(message: Message, predicted: int, what: str) -> int:
     return message.payload_bytes
 
 
+def seconds(reply: Message) -> float:
+    """The host seconds a worker measured for a request."""
+    return reply.header.get("seconds", math.nan)
+
+
 class RealBackend(Backend):
     def __init__(self, scenario, server: WorkerConnection, client_workers: list[WorkerConnection],
-                 partitions: list[np.ndarray], stats: RoundStats):
+                 partitions: list[np.ndarray], stats: RoundStats, overlap_split: bool = False):
+        """overlap_split: the server and the client workers have cores of their own, so a split iteration's
+        server step may run while the client worker computes (_RealSplitWork); sharing cores, that overlap
+        measured slower on SmolLM2-135M."""
         self.scenario, self.server, self.client_workers = scenario, server, client_workers
+        self.overlap_split = overlap_split
         self.partitions, self.stats = partitions, stats
         self.host_times: list[tuple] = []  # results.HOST_TIME_COLUMNS: what each real operation took here
 
     def timed(self, reply: Message, round_index: int, client: int, kind: str, step: int) -> Message:
         """Keep the host seconds the worker measured for the operation an event of `kind` stands for."""
-        self.host_times.append((round_index, client, kind, step, reply.header.get("seconds", math.nan)))
+        self.host_times.append((round_index, client, kind, step, seconds(reply)))
         return reply
 
     def worker_of(self, client: int) -> WorkerConnection:
@@ -212,7 +221,13 @@ class RealBackend(Backend):
 
 class _RealSplitWork(SplitWork):
     """Forward on the client's worker, the step on the server worker, backward on the client's worker. Without
-    adapters (None), the base model's probe before training: nothing trains."""
+    adapters (None), the base model's probe before training: nothing trains.
+
+    A client's backward and its next forward travel as one request. With backend.overlap_split, requests are
+    deferred (WorkerConnection.defer) and their replies taken where something needs them: the server steps one
+    client while the client worker runs another's backward and next forward. Each worker still does its
+    requests in the simulated order, so nothing it computes changes. A probing backward is awaited: its
+    importance is read at the round's end."""
 
     def __init__(self, backend: RealBackend, round_index, client, adapter, server_adapter, split, costs, measure,
                  on_importance):
@@ -223,34 +238,69 @@ class _RealSplitWork(SplitWork):
         self.steps = backend.scenario.training.local_steps
         self.smashed = self.reply = None
 
-    def forward(self, step, probe) -> None:
+    def _forward_request(self, step, probe) -> tuple[dict, np.ndarray]:
         # round 0 is IWI's probe before training: the batch of the client's first training step
         batch = self.backend.batch(self.backend.partitions[self.client], max(self.round, 1), self.steps, step)
-        self.smashed = self.backend.timed(self.worker.call(
-            "forward", client=self.client, args={"adapter": self.adapter, "split": self.split, "probe": probe,
-                                                 "measure": self.measure},
-            tensors={"batch": batch}),
-            self.round, self.client, "client_fwd", step)
-        checked_bytes(self.smashed, self.costs.host_up, "upload of activations")
+        return {"adapter": self.adapter, "split": self.split, "probe": probe, "measure": self.measure}, batch
+
+    def _uploaded(self, reply: Message, step: int, host_s: float) -> None:
+        self.backend.host_times.append((self.round, self.client, "client_fwd", step, host_s))
+        checked_bytes(reply, self.costs.host_up, "upload of activations")
+        self.smashed = reply
+
+    def forward(self, step, probe) -> None:
+        args, batch = self._forward_request(step, probe)
+        self._send(self.worker, "forward", lambda reply: self._uploaded(reply, step, seconds(reply)),
+                   client=self.client, args=args, tensors={"batch": batch})
 
     def server(self, step, probe) -> None:
-        self.reply = self.backend.timed(self.backend.server.call(
-            "step", client=self.client, tensors=self.smashed.tensors, args={
-                "adapter": self.server_adapter, "split": self.split, "probe": probe, "measure": self.measure}),
-            self.round, self.client, "server_step", step)
-        if self.adapter is not None:  # a training step's loss, not the probe's
-            self.backend.stats.losses.append(self.reply.header["result"]["loss"])
-        checked_bytes(self.reply, self.costs.host_down, "download of gradients")
+        if self.smashed is None:  # its forward is the client worker's outstanding request
+            self.worker.settle()
+
+        def stepped(reply: Message) -> None:
+            self.backend.timed(reply, self.round, self.client, "server_step", step)
+            if self.adapter is not None:  # a training step's loss, not the probe's
+                self.backend.stats.losses.append(reply.header["result"]["loss"])
+            checked_bytes(reply, self.costs.host_down, "download of gradients")
+            self.reply = reply
+
+        self._send(self.backend.server, "step", stepped, client=self.client, tensors=self.smashed.tensors, args={
+            "adapter": self.server_adapter, "split": self.split, "probe": probe, "measure": self.measure})
         self.smashed = None  # a client's activations are held here from its forward to the server step only
 
     def backward(self, step, probe) -> None:
-        backward = self.backend.timed(self.worker.call(
-            "backward", client=self.client, args={"adapter": self.adapter},
-            tensors={"grad": self.reply.tensors["grad"]}), self.round, self.client, "client_bwd", step)
-        if probe:
-            self.on_importance(self.client, {**backward.header["result"]["importance"],
-                                             **self.reply.header["result"]["importance"]})
+        self._backward(step, probe, None)
+
+    def backward_then_forward(self, step, probe, next_probe) -> None:
+        self._backward(step, probe, next_probe)
+
+    def _backward(self, step, probe, next_probe) -> None:
+        """The backward of `step`, and with next_probe (not None) the forward of step + 1 in the same request."""
+        if self.reply is None:  # its server step is the server's outstanding request
+            self.backend.server.settle()
+        server_result, args, tensors = self.reply.header["result"], {"adapter": self.adapter}, {
+            "grad": self.reply.tensors["grad"]}
         self.reply = None  # and its activation gradients until its backward
+        if next_probe is not None:
+            args["forward"], tensors["batch"] = self._forward_request(step + 1, next_probe)
+
+        def done(reply: Message) -> None:
+            result = reply.header["result"]
+            forward_s = result.get("forward_s", 0.0)
+            self.backend.host_times.append((self.round, self.client, "client_bwd", step, seconds(reply) - forward_s))
+            if probe:
+                self.on_importance(self.client, {**result["importance"], **server_result["importance"]})
+            if next_probe is not None:
+                self._uploaded(reply, step + 1, forward_s)
+
+        self._send(self.worker, "backward", done, client=self.client, args=args, tensors=tensors)
+        if probe:
+            self.worker.settle()
+
+    def _send(self, worker: WorkerConnection, op: str, on_reply, **request) -> None:
+        worker.defer(op, on_reply, **request)
+        if not self.backend.overlap_split:
+            worker.settle()
 
     def stop(self) -> None:
         self.worker.call("forget", client=self.client)

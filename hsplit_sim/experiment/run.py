@@ -191,7 +191,8 @@ def _run_scenario(scenario: Scenario, progress: bool, replay: ReplayBackend | Pr
                     server_gpus=scenario.runtime.ray_server_gpus))
                 log.info("workers started: %s", pool.pids())
                 partitions = start_workers(pool, scenario, len(clients))
-                backend = RealBackend(scenario, pool.server, pool.client_workers, partitions, stats)
+                backend = RealBackend(scenario, pool.server, pool.client_workers, partitions, stats,
+                                      overlap_split=pool.own_cores)
                 partition_sizes = [len(p) for p in partitions]
             ctx = RunContext(scenario, spec, clients, fleet, backend, partition_sizes, stats)
             algorithm = ALGORITHMS[scenario.algorithm.name](ctx)

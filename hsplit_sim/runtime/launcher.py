@@ -71,6 +71,13 @@ def worker_env(torch_threads: int | None, sharing: int = 1) -> dict[str, str]:
     return env
 
 
+def _threads_fit(client_workers: int, torch_threads: int | None) -> bool:
+    """Whether local workers with these torch threads can all compute at once without taking turns on a core.
+    Unset, torch takes every core in each worker."""
+    threads = torch_threads or os.environ.get("HSPLIT_SIM_TORCH_THREADS")
+    return bool(threads) and (1 + client_workers) * int(threads) <= (os.cpu_count() or 1)
+
+
 class WorkerPool:
     """One server worker and `client_workers` client workers, each its own process, here or in a Ray actor; or,
     with remote_workers, the client workers started by hand at those endpoints."""
@@ -82,7 +89,9 @@ class WorkerPool:
         keys: the coordinator's key pair (runtime.key_file), else one made for this run; remote_workers: tcp
         endpoints of workers started by hand with the same key file (`hsplit-sim worker`), in place of local
         client workers; placement "ray": every worker in a Ray actor (tcp only), the server's asking for
-        server_gpus GPUs."""
+        server_gpus GPUs. own_cores: whether the server and the client workers compute at once without sharing
+        cores (client workers started by hand, or local ones whose threads fit the machine's cores), so that a
+        split iteration's two sides may overlap (backends/real.py)."""
         self.context = zmq.Context()
         self._ipc_dir = tempfile.mkdtemp(prefix="hsplit-sim-") if transport == "ipc" else None
         self._log = open(log_path, "ab")
@@ -92,6 +101,7 @@ class WorkerPool:
         self.connections = {}
         self.frame_limit = frame_limit
         self.heartbeats = None
+        self.own_cores = bool(remote_workers) or (placement == "local" and _threads_fit(client_workers, torch_threads))
         try:
             self.heartbeats = Heartbeats(self.context, f"ipc://{self._ipc_dir}/heartbeat.sock" if self._ipc_dir
                                          else f"tcp://{host}:*", keys or Keypair.new())

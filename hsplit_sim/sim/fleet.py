@@ -55,6 +55,12 @@ class SplitWork:
         """The client's backward pass on the gradient that came back."""
         raise NotImplementedError
 
+    def backward_then_forward(self, step: int, probe: bool, next_probe: bool) -> None:
+        """backward(step), then forward(step + 1): where nothing comes between them, a backend may do both at
+        once."""
+        self.backward(step, probe)
+        self.forward(step + 1, next_probe)
+
     def stop(self) -> None:
         """The client was stopped (a deadline) after a forward whose backward will not come: what the forward
         kept for it can go."""
@@ -459,7 +465,10 @@ class Fleet:
             acquired = book(now, seconds)
             if work is not None:
                 work.server(step, probe)
-                work.backward(step, probe)
+                if step == last:
+                    work.backward(step, probe)
+                else:
+                    work.backward_then_forward(step, probe, step + 1 in probes)
             served = acquired + seconds
             downloaded = served + down_s
             if step == last:  # SimPy's clock will read now + delay, to the bit
@@ -471,8 +480,6 @@ class Fleet:
             append((shape, r, probe, start, now, acquired, served, downloaded, end))
             start = end
             probe = step + 1 in probes
-            if work is not None:
-                work.forward(step + 1, probe)
             yield timeout((start - now) + fwd_up_s)
         self.bytes_up += steps * costs.up
         self.bytes_down += steps * costs.down

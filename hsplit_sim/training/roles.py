@@ -8,6 +8,7 @@ Tensors come in and go out as numpy arrays; the wire never carries anything else
 
 import contextlib
 import os
+import time
 
 import numpy as np
 import torch
@@ -424,14 +425,21 @@ class ClientRole(Role):
 
     def backward(self, client, args, tensors):
         """Client backward and optimizer step (none without an adapter); after a probe, also the importance of
-        the segment's weights."""
+        the segment's weights. With args["forward"] (forward's args, the batch as tensor "batch"), the client's
+        next forward follows in the same request and its upload comes back: one request an iteration instead
+        of two."""
         hidden, probe = self.pending.pop(client)
         params = self._trained(args["adapter"])  # other clients' forwards froze this client's adapter since
         with probe:
             grads = torch.autograd.grad(hidden, params + probe.inputs(),
                                         grad_outputs=torch.from_numpy(np.array(tensors["grad"])).to(self.device))
         self._step(args["adapter"], params, grads[:len(params)])
-        return {"importance": probe.scores(grads[len(params):])}, {}
+        result = {"importance": probe.scores(grads[len(params):])}
+        if "forward" not in args:
+            return result, {}
+        started = time.perf_counter()
+        _, upload = self.forward(client, args["forward"], {"batch": tensors["batch"]})
+        return dict(result, forward_s=time.perf_counter() - started), upload
 
 
 class ServerRole(Role):
