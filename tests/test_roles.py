@@ -252,3 +252,16 @@ def test_a_backward_that_carries_the_next_forward_does_what_the_two_requests_did
     assert all(np.array_equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     assert all(torch.equal(a, b) for a, b in zip(*(
         [state["exp_avg"] for state in role.optimizers["c0"].state.values()] for role in (apart, together))))
+
+
+def test_the_heap_gives_its_free_pages_back_every_few_optimizer_steps():
+    """Clients' lasting tensors made amid each step's transient ones keep freed pages resident unless the heap
+    is trimmed (roles.c_heap_trim; its effect on memory: benchmarks/fleet_scaling.py)."""
+    from hsplit_sim.training.roles import TRIM_EVERY_STEPS, c_heap_trim
+
+    assert c_heap_trim() is not None  # glibc, as on every machine CI runs on
+    role, trims = trained_role(), []
+    role.trim_heap, role.steps_untrimmed = trims.append, 0
+    for _ in range(2 * TRIM_EVERY_STEPS + 1):
+        role.full_step(None, {"adapter": "a"}, {"batch": np.arange(2)})
+    assert trims == [0, 0] and role.steps_untrimmed == 1

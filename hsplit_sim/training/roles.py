@@ -7,6 +7,8 @@ Tensors come in and go out as numpy arrays; the wire never carries anything else
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import time
 
@@ -34,6 +36,20 @@ def ranks_from_wire(triples: list) -> dict[int, dict[str, int]]:
     return ranks
 
 
+TRIM_EVERY_STEPS = 16  # at most 16 steps' freed pages stay resident; a trim took 3.7 ms of a 46 ms tiny step
+
+
+def c_heap_trim():
+    """glibc's malloc_trim, or None where there is none (macOS, musl). Clients' small lasting tensors (optimizer
+    moments, adapters) are made amid each step's large transient ones, so the pages those free stay resident
+    between them: over 300 tiny FedLoRA clients' steps a worker's RSS grew by 296 MiB while its tensors were
+    33 MiB in all, and malloc_trim(0) gave 260 MiB back."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def make_role(args: dict):
     roles = {"server": ServerRole, "clients": ClientRole}
     if args.get("role") not in roles:
@@ -48,6 +64,7 @@ class Role:
         if os.environ.get("HSPLIT_SIM_TORCH_THREADS"):
             torch.set_num_threads(int(os.environ["HSPLIT_SIM_TORCH_THREADS"]))
         self.seed = int(args["seed"])
+        self.trim_heap, self.steps_untrimmed = c_heap_trim(), 0
         self.device = resolve_device(args.get("torch_device", "auto"))
         data, model = args["data"], args["model"]
         train, evaluation = load_dataset(data["name"], data.get("dir"), data.get("train_examples"),
@@ -307,6 +324,14 @@ class Role:
         # Gradients kept between steps would cost every client its adapter's size again, and, allocated
         # amid a step's activations, fragment the heap (about 1 MiB of RSS per tiny client).
         optimizer.zero_grad(set_to_none=True)
+        self._stepped()
+
+    def _stepped(self) -> None:
+        """Every TRIM_EVERY_STEPS optimizer steps, the heap's free pages go back to the system (c_heap_trim)."""
+        self.steps_untrimmed += 1
+        if self.steps_untrimmed >= TRIM_EVERY_STEPS and self.trim_heap is not None:
+            self.trim_heap(0)
+            self.steps_untrimmed = 0
 
     def _trained(self, name: str | None) -> list[torch.nn.Parameter]:
         """The adapter's parameters, in its optimizer's order, with it activated; none for IWI's probe before
@@ -324,6 +349,7 @@ class Role:
             param.grad = grad
         self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)  # as train_step: no gradient kept between steps
+        self._stepped()
 
     def full_step(self, client, args, tensors):
         """A whole-model step with one adapter (federated clients, CenLoRA) or every weight (FT: adapter null).
