@@ -65,8 +65,12 @@ class RealBackend(Backend):
 
     def timed(self, reply: Message, round_index: int, client: int, kind: str, step: int) -> Message:
         """Keep the host seconds the worker measured for the operation an event of `kind` stands for."""
-        self.host_times.append((round_index, client, kind, step, seconds(reply)))
+        self.host_time(round_index, client, kind, step, seconds(reply))
         return reply
+
+    def host_time(self, round_index: int, client: int, kind: str, step: int, host_s: float) -> None:
+        """One row of host_times; a request that did two operations (backward_then_forward) gives two."""
+        self.host_times.append((round_index, client, kind, step, host_s))
 
     def worker_of(self, client: int) -> WorkerConnection:
         """Clients are dealt to client workers in turn."""
@@ -244,7 +248,7 @@ class _RealSplitWork(SplitWork):
         return {"adapter": self.adapter, "split": self.split, "probe": probe, "measure": self.measure}, batch
 
     def _uploaded(self, reply: Message, step: int, host_s: float) -> None:
-        self.backend.host_times.append((self.round, self.client, "client_fwd", step, host_s))
+        self.backend.host_time(self.round, self.client, "client_fwd", step, host_s)
         checked_bytes(reply, self.costs.host_up, "upload of activations")
         self.smashed = reply
 
@@ -287,7 +291,7 @@ class _RealSplitWork(SplitWork):
         def done(reply: Message) -> None:
             result = reply.header["result"]
             forward_s = result.get("forward_s", 0.0)
-            self.backend.host_times.append((self.round, self.client, "client_bwd", step, seconds(reply) - forward_s))
+            self.backend.host_time(self.round, self.client, "client_bwd", step, seconds(reply) - forward_s)
             if probe:
                 self.on_importance(self.client, {**result["importance"], **server_result["importance"]})
             if next_probe is not None:
