@@ -291,14 +291,14 @@ class RunWriter:
                     file.unlink()
 
     @_written
-    def write_durably(self, name: str, data: bytes) -> None:
-        """A file that must survive a crash whole or not at all: written beside, flushed to the disk, renamed
-        over the old one, and the rename itself flushed (a kill at any point leaves the old file or the new)."""
+    def write_durably(self, name: str, write) -> None:
+        """A file that must survive a crash whole or not at all: `write(path)` writes it beside, it is flushed to
+        the disk, renamed over the old one, and the rename itself flushed (a kill at any point leaves the old file
+        or the new)."""
         partial = self.path / f".{name}.partial"
-        with open(partial, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
+        write(partial)
+        with open(partial, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(partial, self.path / name)
         folder = os.open(self.path, os.O_RDONLY)
         try:
