@@ -349,6 +349,30 @@ def test_the_time_budget_bounds_the_probe_step_too():
         assert (plan is None) == iwi_on
 
 
+def test_clients_alike_are_solved_once_and_get_the_plan_each_would_get_alone(monkeypatch):
+    """solve_each solves one client per kind (group, memory budget, number format, splits) and gives every
+    client what solving it alone gives."""
+    spec = spec_of("tiny-llama")
+    budgets = heterogeneous_budgets("tiny-llama")
+    raw = base("tiny-llama", None)
+    raw["clients"] = [{"count": 3, "device": "jetson-agx-orin", "link": "wifi-6", "memory_budget_gb": budgets[0]},
+                      {"count": 2, "device": "jetson-orin-nano", "link": "lte", "memory_budget_gb": budgets[2]},
+                      {"count": 2, "device": "jetson-agx-orin", "link": "wifi-6", "memory_budget_gb": budgets[2]}]
+    sc = scenario_from_dict(raw)
+    clients = expanded_clients(sc)
+    importance = {key: 1.0 + i % 5 for i, key in enumerate(iwi.candidate_weights(spec, 0, spec.n_layers))}
+    every = list(range(1, spec.n_layers))
+    splits = [every, every, [1], every, every, every, [2]]
+    alone = [HSplitLoRA.solve(sc, spec, c, len(clients), importance, s) for c, s in zip(clients, splits)]
+    solved = []
+    solve = HSplitLoRA.solve.__func__
+    monkeypatch.setattr(HSplitLoRA, "solve", classmethod(
+        lambda cls, *args: solved.append(args[2].index) or solve(cls, *args)))
+    assert HSplitLoRA.solve_each(sc, spec, clients, importance, splits) == alone
+    assert solved == [0, 2, 3, 5, 6]
+    assert len({p.split for p in alone if p}) > 1  # the kinds do get different plans
+
+
 def test_the_servers_memory_check_counts_its_probe_step():
     """The server holds the whole model with every projection at max(Q); with IWI on its step is also the
     probe, which holds more: a server between the two fits only without IWI."""

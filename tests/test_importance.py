@@ -174,6 +174,44 @@ def test_configure_client_picks_the_fastest_feasible_split(name, probe):
             assert all(r in Q and r > 0 for ranks in (client, server) for ms in ranks.values() for r in ms.values())
 
 
+@pytest.mark.parametrize("probe", [None, "abs_sum", "sum_abs"])
+def test_the_client_side_is_the_best_greedy_from_every_first_block(probe):
+    """split_ranks' client side against a brute-force search of its definition: for every first block f, the
+    greedy in importance order over blocks f..split-1, each weight at the highest rank that keeps the whole
+    selection within memory (the cost model, recomputed from scratch) and the parameter budget; the best score,
+    the smallest f on ties. (split_ranks skips the f that cannot differ; this checks it skips nothing else.)"""
+    # A tiny Llama 8 blocks deep: there the best greedy often starts past block 0 (rarely on GPT-2's fused c_attn)
+    spec = costs.ModelSpec.from_hf_config({**BUILTIN_MODELS["tiny-llama"], "num_hidden_layers": 8})
+    block_params = block_budget(spec)
+    positive = sorted((r for r in Q if r > 0), reverse=True)
+    starts = set()
+    for seed in range(2):
+        importance = random_importance(spec, seed)
+        for split in sorted({1, 2, spec.n_layers // 2, spec.n_layers - 1}):
+            for budget in budgets(spec, 5, probe):
+                if memory(spec, split, {}, probe) > budget:
+                    continue
+                best = None
+                for first in range(split):
+                    ranks = {}
+                    for key in sorted(iwi.candidate_weights(spec, first, split), key=lambda k: -importance[k]):
+                        layer, module = iwi.parse_key(key)
+                        for rank in positive:
+                            trial = {**ranks, layer: {**ranks.get(layer, {}), module: rank}}
+                            if (memory(spec, split, trial, probe) <= budget
+                                    and params(spec, trial) <= block_params * split):
+                                ranks = trial
+                                break
+                    value = iwi.score(ranks, importance, Q)
+                    if best is None or value > best[0]:
+                        best = (value, ranks, first)
+                client, _ = iwi.split_ranks(spec, importance, block_params, budget, Q, BATCH, SEQ, split,
+                                            probe=probe)
+                assert client == best[1], (seed, split, budget)
+                starts.add(best[2] > 0)
+    assert starts == {False, True}  # the search did matter somewhere
+
+
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_the_adapter_budget_selects_weights_on_both_sides(name):
     """With memory to spare, the parameter budget alone binds: each side's budget (per block it holds) is

@@ -137,7 +137,8 @@ def split_ranks(spec: costs.ModelSpec, importance: dict[str, float], block_param
     server = assign_ranks(candidate_weights(spec, split, spec.n_layers), importance, rank_set,
                           within_params(block_params * (spec.n_layers - split), {"params": 0}))
     best = None
-    for first in range(split):
+    first = 0
+    while first < split:
         used = {"params": 0, "kept": 0, "first adapted": split}
         params_fit = within_params(block_params * split, used)
 
@@ -160,6 +161,9 @@ def split_ranks(spec: costs.ModelSpec, importance: dict[str, float], block_param
         value = score(client, importance, rank_set)
         if best is None or value > best[0]:
             best = (value, client)
+        # A candidate the greedy turns down changes nothing it holds, so if it took nothing from blocks first..g-1
+        # (g: its first adapted block), starting from any of them gives the same choices: go on from g + 1.
+        first = max(first, used["first adapted"]) + 1
     return best[1], server
 
 
