@@ -15,5 +15,6 @@ $(VENV)/.installed: pyproject.toml
 quickstart: $(VENV)/.installed
 	$(VENV)/bin/hsplit-sim run scenarios/quickstart.yaml
 
+# Two test processes: most tests wait on worker processes about half the time, so two keep both cores busy.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup

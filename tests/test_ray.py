@@ -10,6 +10,8 @@ import yaml
 from hsplit_sim.experiment.sweep import load_sweep_file, run_sweep
 
 ray = pytest.importorskip("ray")
+# Both Ray modules on one xdist worker: two local Ray instances at once on a small machine starve its workers.
+pytestmark = pytest.mark.xdist_group("ray")
 
 TINY = Path(__file__).resolve().parents[1] / "scenarios" / "tiny.yaml"
 
