@@ -96,6 +96,28 @@ def test_splitlora_replay_checks_the_server_order(tmp_path):
         run(tmp_path / "bad", *common, LINK % 1, f"runtime.replay_from={source}")
 
 
+def test_hsplitlora_replay_checks_the_server_order_of_training_rounds_only(tmp_path):
+    """With one shared server adapter HSplitLoRA trains in server-step order, but its probes before round 1
+    (round 0) share no server state: another order there does not stop a replay; in a training round it does."""
+    common = ["algorithm.name=hsplitlora", "training.rounds=1", "training.local_steps=2"]
+    source = fake_trained(tmp_path / "source", *common, LINK % 64)
+    events = pd.read_parquet(source / "events.parquet")
+
+    def reorder(round_index: int) -> None:
+        rows = events.index[(events["round"] == round_index) & (events["kind"] == "server_queue")]
+        assert events.loc[rows, "client"].nunique() > 1
+        changed = events.copy()
+        changed.loc[rows, "client"] = events.loc[rows, "client"].to_numpy()[::-1]
+        changed.to_parquet(source / "events.parquet", index=False)
+
+    reorder(0)
+    replayed = run(tmp_path / "ok", *common, LINK % 64, f"runtime.replay_from={source}")
+    assert json.loads((replayed / "summary.json").read_text())["trajectory"] == "retimed"
+    reorder(1)
+    with pytest.raises(ReplayMismatch, match="round 1: .*order"):
+        run(tmp_path / "bad", *common, LINK % 64, f"runtime.replay_from={source}")
+
+
 def test_sweep_trains_once_per_training_key(tmp_path):
     shutil.copy(TINY, tmp_path / "base.yaml")
     path = tmp_path / "sweep.yaml"

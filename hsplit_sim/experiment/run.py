@@ -363,7 +363,8 @@ def _rounds(ctx: RunContext, algorithm, writer: RunWriter, rows: list[dict], sta
                "eval_loss": eval_loss, "eval_ppl": math.exp(eval_loss), "bytes_up": fleet.bytes_up,
                "bytes_down": fleet.bytes_down, "agg_error": ctx.stats.agg_error,
                "algorithm": algorithm.name}
-        row.update(ctx.backend.round_done(round_index, sim.rows(), algorithm.order_sensitive))
+        # Round 0 (prepare: HSplitLoRA's probes) steps the server independently: its order decides nothing
+        row.update(ctx.backend.round_done(round_index, sim.rows(), algorithm.order_sensitive and round_index > 0))
         writer.append_rows("clients", clients)
         writer.append_rows("host_times", ctx.backend.take_host_times())
         writer.write_rounds(rows + [row])
