@@ -145,7 +145,8 @@ class HSplitLoRA(SplitProtocol):
                    splits: list[list[int]]) -> list[ClientPlan | None]:
         """solve for every client, each over its own splits. A plan depends on the client only through its
         group's device and link, its memory budget and its number format, so clients alike in those are solved
-        once: a fleet of thousands has a few kinds of client, and one solve of SmolLM2-135M takes ~0.1 s."""
+        once: a fleet of thousands has a few kinds of client, and a solve of SmolLM2-135M over every split takes
+        about half a second."""
         solved: dict[tuple, ClientPlan | None] = {}
         plans = []
         for client, its_splits in zip(clients, splits):

@@ -126,7 +126,7 @@ def save_checkpoint(writer, round_index: int, run: dict, workers: dict[str, tupl
             "workers": {worker: header for worker, (header, _) in workers.items()}}
     metadata = {"checkpoint": json.dumps(encode(meta))}
     # Straight from the arrays into the file: serialising to bytes first held two more copies of every worker's
-    # state (about 0.2 MiB a tiny virtual client) in the coordinator at every round's end.
+    # state in the coordinator at every round's end (each 0.19 MiB a tiny FedLoRA virtual client).
     writer.write_durably(FILE, lambda path: save_file(tensors, path, metadata=metadata))
 
 

@@ -31,10 +31,10 @@ One thing the key cannot see: clients taking turns on one shared server-side ada
 HSplitLoRA's `server_adapters: shared`) train in the order their server steps happen in simulated time, so
 a system change that reorders those steps changes training. A replay of such an algorithm
 (`Algorithm.order_sensitive`) compares the order round by round with the trained run's events (the training
-rounds: HSplitLoRA's probes in round 0 share no server state) and stops on a difference (backends/replay.py: ReplayMismatch); the run then fails or trains anew
-(runtime.replay_fallback). With per-client server-side adapters HSplitLoRA averages probe measurements in
-client order, so timing never changes what it learns; neither does it for the federated and centralised
-baselines.
+rounds: HSplitLoRA's probes in round 0 share no server state) and stops on a difference (backends/replay.py:
+ReplayMismatch); the run then fails or trains anew (runtime.replay_fallback). With per-client server-side
+adapters HSplitLoRA averages probe measurements in client order, so timing never changes what it learns;
+neither does it for the federated and centralised baselines.
 """
 
 import hashlib
