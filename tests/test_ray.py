@@ -10,8 +10,8 @@ import yaml
 from hsplit_sim.experiment.sweep import load_sweep_file, run_sweep
 
 ray = pytest.importorskip("ray")
-# Both Ray modules on one xdist worker: two local Ray instances at once on a small machine starve its workers.
-pytestmark = pytest.mark.xdist_group("ray")
+# A local Ray instance and its workers need the machine to themselves (make test runs these after the others)
+pytestmark = pytest.mark.ray
 
 TINY = Path(__file__).resolve().parents[1] / "scenarios" / "tiny.yaml"
 

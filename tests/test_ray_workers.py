@@ -20,8 +20,8 @@ from test_run import REPO, alive, children, cmdline, read
 
 TINY = REPO / "scenarios" / "tiny.yaml"
 ON_RAY = ["runtime.placement=ray", "runtime.transport=tcp"]
-# Both Ray modules on one xdist worker: two local Ray instances at once on a small machine starve its workers.
-pytestmark = pytest.mark.xdist_group("ray")
+# A local Ray instance and its workers need the machine to themselves (make test runs these after the others)
+pytestmark = pytest.mark.ray
 CPUS = 2  # the server's actor and the client worker's, one CPU each
 
 
