@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import pytest
 import torch
 import yaml
 from golden.cases import BASE, FLEET
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 from hsplit_sim.algorithms.base import Planned
@@ -209,6 +212,42 @@ def test_full_fine_tuning_state_loads_into_a_fresh_worker():
     after = [dict(role.model.state_dict()) for role in (first, second)]
     assert all(after[0][key].equal(after[1][key]) for key in after[0])
     assert not all(after[0][key].equal(tiny_role().model.state_dict()[key]) for key in after[0])  # it trained
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["float32", "float64", "float16", "int64", "int32", "uint8", "bool"]),
+                          st.lists(st.integers(0, 4), max_size=3)), max_size=8))
+def test_a_checkpoint_written_array_by_array_reads_back_the_same(tmp_path_factory, arrays):
+    """save_checkpoint writes each worker's arrays to disk as put() hands them over, keeping none (a thousand
+    clients' adapters and moments are not held all at once), and the file is safetensors that load_checkpoint and
+    safetensors itself read back: every dtype and shape a worker's state may hold, 0-d and empty ones too."""
+    from hsplit_sim.experiment.rundir import RunWriter
+
+    rng = np.random.default_rng(0)
+    made = {f"t{i}": np.array(rng.standard_normal(shape) * 100).astype(dtype) for i, (dtype, shape) in enumerate(arrays)}
+    released = []
+
+    def worker_states(put):
+        for i, (name, array) in enumerate(made.items()):
+            handed = array.copy() if i % 2 else array.T  # a transposed view is not contiguous
+            put("server" if i % 3 else "client-0", name, handed)
+            released.append(weakref.ref(handed))
+            del handed
+            assert all(ref() is None for ref in released)
+        return {"server": {"adapters": ["a"]}, "client-0": {"adapters": []}}
+
+    writer = RunWriter(tmp_path_factory.mktemp("run"))
+    checkpoint.save_checkpoint(writer, 3, {"rows": [1]}, worker_states)
+    assert sorted(p.name for p in writer.path.iterdir()) == [checkpoint.FILE]  # no scratch file left
+    run, workers = checkpoint.load_checkpoint(writer.path)
+    assert run["round"] == 3 and run["rows"] == [1]
+    assert {name: header for name, (header, _) in workers.items()} == {"server": {"adapters": ["a"]},
+                                                                        "client-0": {"adapters": []}}
+    loaded = {**workers["server"][1], **workers["client-0"][1]}
+    assert loaded.keys() == made.keys()
+    for i, (name, array) in enumerate(made.items()):
+        expected = array if i % 2 else array.T
+        assert loaded[name].dtype == expected.dtype and np.array_equal(loaded[name], expected)
 
 
 def test_a_state_of_many_adapters_goes_in_pages_of_bounded_headers():

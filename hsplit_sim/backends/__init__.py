@@ -91,9 +91,10 @@ class Backend:
         [] where nothing runs for real."""
         raise NotImplementedError
 
-    def state(self) -> dict[str, tuple[dict, dict]]:
-        """What training holds at a round's end, for a checkpoint: each worker's state (its JSON part and its
-        tensors) by worker name; {} where nothing trains."""
+    def state(self, put) -> dict[str, dict]:
+        """What training holds at a round's end, for a checkpoint: each worker's tensors handed one by one to
+        `put(worker name, name, array)`, which keeps nothing of them, and its JSON part returned by worker name;
+        {} where nothing trains."""
         raise NotImplementedError
 
     def restore(self, state: dict[str, tuple[dict, dict]]) -> None:
@@ -153,7 +154,7 @@ class TimingBackend(Backend):
     def take_host_times(self) -> list[dict]:
         return []
 
-    def state(self) -> dict[str, tuple[dict, dict]]:
+    def state(self, put) -> dict[str, dict]:
         return {}
 
     def restore(self, state) -> None:

@@ -13,7 +13,7 @@ from hsplit_sim.backends import Backend
 from hsplit_sim.errors import RunError
 from hsplit_sim.results import HOST_TIME_COLUMNS
 from hsplit_sim.runtime.connection import WorkerConnection
-from hsplit_sim.runtime.wire import Message, from_json_arrays, json_arrays, page
+from hsplit_sim.runtime.wire import JSON_PREFIX, Message, from_json_arrays, json_arrays, page
 from hsplit_sim.sim.fleet import SplitWork, StepWork
 
 log = logging.getLogger("hsplit_sim")
@@ -181,11 +181,12 @@ class RealBackend(Backend):
         rows, self.host_times = self.host_times, []
         return [dict(zip(HOST_TIME_COLUMNS, row)) for row in rows]
 
-    def state(self) -> dict[str, tuple[dict, dict]]:
-        """Every worker's dump_state, page by page (each page asked of all the workers that have more at once), as
-        (its JSON state, its tensors). Every merge goes to every worker (apply), so the base weights merges changed
-        are the same on all: only the server's dump carries their values."""
-        arrays = {worker.name: {} for worker in self.workers}
+    def state(self, put) -> dict[str, dict]:
+        """Every worker's dump_state, page by page (each page asked of all the workers that have more at once):
+        each tensor to `put(worker name, name, array)` as its page arrives, the JSON states returned. Every merge
+        goes to every worker (apply), so the base weights merges changed are the same on all: only the server's
+        dump carries their values."""
+        chunks = {worker.name: {} for worker in self.workers}  # each worker's JSON state, as wire.json_arrays
         starts = {worker.name: 0 for worker in self.workers}  # where each worker's next page starts
         while starts:
             pending = [(worker, worker.send("dump_state", args={"merged_values": worker is self.server,
@@ -193,10 +194,14 @@ class RealBackend(Backend):
                        for worker in self.workers if worker.name in starts]
             for worker, request_id in pending:
                 reply = worker.reply("dump_state", request_id)
-                arrays[worker.name].update(reply.tensors)
+                for name, array in reply.tensors.items():
+                    if name.startswith(JSON_PREFIX):
+                        chunks[worker.name][name] = array
+                    else:
+                        put(worker.name, name, array)
                 starts[worker.name] = reply.header["result"]["next"]
             starts = {name: start for name, start in starts.items() if start is not None}
-        return {name: from_json_arrays(held) for name, held in arrays.items()}
+        return {name: from_json_arrays(held)[0] for name, held in chunks.items()}
 
     def restore(self, state) -> None:
         """Each worker's part of a checkpoint back into it with load_state, page by page as state() took it."""

@@ -317,7 +317,7 @@ class _Checkpoints:
                "totals": {"energy_j": self.totals.energy_j, "outcomes": dict(self.totals.outcomes)},
                "parts": {name: self.writer.parts.get(name, 0) for name in checkpoint.PART_TABLES},
                "simulation": fleet.sim.state(), "fleet": fleet.state(), "algorithm": self.algorithm.state()}
-        checkpoint.save_checkpoint(self.writer, round_index, run, self.ctx.backend.state())
+        checkpoint.save_checkpoint(self.writer, round_index, run, self.ctx.backend.state)
 
     def restore(self, run: dict, workers: dict) -> None:
         """After the algorithm's setup: the checkpoint's state over what setup made, and the rounds table as it
