@@ -250,6 +250,23 @@ def test_a_checkpoint_written_array_by_array_reads_back_the_same(tmp_path_factor
         assert loaded[name].dtype == expected.dtype and np.array_equal(loaded[name], expected)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=12), st.integers(1, 100))
+def test_pages_hold_at_most_their_data_budget_and_together_every_array_once(sizes, data_budget):
+    """A page is one array, or as many as fit in the data budget: the receiver of a checkpoint's pages holds about
+    one page of data at a time, and the pages, in order, are the arrays."""
+    arrays = {f"t{i}": np.zeros(n, dtype=np.uint8) for i, n in enumerate(sizes)}
+    pages, start = [], 0
+    while arrays and start is not None:
+        part, start = page(arrays, start, data_budget=data_budget)
+        pages.append(part)
+    assert [name for part in pages for name in part] == list(arrays)
+    for part in pages:
+        assert len(part) == 1 or sum(a.nbytes for a in part.values()) <= data_budget
+    for before, after in zip(pages, pages[1:]):  # no page could have taken the next one's first array
+        assert sum(a.nbytes for a in before.values()) + next(iter(after.values())).nbytes > data_budget
+
+
 def test_a_state_of_many_adapters_goes_in_pages_of_bounded_headers():
     """So many adapters that one header could not list their tensors (a thousand tiny clients' worker): every page's
     header stays within the page budget, every frame within the JSON chunk's, and a fresh worker that loads the

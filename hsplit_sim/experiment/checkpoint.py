@@ -38,9 +38,9 @@ FORMAT = 2  # 2: the plans and importance tables are parts, no longer round stat
 PART_TABLES = ("events", "clients", "participation", "energy", "host_times", "plans", "importance")
 # What the round state of an algorithm may hold besides JSON's own types, by tag.
 _CLASSES = {"ClientPlan": ClientPlan, "Planned": Planned}
-# safetensors' names of the numpy dtypes a worker's state holds
-_DTYPES = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "float16": "F16",
-           "uint32": "U32", "int32": "I32", "float32": "F32", "uint64": "U64", "int64": "I64", "float64": "F64"}
+# safetensors' names of the dtypes that travel (wire.DTYPES)
+_DTYPES = {"bool": "BOOL", "uint8": "U8", "int32": "I32", "int64": "I64", "float16": "F16", "float32": "F32",
+           "float64": "F64"}
 
 
 def encode(value):

@@ -19,6 +19,7 @@ MAX_HEADER_BYTES = 1 << 20
 # JSON_CHUNK_BYTES, well under any run's frame limit.
 PAGE_HEADER_BYTES = MAX_HEADER_BYTES // 2
 JSON_CHUNK_BYTES = 1 << 18
+PAGE_DATA_BYTES = 16 << 20  # a checkpoint's page (dump_state, load_state): the coordinator holds about one
 JSON_PREFIX = "json."
 
 
@@ -116,18 +117,22 @@ def from_json_arrays(arrays: dict[str, np.ndarray]) -> tuple[object, dict[str, n
     return json.loads(b"".join(chunk.tobytes() for chunk in chunks)), rest
 
 
-def page(arrays: dict, start: int, budget: int = PAGE_HEADER_BYTES) -> tuple[dict, int | None]:
-    """The arrays from position `start` on, in the dict's order, whose header entries fit in `budget` bytes (at
-    least one), and the position of the next page (None after the last): a message of many arrays goes as several
-    whose headers stay bounded. Arrays are anything with a shape (torch tensors too, so that a caller converts only
-    its page's); each entry is counted with the longest dtype name."""
+def page(arrays: dict, start: int, budget: int = PAGE_HEADER_BYTES,
+         data_budget: int = PAGE_DATA_BYTES) -> tuple[dict, int | None]:
+    """The arrays from position `start` on, in the dict's order, whose header entries fit in `budget` bytes and
+    whose data fits in `data_budget` (at least one array), and the position of the next page (None after the
+    last): a message of many arrays goes as several whose headers stay bounded, and whose receiver holds one page
+    of data at a time. Arrays are anything with a shape and nbytes (torch tensors too, so that a caller converts
+    only its page's); each entry is counted with the longest dtype name."""
     names = list(arrays)
-    end, used = start, 0
+    end, used, data = start, 0, 0
     while end < len(names):
-        entry = len(json.dumps({"name": names[end], "dtype": "float64", "shape": list(arrays[names[end]].shape)},
+        array = arrays[names[end]]
+        entry = len(json.dumps({"name": names[end], "dtype": "float64", "shape": list(array.shape)},
                                separators=(",", ":"))) + 1  # and its comma
-        if end > start and used + entry > budget:
+        if end > start and (used + entry > budget or data + array.nbytes > data_budget):
             break
         used += entry
+        data += array.nbytes
         end += 1
     return {name: arrays[name] for name in names[start:end]}, end if end < len(names) else None

@@ -7,14 +7,13 @@ Tensors come in and go out as numpy arrays; the wire never carries anything else
 """
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import time
 
 import numpy as np
 import torch
 
+from hsplit_sim.runtime.heap import c_heap_trim
 from hsplit_sim.runtime.wire import from_json_arrays, json_arrays, page
 from hsplit_sim.training.adapters import Adapter, AdapterSlots
 from hsplit_sim.training.data import encode_examples, load_dataset, load_test_set, partition, prompt_text
@@ -37,17 +36,6 @@ def ranks_from_wire(triples: list) -> dict[int, dict[str, int]]:
 
 
 TRIM_EVERY_STEPS = 16  # at most 16 steps' freed pages stay resident; a trim took 3.7 ms of a 46 ms tiny step
-
-
-def c_heap_trim():
-    """glibc's malloc_trim, or None where there is none (macOS, musl). Clients' small lasting tensors (optimizer
-    moments, adapters) are made amid each step's large transient ones, so the pages those free stay resident
-    between them: over 300 tiny FedLoRA clients' steps a worker's RSS grew by 296 MiB while its tensors were
-    33 MiB in all, and malloc_trim(0) gave 260 MiB back."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def make_role(args: dict):
