@@ -38,6 +38,19 @@ def ranks_from_wire(triples: list) -> dict[int, dict[str, int]]:
 TRIM_EVERY_STEPS = 16  # at most 16 steps' freed pages stay resident; a trim took 3.7 ms of a 46 ms tiny step
 
 
+def adamw_with_state(params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the state it would make at its first step already made (step 0, zero moments). Made at that
+    step, amid the step's transient tensors, a thousand clients' moments lie scattered over pages the transients
+    leave free, which stay resident: made here, a tiny FedLoRA client worker of 1,000 clients peaked at 640 MiB
+    instead of 730 to 760."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    for p in params:
+        optimizer.state[p] = {"step": torch.tensor(0.0),
+                              "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                              "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    return optimizer
+
+
 def make_role(args: dict):
     roles = {"server": ServerRole, "clients": ClientRole}
     if args.get("role") not in roles:
@@ -166,7 +179,7 @@ class Role:
         for p in params:
             p.requires_grad_(True)
         args = self.optimizer_args[name]
-        return torch.optim.AdamW(params, lr=args["lr"], weight_decay=args.get("weight_decay", 0.0))
+        return adamw_with_state(params, lr=args["lr"], weight_decay=args.get("weight_decay", 0.0))
 
     def activate(self, *names: str) -> None:
         self.slots.activate([self.adapters[name] for name in names])
