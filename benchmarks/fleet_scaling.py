@@ -7,7 +7,8 @@ adapter for its steps; FedAvg of A and B apart after each round. Each side runs 
 the other, and prints: training time (rounds 1..R with their evaluations, after set-up), whole-process time,
 the CPU seconds of the whole process tree (user + system: less moved by other load than wall time), peak memory
 of the process tree (RSS summed over the process and its children, polled every 20 ms; and PSS summed, polled
-every 0.5 s, which counts a page the processes share once: see watched), and the ratios hsplit-sim / plain. The machine's load moves these figures: compare the two sides of one line.
+every 0.5 s, which counts a page the processes share once: see watched), and the ratios hsplit-sim / plain.
+The machine's load moves these figures: compare the two sides of one line.
 
     python benchmarks/fleet_scaling.py                  # K = 4, 20, 100
     python benchmarks/fleet_scaling.py --large          # and K = 1000 (1 round, 1 step)

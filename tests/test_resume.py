@@ -224,7 +224,8 @@ def test_a_checkpoint_written_array_by_array_reads_back_the_same(tmp_path_factor
     from hsplit_sim.experiment.rundir import RunWriter
 
     rng = np.random.default_rng(0)
-    made = {f"t{i}": np.array(rng.standard_normal(shape) * 100).astype(dtype) for i, (dtype, shape) in enumerate(arrays)}
+    made = {f"t{i}": np.array(rng.standard_normal(shape) * 100).astype(dtype)
+            for i, (dtype, shape) in enumerate(arrays)}
     released = []
 
     def worker_states(put):

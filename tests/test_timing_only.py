@@ -102,8 +102,8 @@ def test_a_round_writes_only_its_own_rows_of_the_growing_tables(tmp_path, monkey
     monkeypatch.setattr(RunWriter, "write_table", lambda self, name, *a, **k: (
         rewritten.append(name), write_table(self, name, *a, **k))[1])
     save = checkpoint.save_checkpoint
-    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda writer, r, run, workers: (
-        saved.append(len(json.dumps(checkpoint.encode(run["algorithm"])))), save(writer, r, run, workers))[1])
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda writer, r, run, worker_states: (
+        saved.append(len(json.dumps(checkpoint.encode(run["algorithm"])))), save(writer, r, run, worker_states))[1])
     rounds = 6
     run_dir = run(tmp_path, "algorithm.name=hetlora", "runtime.timing_only=true", f"training.rounds={rounds}",
                   "clients.1.count=3")
