@@ -289,7 +289,8 @@ def test_a_backward_that_carries_the_next_forward_does_what_the_two_requests_did
 def test_the_heap_gives_its_free_pages_back_every_few_optimizer_steps():
     """Clients' lasting tensors made amid each step's transient ones keep freed pages resident unless the heap
     is trimmed (runtime/heap.py: c_heap_trim; its effect on memory: benchmarks/fleet_scaling.py)."""
-    from hsplit_sim.training.roles import TRIM_EVERY_STEPS, c_heap_trim
+    from hsplit_sim.runtime.heap import c_heap_trim
+    from hsplit_sim.training.roles import TRIM_EVERY_STEPS
 
     assert c_heap_trim() is not None  # glibc, as on every machine CI runs on
     role, trims = trained_role(), []
